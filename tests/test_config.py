@@ -1,0 +1,47 @@
+"""Config: defaults, files, overrides; unknown keys and bad values are named before Ray starts."""
+
+import pytest
+
+from wsss.platform.config import ConfigError, TrainConfig, load_config
+
+
+def test_overrides_parse_types_and_method_sections(tmp_path):
+    config = load_config(None, ["epochs=3", "lr=0.5", "amp=false", "fsae.kernel=5"], method="cam+fsae")
+    assert (config.epochs, config.lr, config.amp) == (3, 0.5, False)
+    assert config.sections["fsae"].kernel == 5
+
+
+def test_config_file_then_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('method = "cam+fsae"\nepochs = 7\n[fsae]\nkernel = 7\n')
+    config = load_config(str(path), ["epochs=2"])
+    assert config.epochs == 2 and config.sections["fsae"].kernel == 7
+
+
+def test_round_trip_through_dict():
+    config = load_config(None, ["fsae.kernel=1"], method="cam+fsae")
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("items, message", [
+    (["epoch=3"], "unknown config key 'epoch'"),
+    (["epochs=three"], "epochs='three': expected an integer"),
+    (["epochs=0"], "epochs=0: must be >= 1"),
+    (["lr=fast"], "lr='fast': expected a number"),
+    (["amp=maybe"], "amp='maybe': expected true or false"),
+    (["fsae.nope=1"], "unknown config key 'fsae.nope'"),
+    (["lnl.eta=0.5"], r"\[lnl\] is not a part of method 'cam\+fsae'"),
+    (["fsae.kernel=4"], "4"),
+    (["device=tpu"], "device='tpu'"),
+    (["noequals"], "not key=value"),
+])
+def test_bad_overrides_name_the_key(items, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, items, method="cam+fsae")
+
+
+def test_unknown_method_and_missing_file():
+    with pytest.raises(ConfigError, match="unknown base method 'camm'"):
+        TrainConfig(method="camm")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("/nonexistent/run.toml")

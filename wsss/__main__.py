@@ -1,0 +1,5 @@
+import sys
+
+from wsss.cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""The `wsss` command: prepare, train, evaluate, demo, tune, report.
+
+Every command validates its arguments (config keys, data manifest, checkpoint) before
+Ray starts, so a typo costs a second, not a cluster start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _prepare(args) -> int:
+    from wsss.datasets.prepare import prepare
+
+    options = dict(kv.split("=", 1) for kv in args.option)
+    manifest = prepare(args.dataset, args.root, args.out, sbd=args.sbd, skip_invalid=args.skip_invalid,
+                       **options)
+    splits = ", ".join(f"{name}: {info['rows']}" for name, info in manifest.splits.items())
+    skipped = manifest.skipped.get("count", 0) if isinstance(manifest.skipped, dict) else 0
+    print(f"wrote {args.out} ({manifest.dataset}; {splits}; skipped {skipped})")
+    return 0
+
+
+def _train(args) -> int:
+    from wsss.datasets.shards import read_manifest
+    from wsss.platform.config import load_config
+
+    config = load_config(args.config, args.overrides, method=args.method, data=args.data)
+    read_manifest(config.data)  # bad data fails here, before Ray starts
+    _init_ray()
+    from wsss.platform.train import fit
+
+    result = fit(config)
+    print(json.dumps({"run": result.path, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                      "metrics": _scalars(result.metrics)}, indent=2))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from wsss.datasets.shards import read_manifest
+    from wsss.platform.checkpoints import load_method
+
+    load_method(args.checkpoint)
+    read_manifest(args.data)
+    _init_ray()
+    from wsss.platform.evaluate import evaluate_checkpoint, results_table
+
+    scales = tuple(float(s) for s in args.scales.split(","))
+    results = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, scales=scales,
+                                  flip=not args.no_flip, crf=args.crf, max_images=args.max_images,
+                                  out=args.out)
+    print(results_table(results))
+    if args.out:
+        print(f"written to {args.out}/results.json and results.md")
+    return 0
+
+
+def _demo(args) -> int:
+    from wsss.platform.demo import run_demo
+
+    run_demo(out=args.out, methods=args.methods.split(","), epochs=args.epochs, preset=args.preset)
+    return 0
+
+
+def _init_ray() -> None:
+    """Joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+
+
+def _scalars(metrics: dict | None) -> dict:
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="write a dataset as Parquet shards + manifest")
+    p.add_argument("dataset", help="voc | coco | cityscapes | synthetic")
+    p.add_argument("--root", required=True, help="dataset directory")
+    p.add_argument("--sbd", help="SBD benchmark_RELEASE directory (voc: builds train_aug)")
+    p.add_argument("--out", required=True, help="output directory or URI (s3://, gs://)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad samples, counted in the manifest")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="reader option, e.g. --option preset=demo for synthetic")
+    p.set_defaults(run=_prepare)
+
+    p = commands.add_parser("train", help="train a method on Ray Train")
+    p.add_argument("--method", help="e.g. cam, lnl, lnl+fsae")
+    p.add_argument("--data", help="URI of prepared shards")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. epochs=10 lnl.eta=0.7")
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser("evaluate", help="full-protocol CAM evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or URI")
+    p.add_argument("--data", required=True, help="URI of prepared shards")
+    p.add_argument("--split", default="val")
+    p.add_argument("--scales", default="1.0,0.5,1.5,2.0")
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--crf", action="store_true", help="also score dense-CRF-refined CAMs")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--out", help="directory for results.json and results.md")
+    p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser("demo", help="everything on a synthetic dataset with a local Ray")
+    p.add_argument("--out", default="wsss-demo", help="working directory")
+    p.add_argument("--methods", default="cam", help="comma-separated methods to train and compare")
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    p.add_argument("--preset", default="demo", choices=["demo", "test"])
+    p.set_defaults(run=_demo)
+
+    for name in ("tune", "report"):
+        module = _optional_module(f"wsss.tuning.{name}")
+        if module is not None:
+            p = commands.add_parser(name, help=(module.__doc__ or name).splitlines()[0])
+            module.add_arguments(p)
+            p.set_defaults(run=module.main)
+    return parser
+
+
+def _optional_module(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name == name:
+            return None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from wsss.datasets.base import DataError
+    from wsss.platform.config import ConfigError
+
+    try:
+        return args.run(args)
+    except (ConfigError, DataError, FileNotFoundError) as error:
+        print(f"wsss {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

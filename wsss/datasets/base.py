@@ -1,0 +1,87 @@
+"""What every dataset reader yields, and the registry the CLI looks readers up in.
+
+A reader walks one on-disk dataset tree and yields `Sample`s for a split. Images stay
+in their original encoding (they are written to shards byte for byte); masks are
+decoded to class-index arrays so that every reader hands the shard writer the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+IGNORE_INDEX = 255
+
+
+class DataError(ValueError):
+    """Bad input data. The message always names the file (or key) and the problem."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: bytes  # original encoded bytes (JPEG/PNG), never re-encoded
+    mask: np.ndarray | None  # uint8 [H, W] class indices, IGNORE_INDEX = void; None if unlabelled
+    labels: tuple[int, ...]  # sorted foreground class indices 1..K present in the image
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    classes: tuple[str, ...]  # index 0 is "background"
+    palette: tuple[tuple[int, int, int], ...]  # one RGB colour per class
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes K; channel 0 of K+1-channel maps is background."""
+        return len(self.classes) - 1
+
+
+class DatasetReader(Protocol):
+    info: DatasetInfo
+
+    def splits(self) -> list[str]: ...
+
+    def samples(self, split: str) -> Iterator[Sample]:
+        """Yield the split's samples; raise DataError on bad input, or, if the reader was
+        built with skip_invalid=True, skip it and record it in `self.skipped`."""
+        ...
+
+
+@dataclass
+class SkipLog:
+    """Invalid inputs skipped under --skip-invalid, counted per problem in the manifest."""
+
+    entries: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, error: DataError) -> None:
+        self.entries.append((error.path, error.problem))
+
+
+READERS: dict[str, Callable[..., DatasetReader]] = {}
+
+
+def register_reader(name: str):
+    def decorate(factory):
+        READERS[name] = factory
+        return factory
+
+    return decorate
+
+
+def build_reader(name: str, root: str, **options) -> DatasetReader:
+    import wsss.datasets  # noqa: F401  (registers the readers)
+
+    if name not in READERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(READERS))}")
+    return READERS[name](root, **options)

@@ -1,0 +1,294 @@
+"""Parquet shards plus a manifest: the one on-disk form every dataset is trained from.
+
+OUT/manifest.json lists every shard with its row count, byte size and sha256; readers open
+only the files it lists, never a glob. `write_shards` writes every shard under a hidden
+staging folder, moves the shards into place and writes the manifest last (temp name, then
+move). Any failure or interrupt deletes what was staged or moved and leaves no manifest, so
+a half-written dataset is never readable. An existing manifest is only replaced with
+`overwrite=True`; the old dataset stays intact until the new one is fully staged.
+
+One row per image: `id` string, `image` binary (the original encoded bytes), `mask` binary
+or null (PNG, mode L, pixel = class index, 255 = void), `labels` list<int16> (sorted
+foreground classes 1..K), `height` and `width` int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from pyarrow import fs as pafs
+
+from wsss.datasets.base import DataError, DatasetInfo, DatasetReader, Sample
+from wsss.datasets.storage import canonical, join, resolve
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("mask", pa.binary()),
+    pa.field("labels", pa.list_(pa.int16()), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+])
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A class-index mask as PNG bytes (mode L, lossless)."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f"a mask must be uint8 [H, W], got {mask.dtype} {list(mask.shape)}")
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode != "L":
+            raise ValueError(f"a shard mask must be a mode L PNG, got mode {image.mode}")
+        return np.array(image, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    location: str  # the dataset folder, URI or absolute path; not stored in the JSON
+    dataset: str
+    classes: list[str]
+    palette: list[list[int]]
+    ignore_index: int
+    splits: dict[str, dict]  # split -> {"rows": n, "files": [{"path", "rows", "sha256", "bytes"}]}
+    skipped: dict  # {"count": n, "by_problem": {problem: n}, "items": [[file, problem], ...]}
+    source: dict
+    created: str
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(name=self.dataset, classes=tuple(self.classes),
+                           palette=tuple(tuple(rgb) for rgb in self.palette), ignore_index=self.ignore_index)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) - 1
+
+    def files(self, split: str) -> list[str]:
+        """The split's shards as full URIs or paths, in manifest order."""
+        return [join(self.location, entry["path"]) for entry in self._split(split)["files"]]
+
+    def rows(self, split: str) -> int:
+        return self._split(split)["rows"]
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        del data["location"]
+        return {"format_version": data.pop("format_version"), **data}
+
+    def _split(self, split: str) -> dict:
+        if split not in self.splits:
+            raise DataError(join(self.location, MANIFEST_NAME),
+                            f"unknown split: {split!r}; the manifest has {', '.join(self.splits) or 'none'}")
+        return self.splits[split]
+
+
+def read_manifest(uri: str) -> Manifest:
+    """The manifest of the prepared dataset at `uri` (the folder `wsss prepare --out` wrote)."""
+    location = canonical(uri)
+    fs, root = resolve(location)
+    name = join(location, MANIFEST_NAME)
+    try:
+        with fs.open_input_stream(f"{root}/{MANIFEST_NAME}") as stream:
+            data = json.loads(stream.read())
+    except FileNotFoundError:
+        raise DataError(name, "manifest missing: no prepared dataset here (run `wsss prepare`)") from None
+    except (OSError, ValueError) as error:  # ValueError covers bad JSON
+        raise DataError(name, f"invalid manifest: {error}") from None
+    _check_manifest(name, data)
+    keys = [field.name for field in dataclasses.fields(Manifest) if field.name != "location"]
+    return Manifest(location=location, **{key: data[key] for key in keys})
+
+
+def _check_manifest(name: str, data: object) -> None:
+    if not isinstance(data, dict):
+        raise DataError(name, "invalid manifest: not a JSON object")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise DataError(name, f"invalid manifest: format_version {data.get('format_version')!r}, "
+                              f"this version of wsss reads {FORMAT_VERSION}")
+    keys = [field.name for field in dataclasses.fields(Manifest) if field.name != "location"]
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise DataError(name, f"invalid manifest: missing {', '.join(missing)}")
+    if len(data["palette"]) != len(data["classes"]):
+        raise DataError(name, "invalid manifest: palette and classes differ in length")
+    for split, entry in data["splits"].items():
+        try:
+            files = entry["files"]
+            rows = sum(int(file["rows"]) for file in files)
+            complete = all(isinstance(file["path"], str) and isinstance(file["sha256"], str) for file in files)
+        except (KeyError, TypeError, ValueError):
+            complete = False
+        if not complete:
+            raise DataError(name, f"invalid manifest: split {split!r} needs files with path, rows and sha256")
+        if rows != entry.get("rows"):
+            raise DataError(name, f"invalid manifest: split {split!r} says {entry.get('rows')} rows, its files {rows}")
+
+
+def verify_checksums(uri: str, manifest: Manifest, split: str) -> None:
+    """DataError naming the first shard of `split` whose bytes differ from the manifest."""
+    fs, root = resolve(uri)
+    for entry in manifest._split(split)["files"]:
+        name = join(uri, entry["path"])
+        try:
+            digest, _ = _sha256(fs, f"{root}/{entry['path']}")
+        except OSError as error:
+            raise DataError(name, f"shard missing: listed in the manifest but unreadable ({error})") from None
+        if digest != entry["sha256"]:
+            raise DataError(name, f"checksum mismatch: sha256 {digest}, the manifest says {entry['sha256']}")
+
+
+def check_writable(uri: str, overwrite: bool = False) -> None:
+    """Prepared data is never replaced silently: DataError if `uri` holds a manifest."""
+    fs, root = resolve(uri)
+    if not overwrite and fs.get_file_info(f"{root}/{MANIFEST_NAME}").type != pafs.FileType.NotFound:
+        raise DataError(join(uri, MANIFEST_NAME), "manifest exists: the output already holds a prepared "
+                                                  "dataset; pass overwrite=True (--overwrite) to replace it")
+
+
+def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | None = None,
+                 rows_per_file: int = 256, rows_per_group: int = 32, overwrite: bool = False,
+                 source: dict | None = None) -> Manifest:
+    """Write the reader's splits to `out_uri` as shards plus manifest (see module docstring).
+
+    At least two files per split with two or more rows, so reads parallelise."""
+    if rows_per_file < 1 or rows_per_group < 1:
+        raise ValueError(f"rows_per_file and rows_per_group must be >= 1, got {rows_per_file}, {rows_per_group}")
+    known = reader.splits()
+    splits = list(known if splits is None else splits)
+    unknown = [split for split in splits if split not in known]
+    if unknown:
+        raise ValueError(f"unknown split {unknown[0]!r} for dataset {reader.info.name!r}; known: {', '.join(known)}")
+    location = canonical(out_uri)
+    check_writable(location, overwrite)
+    fs, root = resolve(location)
+    run = uuid.uuid4().hex
+    staging, temp_manifest = f"{root}/.staging-{run}", f"{root}/.{MANIFEST_NAME}.{run}.tmp"
+    placed: list[str] = []
+    replacing = False  # set once the old manifest is deleted: any manifest after that is ours
+    try:
+        entries = {}
+        for split in splits:
+            entries[split] = _stage_split(fs, staging, split, reader.samples(split), rows_per_file, rows_per_group)
+            if not entries[split]["rows"]:
+                raise DataError(f"{reader.info.name} split {split!r}", "no samples: nothing valid to write")
+        info = reader.info
+        manifest = Manifest(
+            location=location, dataset=info.name, classes=list(info.classes),
+            palette=[list(rgb) for rgb in info.palette], ignore_index=info.ignore_index, splits=entries,
+            skipped=_skip_summary(reader), source=dict(source or {}),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        previous = _listed_files(location) if overwrite else []
+        replacing = True
+        _delete_file(fs, f"{root}/{MANIFEST_NAME}")  # from here on the old dataset is gone
+        for entry in entries.values():
+            for file in entry["files"]:
+                target = f"{root}/{file['path']}"
+                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                fs.move(f"{staging}/{file['path']}", target)
+                placed.append(target)
+        with fs.open_output_stream(temp_manifest) as stream:
+            stream.write(json.dumps(manifest.to_json(), indent=1).encode())
+        fs.move(temp_manifest, f"{root}/{MANIFEST_NAME}")
+    except BaseException:  # KeyboardInterrupt too: nothing half-written may stay behind
+        for path in [*([f"{root}/{MANIFEST_NAME}"] if replacing else []), *placed, temp_manifest]:
+            _delete_file(fs, path)
+        raise
+    finally:
+        if fs.get_file_info(staging).type != pafs.FileType.NotFound:
+            fs.delete_dir(staging)
+    for path in set(previous) - set(placed):
+        _delete_file(fs, path)
+    return manifest
+
+
+def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterator[Sample],
+                 rows_per_file: int, rows_per_group: int) -> dict:
+    fs.create_dir(f"{staging}/{split}", recursive=True)
+    samples = iter(samples)
+    names, counts = [], []
+    while (first := next(samples, None)) is not None:
+        names.append(f"{split}/part-{len(names):05d}.parquet")
+        rows = map(_row, itertools.chain([first], itertools.islice(samples, rows_per_file - 1)))
+        counts.append(_write_parquet(fs, f"{staging}/{names[-1]}", rows, rows_per_group))
+    if len(names) == 1 and counts[0] >= 2:
+        table = pq.read_table(f"{staging}/{names[0]}", filesystem=fs, schema=SCHEMA)
+        half = (len(table) + 1) // 2
+        names.append(f"{split}/part-00001.parquet")
+        counts = [_write_parquet(fs, f"{staging}/{name}", part.to_pylist(), rows_per_group)
+                  for name, part in zip(names, (table.slice(0, half), table.slice(half)))]
+    files = []
+    for name, count in zip(names, counts):
+        digest, size = _sha256(fs, f"{staging}/{name}")
+        files.append({"path": name, "rows": count, "sha256": digest, "bytes": size})
+    return {"rows": sum(counts), "files": files}
+
+
+def _row(sample: Sample) -> dict:
+    return {"id": sample.id, "image": sample.image,
+            "mask": None if sample.mask is None else encode_mask(sample.mask),
+            "labels": list(sample.labels), "height": sample.height, "width": sample.width}
+
+
+def _write_parquet(fs: pafs.FileSystem, path: str, rows: Iterable[dict], rows_per_group: int) -> int:
+    """Stream rows into one file, one row group at a time; returns the row count."""
+    rows, count = iter(rows), 0
+    # Images and PNG masks are compressed already; dictionaries of unique blobs only cost.
+    with fs.open_output_stream(path) as stream, \
+            pq.ParquetWriter(stream, SCHEMA, compression="none", use_dictionary=False) as writer:
+        while group := list(itertools.islice(rows, rows_per_group)):
+            writer.write_table(pa.Table.from_pylist(group, schema=SCHEMA))
+            count += len(group)
+    return count
+
+
+def _sha256(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _skip_summary(reader: DatasetReader) -> dict:
+    """Problems are counted by category: the message up to its first colon."""
+    entries = reader.skipped.entries if getattr(reader, "skipped", None) is not None else []
+    by_problem = Counter(problem.split(":", 1)[0] for _, problem in entries)
+    return {"count": len(entries), "by_problem": dict(by_problem), "items": [list(entry) for entry in entries]}
+
+
+def _listed_files(location: str) -> list[str]:
+    """Paths (inside the filesystem) of the shards an existing manifest lists; none if unreadable."""
+    try:
+        manifest = read_manifest(location)
+    except DataError:
+        return []
+    root = resolve(location)[1]
+    return [f"{root}/{file['path']}" for entry in manifest.splits.values() for file in entry["files"]]
+
+
+def _delete_file(fs: pafs.FileSystem, path: str) -> None:
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)

@@ -1,0 +1,43 @@
+"""Where shards live: local paths (relative too) and any URI pyarrow understands.
+
+Everything that writes or reads shards goes through `resolve`, so `s3://`, `gs://`,
+`file://` and plain paths behave the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+from pyarrow import fs as pafs
+
+from wsss.datasets.base import DataError
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def canonical(location: str | os.PathLike) -> str:
+    """URIs unchanged; local paths absolute, so they stay valid in other processes."""
+    location = os.fspath(location)
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `location` and the path inside it."""
+    location = canonical(location)
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), location
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (pa.ArrowException, ValueError, OSError) as error:
+        raise DataError(location, f"unusable storage URI: {error}") from None
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """`location` with `parts` appended, keeping its scheme if it has one."""
+    location = canonical(location)
+    if is_uri(location):
+        return "/".join([location.rstrip("/"), *(part.strip("/") for part in parts)])
+    return os.path.join(location, *parts)

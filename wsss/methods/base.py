@@ -1,0 +1,243 @@
+"""The contract every WSSS method implements, and the registry that builds them.
+
+A method is an `nn.Module` that owns a trainable `network` (backbone + heads) and any
+non-trained state (memory banks, EMA teachers) beside it. The platform wraps only
+`network` for DDP, calls `training_step` once per batch and sums the returned loss terms.
+Nothing here knows about Ray: a method trains in a plain loop just as well.
+
+Composition: `build_method("lnl+fsae", ...)` builds the base method `lnl` and attaches
+the add-on `fsae`. Add-ons contribute views (extra images in the same forward pass) and
+loss terms computed from the network outputs, so `lnl+fsae` needs no special case.
+
+Batch keys (made by the data pipeline, see `wsss.datasets.augment`):
+  image  float [B,3,S,S]  normalised weak view        labels float [B,K] multi-hot
+  valid  bool  [B,S,S]    pixels that are image, not padding
+  strong float [B,3,S,S]  strong view, same geometry  (if a method lists it in `inputs`)
+  raw    uint8 [B,S,S,3]  un-normalised weak view     (if listed, e.g. for CRF)
+  target long  [B,S,S]    pseudo-label, 255 = ignore  (if listed, stage-2 training)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.methods.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is; methods derive warm-ups and ramps from it."""
+
+    epoch: int  # 0-based
+    step: int  # global optimiser steps done before this one
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.steps_per_epoch * self.epochs)
+
+    @property
+    def fraction(self) -> float:
+        """Share of training done, in [0, 1]."""
+        return min(1.0, self.step / self.total_steps)
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    """Computed once from the training split before training (hook `on_dataset`)."""
+
+    num_images: int
+    image_labels: torch.Tensor  # bool [L, K+1], column 0 (background) always True
+
+
+@dataclass
+class NoConfig:
+    """A method without hyperparameters of its own."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    arch: str = "resnet50"
+    output_stride: int = 16
+    weights: str = "none"
+
+
+class _Part(nn.Module):
+    """What base methods and add-ons share: config, inputs, views, losses, hooks."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+    inputs: ClassVar[frozenset[str]] = frozenset()  # extra batch keys the pipeline must produce
+
+    def views(self, batch: dict, progress: Progress) -> dict[str, torch.Tensor]:
+        """Images to push through the network this step, by view name."""
+        return {}
+
+    def losses(self, batch: dict, outputs: dict[str, dict[str, torch.Tensor]], progress: Progress) -> dict:
+        """Weighted loss terms by name; the platform sums them. `outputs[view][key]`."""
+        return {}
+
+    def on_dataset(self, stats: DatasetStats) -> None:
+        """Called once before training with statistics of the training split."""
+
+    def after_step(self, progress: Progress) -> None:
+        """Called after every optimiser step (EMA teachers, bank synchronisation)."""
+
+
+class Method(_Part):
+    """A stage-1 (or stage-2) method: owns `network`, may carry add-ons."""
+
+    find_unused_parameters: ClassVar[bool] = False  # DDP flag for heads unused in some steps
+    network_outputs: ClassVar[frozenset[str]] = frozenset({"features", "cam_logits"})
+    new_layer_lr_mult: ClassVar[float] = 10.0
+
+    def __init__(self, config, num_classes: int, backbone: BackboneConfig):
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.addons = nn.ModuleList()
+        self._distributed_network: nn.Module | None = None  # not a submodule: keeps state_dict clean
+
+    # ---- what subclasses implement -------------------------------------------------
+    network: nn.Module  # forward(images) -> dict of [B, ...] tensors; must include "cam_logits"
+
+    def views(self, batch, progress):
+        return {"image": batch["image"]}
+
+    def cam_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Non-negative class activation maps [B,K,h,w] for inference (eval mode)."""
+        return F.relu(self.network(images)["cam_logits"])
+
+    def segmentation_logits(self, images: torch.Tensor) -> torch.Tensor | None:
+        """[B,K+1,h,w] for methods with a segmentation branch, else None."""
+        return None
+
+    # ---- what the platform calls ---------------------------------------------------
+    def training_step(self, batch: dict, progress: Progress) -> dict[str, torch.Tensor]:
+        """One forward over all views of all parts, then every part's loss terms."""
+        parts = [self, *self.addons]
+        views: dict[str, torch.Tensor] = {}
+        for part in parts:
+            views.update(part.views(batch, progress))
+        outputs = self.run_network(views)
+        losses: dict[str, torch.Tensor] = {}
+        for part in parts:
+            for key, value in part.losses(batch, outputs, progress).items():
+                if key in losses:
+                    raise KeyError(f"loss term {key!r} returned twice (by {part.name})")
+                losses[key] = value
+        return losses
+
+    def run_network(self, views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Runs the (possibly DDP-wrapped) network once on the concatenated views."""
+        names = list(views)
+        sizes = [views[n].shape[0] for n in names]
+        network = self._distributed_network or self.network
+        out = network(torch.cat([views[n] for n in names]))
+        split = {k: torch.split(v, sizes) for k, v in out.items()}
+        return {n: {k: split[k][i] for k in split} for i, n in enumerate(names)}
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Wrap only the trainable network (e.g. in DDP); state_dict keys stay unchanged."""
+        object.__setattr__(self, "_distributed_network", wrap(self.network))  # bypass registration
+
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Backbone at lr, every other trainable parameter (heads, add-ons) at lr × mult."""
+        backbone = [p for p in self.network.backbone.parameters() if p.requires_grad]
+        ids = {id(p) for p in backbone}
+        new = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": backbone, "lr": lr, "lr_mult": 1.0, "name": "backbone"}]
+        if new:
+            groups.append({"params": new, "lr": lr * self.new_layer_lr_mult,
+                           "lr_mult": self.new_layer_lr_mult, "name": "new"})
+        return groups
+
+    def on_dataset(self, stats):
+        for addon in self.addons:
+            addon.on_dataset(stats)
+
+    def after_step(self, progress):
+        for addon in self.addons:
+            addon.after_step(progress)
+
+
+class Addon(_Part):
+    """A loss that plugs onto any base method whose network has `needs_outputs`."""
+
+    needs_outputs: ClassVar[frozenset[str]] = frozenset({"cam_logits"})
+
+    def __init__(self, config, num_classes: int):
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+
+
+METHODS: dict[str, type[Method]] = {}
+ADDONS: dict[str, type[Addon]] = {}
+
+
+def register_method(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+def register_addon(cls):
+    ADDONS[cls.name] = cls
+    return cls
+
+
+def parse_method(spec: str) -> tuple[type[Method], list[type[Addon]]]:
+    """'lnl+fsae' -> (LNL, [FSAE]). Errors name the unknown part."""
+    import wsss.methods  # noqa: F401  (registers every method)
+
+    base, *addons = spec.split("+")
+    if base not in METHODS:
+        hint = " (an add-on: compose it as cam+%s)" % base if base in ADDONS else ""
+        raise ValueError(f"method {spec!r}: unknown base method {base!r}{hint}; "
+                         f"known: {', '.join(sorted(METHODS))}")
+    for name in addons:
+        if name not in ADDONS:
+            raise ValueError(f"method {spec!r}: unknown add-on {name!r}; known: {', '.join(sorted(ADDONS))}")
+    if len(set(addons)) != len(addons):
+        raise ValueError(f"method {spec!r}: an add-on is listed twice")
+    return METHODS[base], [ADDONS[name] for name in addons]
+
+
+def required_inputs(spec: str) -> frozenset[str]:
+    """Batch keys beyond image/labels/valid that the pipeline must produce for `spec`."""
+    base, addons = parse_method(spec)
+    return frozenset().union(base.inputs, *(a.inputs for a in addons))
+
+
+def method_sections(spec: str) -> dict[str, type]:
+    """Config section name -> config dataclass for every part of a composed method."""
+    base, addons = parse_method(spec)
+    return {part.name: part.Config for part in (base, *addons)}
+
+
+def build_method(spec: str, num_classes: int, configs: dict | None = None,
+                 backbone: BackboneConfig = BackboneConfig()) -> Method:
+    """Builds base method and add-ons; `configs` maps section name -> config instance."""
+    base, addons = parse_method(spec)
+    configs = configs or {}
+    method = base(configs.get(base.name) or base.Config(), num_classes, backbone)
+    produced = set(method.network_outputs)
+    for addon_cls in addons:
+        missing = addon_cls.needs_outputs - produced
+        if missing:
+            raise ValueError(f"method {spec!r}: add-on {addon_cls.name!r} needs network outputs "
+                             f"{sorted(missing)} that {base.name!r} does not produce")
+        method.addons.append(addon_cls(configs.get(addon_cls.name) or addon_cls.Config(), num_classes))
+    return method
+
+
+def config_dict(config) -> dict:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}

@@ -1,0 +1,153 @@
+"""Stage-2 segmentation networks trained on pseudo-labels: DeepLabV2 and DeepLabV3+.
+
+Both output K+1 classes (index 0 = background). `DeepLabV3PlusHead` is the reusable
+DeepLabV3+ decoder (CSRM's segmentation and representation branches build on it).
+
+The backbone comes from the `BackboneConfig` the method is built with. The papers' settings
+are DeepLabV2 on ResNet-101 with output stride 8 and DeepLabV3+ on ResNet-101 with output
+stride 16; smaller backbones work unchanged (tests use ResNet-18).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from wsss.methods.backbone import Backbone
+from wsss.methods.base import BackboneConfig, Method, register_method
+
+IGNORE_INDEX = 255
+VARIANTS = ("v2", "v3plus")
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DeepLabV3PlusHead(nn.Module):
+    """DeepLabV3+ decoder: ASPP on high-level features, fused with projected low-level ones.
+
+    high [B,in_channels,h,w] → ASPP (torchvision: 1×1 + dilated 3×3 branches + image pooling,
+    then a 1×1 projection to 256) → bilinear upsample to low's size → concat with low projected
+    to 48 channels → two 3×3 conv-BN-ReLU → 1×1 to `num_outputs` at low's resolution.
+
+    ASPP's image-pooling branch has BatchNorm on a 1×1 map, so training needs batch size ≥ 2.
+    """
+
+    def __init__(self, in_channels: int, low_channels: int, num_outputs: int,
+                 aspp_rates: Sequence[int] = (6, 12, 18)):
+        super().__init__()
+        self.aspp = ASPP(in_channels, list(aspp_rates), out_channels=256)
+        self.low_projection = _conv_bn_relu(low_channels, 48, 1)
+        self.fuse = nn.Sequential(_conv_bn_relu(256 + 48, 256, 3), _conv_bn_relu(256, 256, 3))
+        self.classifier = nn.Conv2d(256, num_outputs, 1)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        context = self.aspp(high)
+        context = F.interpolate(context, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        fused = self.fuse(torch.cat([context, self.low_projection(low)], dim=1))
+        return self.classifier(fused)
+
+
+class DeepLabV2Head(nn.Module):
+    """DeepLabV2 ASPP: parallel 3×3 convolutions with dilation 6/12/18/24, outputs summed."""
+
+    def __init__(self, in_channels: int, num_outputs: int, rates: Sequence[int] = (6, 12, 18, 24)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_outputs, 3, padding=rate, dilation=rate) for rate in rates
+        )
+        for branch in self.branches:  # the original's initialisation: N(0, 0.01), zero bias
+            nn.init.normal_(branch.weight, std=0.01)
+            nn.init.zeros_(branch.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return sum(branch(features) for branch in self.branches)
+
+
+class DeepLabNetwork(nn.Module):
+    """Backbone + DeepLab head: {"features": layer4 features, "seg_logits": [B,K+1,h,w]}.
+
+    seg_logits are at the backbone's output stride (v2) or a quarter of the input (v3plus).
+    """
+
+    def __init__(self, variant: str, num_outputs: int, backbone: BackboneConfig):
+        super().__init__()
+        self.variant = variant
+        self.backbone = Backbone(backbone.arch, backbone.output_stride, backbone.weights)
+        if variant == "v2":
+            self.head = DeepLabV2Head(self.backbone.out_channels, num_outputs)
+        else:
+            self.head = DeepLabV3PlusHead(self.backbone.out_channels, self.backbone.low_channels, num_outputs)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(images)
+        if self.variant == "v2":
+            logits = self.head(features["high"])
+        else:
+            logits = self.head(features["high"], features["low"])
+        return {"features": features["high"], "seg_logits": logits}
+
+
+def segmentation_loss(seg_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits upsampled to the target's size, ignoring 255.
+
+    A batch whose pixels are all ignored gives 0 (with a graph), not NaN.
+    """
+    logits = F.interpolate(seg_logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (target != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count
+
+
+@dataclass(frozen=True)
+class DeepLabConfig:
+    variant: str = "v2"  # "v2": DeepLabV2 ASPP; "v3plus": DeepLabV3+ ASPP + decoder
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"deeplab.variant must be one of {VARIANTS}, got {self.variant!r}")
+
+
+@register_method
+class DeepLab(Method):
+    """Stage 2: a segmentation network trained with CE on pseudo-labels (`target`)."""
+
+    name = "deeplab"
+    Config = DeepLabConfig
+    inputs = frozenset({"target"})
+    network_outputs = frozenset({"features", "seg_logits"})
+
+    def __init__(self, config: DeepLabConfig, num_classes: int, backbone: BackboneConfig):
+        super().__init__(config, num_classes, backbone)
+        self.network = DeepLabNetwork(config.variant, num_classes + 1, backbone)
+
+    def losses(self, batch, outputs, progress):
+        target = batch["target"]
+        if "valid" in batch:  # padding is never supervised, whatever the pseudo-label says
+            target = target.masked_fill(~batch["valid"], IGNORE_INDEX)
+        return {"seg": segmentation_loss(outputs["image"]["seg_logits"], target)}
+
+    def segmentation_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)["seg_logits"]
+
+    def cam_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Foreground class probabilities [B,K,h,w]: a stage-2 network has no CAM head."""
+        return self.segmentation_logits(images).softmax(dim=1)[:, 1:]

@@ -1,0 +1,150 @@
+"""`fsae`: Feature-level and Spatial-level Activation Expansion (Choi et al., WACV 2025).
+
+A plug-in loss for any base method (`cam+fsae`, `lnl+fsae`). The base network sees the
+weak view (source, "image") and a strong view of it (target, "strong": colour-only
+RandAugment plus Gaussian blur, same geometry) in one forward pass. Confident per-pixel
+predictions of the source (Eq. 6), widened by one dilation ring of less confident pixels
+(Eqs. 7-8), supervise the target with a masked cross-entropy (Eq. 9).
+
+Per-pixel class scores with background. The paper's base models bring their own
+background channel (EPS: a saliency-trained channel; SIPE: a background map derived from
+the CAMs); a plain CAM head has only K foreground logits. We give the background a fixed
+logit, `background_logit` (0 by default): with a zero background logit, a pixel of a
+one-class image gets p(class) = sigmoid(cam_logit), the same per-pixel reading of the logit
+that the multi-label soft-margin (sigmoid) classification loss trains on its spatial
+mean. So a pixel is confident foreground (Eq. 6, τ 0.95) when its CAM logit exceeds
+log(0.95/0.05) ≈ 2.9, confident background when it is below -2.9, and the target's cross-
+entropy pushes CAM logits up on confident object pixels and down on confident background,
+exactly the foreground/background decision the CAM is later thresholded for. On the source,
+classes absent from the image labels get -inf (out of the softmax; background is always
+present). On the target every class stays in, so its cross-entropy also suppresses absent
+classes.
+
+Resolution: pseudo-labels and loss live at feature (CAM) resolution, as in the paper
+("we only use representations from feature maps"): cheapest, and the dilation kernel k is
+then measured in feature cells like the paper's. Padding pixels (batch["valid"] False;
+a feature cell is padding when most of its image area is) neither seed the dilation nor
+receive a label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from wsss.methods.base import Addon, Progress, register_addon
+
+
+@dataclass
+class Config:
+    """FSAE hyperparameters; defaults are the paper's (Sec. 4.1.3)."""
+
+    tau_fae: float = 0.95  # confidence threshold of the high-confidence mask M (Eq. 6)
+    tau_sae: float = 0.8  # confidence threshold of the dilation ring M_bdry (Eq. 7)
+    kernel: int = 3  # dilation kernel size k, odd; 1 switches SAE off (Eq. 7)
+    lam: float = 1.0  # weight λ of L_FSAE (Eq. 9)
+    background_logit: float = 0.0  # fixed background score beside the K CAM logits
+    warmup_epochs: int = 0  # epochs without FSAE (the paper uses 10 for MCTformer)
+
+    def __post_init__(self):
+        for name in ("tau_fae", "tau_sae"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"fsae.{name} must be in [0, 1], got {value}")
+        check_kernel(self.kernel)
+        if self.lam < 0:
+            raise ValueError(f"fsae.lam must be >= 0, got {self.lam}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"fsae.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+
+def check_kernel(kernel) -> None:
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"fsae kernel must be an odd integer >= 1, got {kernel!r}")
+
+
+def class_scores(cam_logits: torch.Tensor, background_logit: float,
+                 image_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """[B,K,h,w] CAM logits -> [B,K+1,h,w] scores, channel 0 = constant background logit.
+
+    With `image_labels` (multi-hot [B,K]) absent classes are set to -inf, i.e. left out of
+    any softmax over the channels.
+    """
+    cam_logits = cam_logits.float()
+    background = cam_logits.new_full((cam_logits.shape[0], 1, *cam_logits.shape[2:]), background_logit)
+    scores = torch.cat([background, cam_logits], dim=1)
+    if image_labels is not None:
+        absent = torch.cat([image_labels.new_ones(image_labels.shape[0], 1), image_labels], dim=1) <= 0
+        scores = scores.masked_fill(absent[:, :, None, None], float("-inf"))
+    return scores
+
+
+def online_pseudo_labels(scores: torch.Tensor, tau_fae: float, tau_sae: float, kernel: int,
+                         valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online pseudo-labels P_s (Eq. 5) and the expanded confidence mask M̂ (Eqs. 6-8).
+
+    scores [B,C,H,W] -> labels long [B,H,W] (argmax), mask bool [B,H,W]:
+    M = max softmax ≥ τ_FAE (Eq. 6); ring = Dilation_k(M) − M with a k×k square and zero
+    padding; M_bdry = ring ∧ max softmax ≥ τ_SAE (Eq. 7); M̂ = M ∪ M_bdry (Eq. 8).
+    `valid` (bool [B,H,W], optional): pixels outside it neither seed the dilation nor enter
+    the mask. No gradient flows through the result.
+    """
+    check_kernel(kernel)
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [B,C,H,W], got shape {tuple(scores.shape)}")
+    with torch.no_grad():
+        confidence, labels = torch.softmax(scores.detach().float(), dim=1).max(dim=1)
+        confident = confidence >= tau_fae
+        if valid is not None:
+            confident &= valid
+        # max-pooling a 0/1 map is binary dilation; its -inf padding acts as zero padding
+        dilated = F.max_pool2d(confident[:, None].float(), kernel, stride=1, padding=kernel // 2)[:, 0] > 0
+        boundary = dilated & ~confident & (confidence >= tau_sae)
+        mask = confident | boundary
+        if valid is not None:
+            mask &= valid
+    return labels, mask
+
+
+def fsae_loss(target_scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+              lam: float) -> torch.Tensor:
+    """Eq. 9 normalised by pixel count: λ · Σ_i M̂_i · CE(S_t, P_s)_i / (B·H·W)."""
+    batch, _, height, width = target_scores.shape
+    if labels.shape != (batch, height, width) or mask.shape != labels.shape:
+        raise ValueError(f"fsae_loss: labels {tuple(labels.shape)} and mask {tuple(mask.shape)} "
+                         f"must be [B,H,W] = {(batch, height, width)} of target_scores")
+    # pixels outside the mask contribute nothing; give them a legal class index
+    safe_labels = labels.masked_fill(~mask, 0)
+    per_pixel = F.cross_entropy(target_scores.float(), safe_labels, reduction="none")
+    return lam * (per_pixel * mask).sum() / (batch * height * width)
+
+
+def valid_at(valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """bool [B,S,S] image-pixel mask -> bool [B,h,w]: cells that are mostly image."""
+    return F.adaptive_avg_pool2d(valid[:, None].float(), size)[:, 0] > 0.5
+
+
+@register_addon
+class FSAE(Addon):
+    name = "fsae"
+    Config = Config
+    inputs = frozenset({"strong"})
+
+    def _active(self, progress: Progress) -> bool:
+        return progress.epoch >= self.config.warmup_epochs
+
+    def views(self, batch, progress):
+        return {"strong": batch["strong"]} if self._active(progress) else {}
+
+    def losses(self, batch, outputs, progress):
+        source = outputs["image"]["cam_logits"]
+        if not self._active(progress):
+            return {"fsae": source.new_zeros((), dtype=torch.float32)}
+        cfg = self.config
+        source_scores = class_scores(source.detach(), cfg.background_logit, batch["labels"])
+        valid = valid_at(batch["valid"], tuple(source.shape[2:]))
+        labels, mask = online_pseudo_labels(source_scores, cfg.tau_fae, cfg.tau_sae, cfg.kernel, valid)
+        target_scores = class_scores(outputs["strong"]["cam_logits"], cfg.background_logit)
+        return {"fsae": fsae_loss(target_scores, labels, mask, cfg.lam)}

@@ -1,0 +1,78 @@
+"""Checkpoints: one `state.pt` holding model, method state, optimiser and progress.
+
+Method state (prototype banks, EMA teachers, co-occurrence priors) lives in the
+method's state_dict, so saving the method saves it. Checkpoints are plain directories
+that Ray Train uploads to `storage_path` (local or cloud); `load_method` accepts a
+checkpoint directory, a run directory (its latest checkpoint) or a cloud URI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from wsss.methods.base import build_method
+
+STATE_FILE = "state.pt"
+INFO_FILE = "checkpoint.json"
+
+
+def save_checkpoint(directory: str | Path, method, optimizer, *, epoch: int, step: int,
+                    config: dict, dataset: dict, metrics: dict | None = None) -> None:
+    """Write the checkpoint files into `directory` (rank 0 only)."""
+    directory = Path(directory)
+    torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "step": step, "config": config, "dataset": dataset,
+                "torch_rng": torch.get_rng_state()},
+               directory / STATE_FILE)
+    info = {"epoch": epoch, "step": step, "method": config["method"], "metrics": metrics or {}}
+    (directory / INFO_FILE).write_text(json.dumps(info, indent=2, default=float))
+
+
+def load_state(directory: str | Path) -> dict:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a wsss checkpoint (no {STATE_FILE})")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore(state: dict, method, optimizer=None) -> tuple[int, int]:
+    """Load model/method state, optimiser and the RNG (so that random augmentations inside
+    methods replay identically); returns (epoch done, step done)."""
+    method.load_state_dict(state["method"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["step"]
+
+
+def latest_checkpoint_dir(path: str | Path) -> Path:
+    """`path` itself if it is a checkpoint, else its newest `checkpoint_*` subdirectory."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    candidates = sorted(p for p in path.glob("checkpoint_*") if (p / STATE_FILE).is_file())
+    if not candidates:
+        raise FileNotFoundError(f"{path}: neither a checkpoint nor a run directory with checkpoints")
+    return candidates[-1]
+
+
+def load_method(checkpoint: str, device: torch.device | str = "cpu"):
+    """(method in eval mode, state) from a checkpoint dir, run dir or cloud URI."""
+    if "://" in checkpoint and not checkpoint.startswith("file://"):
+        import ray.train  # downloads cloud checkpoints into a local temp dir
+
+        with ray.train.Checkpoint(path=checkpoint).as_directory() as local:
+            state = load_state(latest_checkpoint_dir(local))
+    else:
+        state = load_state(latest_checkpoint_dir(checkpoint.removeprefix("file://")))
+    from wsss.platform.config import TrainConfig
+
+    config = TrainConfig.from_dict(state["config"])
+    method = build_method(config.method, len(state["dataset"]["classes"]) - 1, config.sections,
+                          dataclasses.replace(config.backbone_config, weights="none"))
+    method.load_state_dict(state["method"])
+    return method.to(device).eval(), state

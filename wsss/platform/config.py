@@ -1,0 +1,239 @@
+"""Typed run configuration: defaults, config files, `key=value` overrides, validation.
+
+A run is one `TrainConfig` plus one config dataclass per part of the method
+(`lnl+fsae` has sections `lnl` and `fsae`). Overrides are `key=value` for run keys
+and `section.key=value` for method keys; a TOML config file has the same keys at
+top level and `[section]` tables. Unknown keys and values of the wrong type are
+errors that name the key, raised before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsss.methods.base import BackboneConfig, method_sections
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run, with its default."""
+
+    method: str = "cam"  # base method plus add-ons, e.g. "lnl+fsae"
+    data: str = ""  # URI of prepared shards (directory holding manifest.json)
+    train_split: str = "train"
+    val_split: str = "val"  # held-out split for the per-epoch objective ("" to skip)
+    name: str = ""  # run name; the same name and storage_path resumes the run ("" = generated)
+    storage_path: str = "runs"  # local directory or cloud URI (s3://, gs://) for checkpoints
+    epochs: int = 5
+    batch_size: int = 16  # per worker
+    lr: float = 0.01  # backbone lr; new layers get lr × the method's new_layer_lr_mult
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9  # lr = base · (1 − step/total)^power
+    crop_size: int = 320
+    scale_min: float = 0.7  # random rescale range of the training augmentation
+    scale_max: float = 1.3
+    backbone: str = "resnet50"  # resnet18 | resnet50 | resnet101
+    output_stride: int = 16  # 16 or 8
+    backbone_weights: str = "imagenet"  # none | imagenet | path to a state dict
+    num_workers: int = 1  # Ray Train workers (data-parallel replicas)
+    device: str = "auto"  # auto (GPU when the cluster has one) | cpu | gpu
+    amp: bool = True  # mixed precision, on GPU only
+    max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
+    seed: int = 0
+    eval_every: int = 1  # epochs between single-scale val evaluations (0 = never)
+    eval_max_images: int = 0  # cap on val images per evaluation (0 = all)
+    wandb: str = "auto"  # auto (online if W&B is configured, else offline) | online | offline | disabled
+    wandb_project: str = "wsss"
+    wandb_group: str = ""  # e.g. the sweep name
+    log_every: int = 10  # steps between W&B scalar logs
+    cam_images: int = 4  # CAM overlays logged per evaluation
+    sections: dict[str, Any] = field(default_factory=dict)  # method section -> config dataclass
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def backbone_config(self) -> BackboneConfig:
+        return BackboneConfig(self.backbone, self.output_stride, self.backbone_weights)
+
+    def validate(self) -> None:
+        def check(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
+
+        try:
+            sections = method_sections(self.method)
+        except ValueError as error:
+            raise ConfigError(f"method: {error}") from None
+        for name in self.sections:
+            if name not in sections:
+                raise ConfigError(f"config section [{name}] is not a part of method {self.method!r}")
+        for name, cls in sections.items():
+            self.sections.setdefault(name, cls())
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.crop_size >= 16, "crop_size", "must be >= 16")
+        check(0 < self.scale_min <= self.scale_max, "scale_min", "need 0 < scale_min <= scale_max")
+        check(self.backbone in ("resnet18", "resnet50", "resnet101"), "backbone",
+              "must be resnet18, resnet50 or resnet101")
+        check(self.output_stride in (8, 16), "output_stride", "must be 8 or 16")
+        check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(self.device in ("auto", "cpu", "gpu"), "device", "must be auto, cpu or gpu")
+        check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
+        check(self.eval_every >= 0, "eval_every", "must be >= 0")
+        check(self.wandb in ("auto", "online", "offline", "disabled"), "wandb",
+              "must be auto, online, offline or disabled")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        if self.backbone_weights not in ("none", "imagenet") and not Path(self.backbone_weights).is_file():
+            check(False, "backbone_weights", "must be none, imagenet or an existing file")
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-able dict (what checkpoints, W&B and Ray workers receive)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        out["sections"] = {name: dataclasses.asdict(cfg) for name, cfg in self.sections.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        raw_sections = values.pop("sections", {}) or {}
+        method = values.get("method", cls.method)
+        try:
+            known = method_sections(method)
+        except ValueError as error:
+            raise ConfigError(f"method: {error}") from None
+        sections = {}
+        for name, section_values in raw_sections.items():
+            if name not in known:
+                raise ConfigError(f"config section [{name}] is not a part of method {method!r}")
+            sections[name] = _build(known[name], section_values, prefix=f"{name}.")
+        run = _coerce_fields(cls, values, prefix="")
+        return cls(**run, sections=sections)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "TrainConfig":
+        """New config with `key` / `section.key` overrides applied (strings are parsed)."""
+        values = self.to_dict()
+        if "method" in overrides and overrides["method"] != self.method:
+            values["method"] = overrides["method"]
+            values["sections"] = {k: v for k, v in values["sections"].items()
+                                  if k in method_sections(overrides["method"])}
+        for key, value in overrides.items():
+            if "." in key:
+                section, sub = key.split(".", 1)
+                values["sections"].setdefault(section, {})[sub] = value
+            else:
+                values[key] = value
+        return TrainConfig.from_dict(values)
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None,
+                **values) -> TrainConfig:
+    """Defaults < config file < keyword values < `key=value` overrides."""
+    merged: dict[str, Any] = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            merged = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"--config {path}: not valid TOML ({error})") from None
+    sections = {k: merged.pop(k) for k in list(merged) if isinstance(merged[k], dict)}
+    merged.update({k: v for k, v in values.items() if v is not None})
+    merged["sections"] = sections
+    config = TrainConfig.from_dict(merged)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return config.with_overrides(overrides) if overrides else config
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _build(cls: type, values: dict, prefix: str):
+    fields = _coerce_fields(cls, values, prefix)
+    try:  # method configs check their own ranges in __post_init__
+        return cls(**fields)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"[{prefix.rstrip('.')}] {error}") from None
+
+
+def _coerce_fields(cls: type, values: dict, prefix: str) -> dict:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {"sections"}
+    out = {}
+    for key, value in values.items():
+        if key not in names:
+            close = [n for n in names if n.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        out[key] = coerce(hints[key], value, f"{prefix}{key}")
+    return out
+
+
+def coerce(kind: Any, value: Any, key: str) -> Any:
+    """Convert a config value (maybe a string from the command line) to `kind`."""
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None or value == "none" and type(None) in typing.get_args(kind):
+            return None
+        kind = options[0]
+        origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (tuple, list):
+        item_kind = typing.get_args(kind)[0] if typing.get_args(kind) else str
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return origin(coerce(item_kind, v, key) for v in value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r}: expected an integer") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r}: expected a number") from None
+    if kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    return value

@@ -1,0 +1,107 @@
+"""Weights & Biases on rank 0: config, scalars and CAM overlays.
+
+Offline unless the user has configured W&B (an API key in the environment or a
+`wandb login`). Tracking is best effort: a W&B failure is logged once and tracking
+turns itself off, it never stops training.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+_SECRET = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
+
+
+def resolve_mode(mode: str) -> str:
+    """auto -> online when W&B is configured on this machine, else offline."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return "offline"
+    return "online" if any("wandb" in host for host in hosts) else "offline"
+
+
+def public_config(config: dict) -> dict:
+    """Config without anything that looks like a secret, at any depth."""
+    return {k: public_config(v) if isinstance(v, dict) else v
+            for k, v in config.items() if not _SECRET.search(k)}
+
+
+class Tracker:
+    """Logs to one W&B run; a no-op off rank 0, when disabled, or after a W&B failure."""
+
+    def __init__(self, *, project: str, name: str, group: str, mode: str, config: dict,
+                 directory: str | Path, tags: list[str], enabled: bool = True):
+        self.run = None
+        mode = resolve_mode(mode)
+        if not enabled or mode == "disabled":
+            return
+        try:
+            import wandb
+
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(project=project, name=name, id=_run_id(name), resume="allow",
+                                  group=group or None, mode=mode, dir=str(directory), tags=tags,
+                                  config=public_config(config), reinit="finish_previous")
+        except Exception as error:  # unreachable server, bad key...: train anyway
+            logger.warning("W&B disabled for this run: %s", error)
+            self.run = None
+
+    @property
+    def location(self) -> str | None:
+        """Where the run lives: its URL online, its directory offline."""
+        if self.run is None:
+            return None
+        return getattr(self.run, "url", None) or str(Path(self.run.dir).parent)
+
+    def log(self, values: dict, step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(values, step=step)
+        except Exception as error:
+            logger.warning("W&B logging failed, tracking stops: %s", error)
+            self.run = None
+
+    def log_cam_overlays(self, samples: list[dict], classes: list[str], step: int) -> None:
+        """samples: {"id", "image" uint8 HWC, "prediction" HW, "ground_truth" HW or None}."""
+        if self.run is None or not samples:
+            return
+        import wandb
+
+        labels = {i: name for i, name in enumerate(classes)} | {255: "void"}
+        images = []
+        for sample in samples:
+            masks = {"prediction": {"mask_data": np.asarray(sample["prediction"], np.uint8),
+                                    "class_labels": labels}}
+            if sample.get("ground_truth") is not None:
+                masks["ground_truth"] = {"mask_data": np.asarray(sample["ground_truth"], np.uint8),
+                                         "class_labels": labels}
+            images.append(wandb.Image(sample["image"], masks=masks, caption=sample["id"]))
+        self.log({"cams": images}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as error:
+                logger.warning("W&B finish failed: %s", error)
+            self.run = None
+
+
+def _run_id(name: str) -> str:
+    """Stable W&B id per run name, so a resumed run continues the same W&B run."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64]

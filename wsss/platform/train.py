@@ -1,0 +1,191 @@
+"""Training on Ray Train: one function per worker, a driver that builds the TorchTrainer.
+
+The worker function is three steps, as in Ray's examples: (1) data shards, (2) the
+method, DDP-wrapped and restored from the latest checkpoint, (3) epochs of the plain
+loop in `loop.py`, each ending in `ray.train.report` with a checkpoint. A run resumes
+when started again with the same name and storage_path (Train V2 keeps a snapshot of
+reported checkpoints there). Tune trials call `make_trainer` with their own callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from wsss.datasets.augment import AugmentConfig
+from wsss.datasets.shards import Manifest, read_manifest
+from wsss.datasets.storage import resolve
+from wsss.methods.base import DatasetStats, build_method, required_inputs
+from wsss.platform.checkpoints import load_state, restore, save_checkpoint
+from wsss.platform.config import ConfigError, TrainConfig
+from wsss.platform.data import eval_dataset, train_dataset
+from wsss.platform.loop import (NonFiniteLossError, epoch_metrics, evaluate_rows, make_optimizer,
+                                overlay_predictions, train_epoch)
+from wsss.platform.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    config = TrainConfig.from_dict(loop_config["config"])
+    dataset = loop_config["dataset"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)
+
+    # 1. Data: this worker's shards of the streaming pipelines.
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
+
+    # 2. Method: dataset statistics, DDP around the trainable network only, last checkpoint.
+    method = build_method(config.method, len(dataset["classes"]) - 1, config.sections,
+                          config.backbone_config).to(device)
+    method.on_dataset(DatasetStats(num_images=dataset["num_images"],
+                                   image_labels=torch.from_numpy(loop_config["image_labels"])))
+    method.to(device)
+    if context.get_world_size() > 1:
+        method.distribute(lambda net: ray.train.torch.prepare_model(
+            net, move_to_device=False,
+            parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters}))
+    optimizer = make_optimizer(method, config)
+    start_epoch, step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            start_epoch, step = restore(load_state(directory), method, optimizer)
+
+    tracker = Tracker(project=config.wandb_project, name=loop_config["run_name"], group=config.wandb_group,
+                      mode=config.wandb, config=config.to_dict(), directory=loop_config["wandb_dir"],
+                      tags=[config.method, dataset["name"]], enabled=rank == 0)
+
+    # 3. Epochs: train, evaluate, checkpoint, report.
+    steps_per_epoch = loop_config["steps_per_epoch"]
+    for epoch in range(start_epoch, config.epochs):
+        batches = train_shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True)
+        try:
+            step, stats = train_epoch(method, optimizer, batches, config=config, epoch=epoch, step=step,
+                                      steps_per_epoch=steps_per_epoch, device=device, log=tracker.log)
+        except NonFiniteLossError as error:
+            tracker.finish()
+            ray.train.report({"epoch": epoch + 1, "nonfinite": str(error)})
+            return
+        confusions, overlays = None, []
+        if val_shard is not None and config.eval_every and (
+                (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            rows = val_shard.iter_rows()
+            confusions, overlays = evaluate_rows(
+                method, rows, num_classes=len(dataset["classes"]) - 1, device=device,
+                keep_overlays=config.cam_images if rank == 0 else 0, max_images=config.eval_max_images)
+        metrics = epoch_metrics(stats, confusions, epoch)
+        tracker.log({f"epoch/{k}": v for k, v in metrics.items()}, step)
+        if overlays and "threshold" in metrics:
+            tracker.log_cam_overlays(overlay_predictions(overlays, metrics["threshold"]),
+                                     dataset["classes"], step)
+        with tempfile.TemporaryDirectory() as directory:
+            if rank == 0:
+                save_checkpoint(directory, method, optimizer, epoch=epoch + 1, step=step,
+                                config=config.to_dict(), dataset=dataset, metrics=metrics)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory)
+                             if rank == 0 else None)
+    tracker.finish()
+
+
+def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchTrainer:
+    """Validate the data against the config, then build the TorchTrainer (nothing runs yet)."""
+    if not config.data:
+        raise ConfigError("data: the URI of prepared shards is required (wsss prepare ...)")
+    manifest = read_manifest(config.data)
+    for split in filter(None, (config.train_split, config.val_split)):
+        manifest.rows(split)  # raises a DataError naming a missing split
+    name = config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    use_gpu = resolve_use_gpu(config.device)
+    augment = AugmentConfig(crop_size=config.crop_size, scale_range=(config.scale_min, config.scale_max),
+                            views=required_inputs(config.method), seed=config.seed)
+    datasets = {"train": train_dataset(config.data, config.train_split, augment,
+                                       num_classes=manifest.num_classes)}
+    if config.val_split:
+        datasets["val"] = eval_dataset(config.data, config.val_split)
+    rows = manifest.rows(config.train_split)
+    steps_per_epoch = rows // (config.batch_size * config.num_workers)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"batch_size={config.batch_size} × num_workers={config.num_workers} is more "
+                          f"than the {rows} images of split {config.train_split!r}")
+    loop_config = {
+        "config": config.to_dict() | {"name": name},
+        "dataset": {"name": manifest.dataset, "classes": list(manifest.classes),
+                    "palette": [list(c) for c in manifest.palette], "num_images": rows},
+        "image_labels": image_label_matrix(manifest, config.train_split),
+        "steps_per_epoch": steps_per_epoch,
+        "has_val": bool(config.val_split),
+        "run_name": name,
+        "wandb_dir": wandb_dir(config.storage_path, name),
+    }
+    return ray.train.torch.TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_uri(config.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            callbacks=list(callbacks)),
+        datasets=datasets,
+    )
+
+
+def fit(config: TrainConfig) -> ray.train.Result:
+    """Train to the end (or resume); raises NonFiniteLossError if the loss diverged."""
+    trainer = make_trainer(config)
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.metrics and result.metrics.get("nonfinite"):
+        where = result.checkpoint.path if result.checkpoint else "none (diverged in the first epoch)"
+        raise NonFiniteLossError(f"{result.metrics['nonfinite']}; last good checkpoint: {where}")
+    logger.info("training finished in %.1f s", time.perf_counter() - started)
+    return result
+
+
+def resolve_use_gpu(device: str) -> bool:
+    if device == "cpu":
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count()
+    if device == "gpu" and not gpus:
+        raise ConfigError("device=gpu but the Ray cluster has no GPU")
+    return gpus > 0
+
+
+def image_label_matrix(manifest: Manifest, split: str):
+    """bool [L, K+1] image labels of a split, background (column 0) always set."""
+    import numpy as np
+
+    fs, _ = resolve(manifest.files(split)[0])
+    paths = [resolve(uri)[1] for uri in manifest.files(split)]
+    labels = pq.read_table(paths, columns=["labels"], filesystem=fs).column("labels").to_pylist()
+    matrix = np.zeros((len(labels), manifest.num_classes + 1), dtype=bool)
+    matrix[:, 0] = True
+    for row, present in enumerate(labels):
+        matrix[row, present] = True
+    return matrix
+
+
+def storage_uri(path: str) -> str:
+    """Ray wants absolute local paths; URIs pass through."""
+    import os
+
+    return path if "://" in path else os.path.abspath(path)
+
+
+def wandb_dir(storage_path: str, name: str) -> str:
+    """W&B writes locally: beside the checkpoints for local storage, else ./wandb."""
+    import os
+
+    return os.path.join(storage_uri(storage_path), name) if "://" not in storage_path else os.path.abspath("wandb")

@@ -1,0 +1,313 @@
+"""`wsss tune`: a Ray Tune sweep of a method's hyperparameters (Optuna TPE, ASHA, W&B).
+
+Each trial is a small driver function: it builds the method's TorchTrainer (Train V2)
+with the sampled overrides and fits it; the trainer's `TuneReportCallback` passes every
+epoch's metrics to Tune. The objective is `miou`, the single-scale CAM mIoU at the best
+background threshold on the held-out split, maximised; ASHA stops weak trials at epoch
+rungs. The trial function itself holds no CPU (its Train workers reserve their own
+placement group), so how many trials run at once is decided here from what a trial's
+workers and data pipeline need against the cluster, never by Tune's default of one
+trial per CPU, which would starve the workers and deadlock.
+
+Sweep directory `<storage_path>/<name>/`: Tune's experiment (a trial directory each),
+`sweep.json` (the settings `--resume` needs), `train/<trial id>/` (each trial's Train
+run and checkpoints), `best.json` (the best trial, evaluated with the full protocol)
+and, for local storage, the Optuna study `optuna.db` (SQLite; `optuna-dashboard
+sqlite:///.../optuna.db`). `--resume` restores Tune's experiment with the searcher's
+saved state; unfinished trials restart and their Train runs continue from their last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timezone
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from wsss.datasets.shards import read_manifest
+from wsss.datasets.storage import canonical, is_uri, join, resolve
+from wsss.platform.config import ConfigError, TrainConfig, load_config
+from wsss.platform.tracking import public_config, resolve_mode
+from wsss.tuning.spaces import SearchSpace, build_space, load_space_file
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVE = "miou"
+HEAD_DRIVER_RESOURCE = "head_driver"  # custom resource of the head node in cluster.yaml
+SWEEP_FILE = "sweep.json"
+BEST_FILE = "best.json"
+DATA_CPUS_PER_TRIAL = 1  # Ray Data's decode/augment tasks beside each trial's Train workers
+
+
+def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = None,
+              scheduler: str = "asha", concurrency: int | None = None, seed: int = 0,
+              name: str | None = None, study_storage: str | None = None, resume: bool = False,
+              evaluate_best: bool = True) -> dict:
+    """Runs (or with `resume`, continues) a sweep and returns the summary in best.json.
+
+    `config` is the base run every trial overrides; `space_specs` narrow or replace the
+    method's default space (see `wsss.tuning.spaces`). Everything is validated, and the
+    settings written to sweep.json, before Ray starts any trial.
+    """
+    name = name or f"tune-{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    sweep_dir = join(config.storage_path, name)
+    settings = {"name": name, "trials": trials, "space": space_specs or {}, "scheduler": scheduler,
+                "concurrency": concurrency, "seed": seed,
+                "study_storage": study_storage or default_study_storage(sweep_dir, name),
+                "config": config.to_dict()}
+    space = _validate(config, settings)
+    if resume:
+        saved = read_json(join(sweep_dir, SWEEP_FILE))
+        if saved is None:
+            raise ConfigError(f"--resume: no sweep {name!r} at {sweep_dir} (no {SWEEP_FILE})")
+    elif read_json(join(sweep_dir, SWEEP_FILE)) is not None:
+        raise ConfigError(f"--name {name}: a sweep already exists at {sweep_dir}; add --resume to "
+                          f"continue it or choose another name")
+    else:
+        write_json(join(sweep_dir, SWEEP_FILE), settings)
+    dataset = read_manifest(config.data).dataset
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    wandb = wandb_mode(config)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=config.to_dict(), train_storage=join(sweep_dir, "train")),
+        trial_resources())
+    experiment = canonical(sweep_dir)
+    if resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise ConfigError(f"--resume: {sweep_dir} holds no Tune experiment state to restore; "
+                              f"start the sweep again under a new --name")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"run": public_config(config.to_dict()) | {"dataset": dataset}},
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE, mode="max", num_samples=trials,
+                search_alg=optuna_search(space, settings["study_storage"], name, seed),
+                scheduler=asha(config.epochs) if scheduler == "asha" else None,
+                max_concurrent_trials=max_concurrent_trials(config, concurrency),
+                trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=name, storage_path=canonical(config.storage_path),
+                                      callbacks=wandb_callbacks(wandb, config, name, dataset),
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    results = tuner.fit()
+    summary = summarize(results, name, sweep_dir)
+    if evaluate_best and summary.get("checkpoint"):
+        summary["evaluation"] = full_evaluation(summary["checkpoint"], config)
+    write_json(join(sweep_dir, BEST_FILE), summary)
+    return summary
+
+
+def run_trial(params: dict, base: dict, train_storage: str) -> None:
+    """One Tune trial: a Train V2 run of the base config with this trial's overrides."""
+    from wsss.platform.train import make_trainer
+
+    overrides = {k: v for k, v in params.items() if k != "run"}
+    # The trial's name is its Tune id, so a trial restarted by --resume continues its Train
+    # run from the last checkpoint. W&B: the Tuner-level callback makes the trial's run.
+    config = TrainConfig.from_dict(base).with_overrides(
+        {**overrides, "name": tune.get_context().get_trial_id(), "storage_path": train_storage,
+         "wandb": "disabled"})
+    make_trainer(config, callbacks=[ObjectiveReport()]).fit()
+
+
+class ObjectiveReport(TuneReportCallback):
+    """Passes each epoch's metrics to Tune; a diverged run (no `miou` reported) scores 0,
+    so the searcher learns from it instead of the sweep stopping on a missing metric."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = {OBJECTIVE: 0.0, **metrics[0]}
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+def optuna_search(space: SearchSpace, study_storage: str, study_name: str, seed: int):
+    """Seeded TPE over the define-by-run space; the study lives in `study_storage`."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(space=space, metric=OBJECTIVE, mode="max",
+                        sampler=optuna.samplers.TPESampler(seed=seed), study_name=study_name,
+                        storage=optuna.storages.RDBStorage(study_storage))
+
+
+def asha(epochs: int):
+    """ASHA on the per-epoch objective: rungs at 1, 2, 4, ... epochs."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=2)
+
+
+def trial_resources() -> dict:
+    """What the trial driver itself holds: no CPU; a slot on the head where it has them."""
+    resources = {"CPU": 0}
+    if ray.cluster_resources().get(HEAD_DRIVER_RESOURCE):
+        resources[HEAD_DRIVER_RESOURCE] = 1
+    return resources
+
+
+def max_concurrent_trials(config: TrainConfig, requested: int | None) -> int:
+    """Trials whose Train workers and data tasks fit in the cluster at once (>= 1).
+
+    An autoscaling cluster shows only the nodes up now: pass --concurrency there.
+    """
+    if requested:
+        return requested
+    from wsss.platform.train import resolve_use_gpu
+
+    available = ray.cluster_resources()
+    use_gpu = resolve_use_gpu(config.device)
+    fits = int(available.get("CPU", 0) // (config.num_workers + DATA_CPUS_PER_TRIAL))
+    if use_gpu:
+        fits = min(fits, int(available.get("GPU", 0) // config.num_workers))
+    return max(1, fits)
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def wandb_mode(config: TrainConfig) -> str:
+    """Offline unless W&B is configured; Ray's callback wants WANDB_MODE set when offline
+    (it asks for an API key otherwise), also when a resumed sweep restores the callback."""
+    mode = resolve_mode(config.wandb)
+    if mode == "offline":
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return mode
+
+
+def wandb_callbacks(mode: str, config: TrainConfig, sweep_name: str, dataset: str) -> list:
+    """One W&B run per trial, grouped by sweep, tagged with method and dataset."""
+    if mode == "disabled":
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    directory = os.environ.get("WANDB_DIR") or (
+        join(config.storage_path, sweep_name) if not is_uri(config.storage_path) else os.path.abspath("."))
+    os.makedirs(directory, exist_ok=True)
+    return [WandbLoggerCallback(project=config.wandb_project, group=sweep_name, mode=mode,
+                                tags=[config.method, dataset], dir=directory,
+                                excludes=["checkpoint_path"])]
+
+
+def summarize(results, name: str, sweep_dir: str) -> dict:
+    """Best trial by its final objective (what Optuna records), with its checkpoint."""
+    finished = [r for r in results if r.metrics and OBJECTIVE in r.metrics]
+    summary = {"sweep": name, "sweep_dir": sweep_dir, "trials": len(results),
+               "finished": len(finished), "errored": len(results.errors)}
+    if not finished:
+        return summary
+    best = max(finished, key=lambda r: r.metrics[OBJECTIVE])
+    summary.update({
+        "trial_id": best.metrics.get("trial_id"), "miou": best.metrics[OBJECTIVE],
+        "threshold": best.metrics.get("threshold"), "epoch": best.metrics.get("epoch"),
+        "params": {k: v for k, v in best.config.items() if k != "run"},
+        "checkpoint": best.metrics.get("checkpoint_path"),
+    })
+    return summary
+
+
+def full_evaluation(checkpoint: str, config: TrainConfig) -> dict:
+    """The full protocol (multi-scale + flip, threshold sweep) on the held-out split."""
+    from wsss.platform.evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(checkpoint, config.data, split=config.val_split)
+    return {k: results[k] for k in ("miou", "threshold", "per_class_iou", "scales", "flip", "split")
+            if k in results}
+
+
+def default_study_storage(sweep_dir: str, name: str) -> str:
+    """SQLite beside the sweep when it is local; on the driver's disk when it is a URI."""
+    if is_uri(sweep_dir):
+        folder = os.path.expanduser("~/.wsss/studies")
+        return f"sqlite:///{os.path.join(folder, name)}.db"
+    return f"sqlite:///{os.path.join(canonical(sweep_dir), 'optuna.db')}"
+
+
+def _validate(config: TrainConfig, settings: dict) -> SearchSpace:
+    """Every mistake a sweep can hold, found before Ray starts."""
+    if settings["trials"] < 1:
+        raise ConfigError(f"--trials {settings['trials']}: must be >= 1")
+    if settings["scheduler"] not in ("asha", "none"):
+        raise ConfigError(f"--scheduler {settings['scheduler']!r}: must be asha or none")
+    if settings["concurrency"] is not None and settings["concurrency"] < 1:
+        raise ConfigError(f"--concurrency {settings['concurrency']}: must be >= 1")
+    if not config.val_split or config.eval_every != 1:
+        raise ConfigError("a sweep needs the per-epoch objective: set val_split and keep eval_every=1")
+    if not config.data:
+        raise ConfigError("--data: the URI of prepared shards is required")
+    read_manifest(config.data).rows(config.val_split)
+    storage = settings["study_storage"]
+    if storage.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(storage[len("sqlite:///"):]) or ".", exist_ok=True)
+    space = build_space(config.method, settings["space"])
+    space.check_against(config)
+    return space
+
+
+def read_json(location: str) -> dict | None:
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type.name != "File":
+        return None
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.read())
+
+
+def write_json(location: str, data: dict) -> None:
+    fs, path = resolve(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(json.dumps(data, indent=2, default=str).encode())
+
+
+# ---- command line ------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--method", help="e.g. lnl, lnl+fsae (not needed with --resume)")
+    parser.add_argument("--data", help="URI of prepared shards (not needed with --resume)")
+    parser.add_argument("--trials", type=int, help="number of trials (not needed with --resume)")
+    parser.add_argument("--config", help="TOML config file for the base run")
+    parser.add_argument("--space", help="TOML or JSON file narrowing or replacing parameters")
+    parser.add_argument("--scheduler", default="asha", help="asha | none")
+    parser.add_argument("--concurrency", type=int, help="max trials at once (default: what fits)")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep --name")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    parser.add_argument("--storage-path", help="local directory or URI for the sweep (default: runs)")
+    parser.add_argument("--name", help="sweep name (default: tune-METHOD-TIME)")
+    parser.add_argument("--study-storage", help="Optuna storage URL (default: SQLite in the sweep)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the full evaluation of the best trial")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="base config, e.g. epochs=10 backbone=resnet18")
+
+
+def main(args) -> int:
+    if args.resume:
+        if not args.name:
+            raise ConfigError("--resume needs the --name of the sweep to continue")
+        storage = args.storage_path or TrainConfig().storage_path
+        saved = read_json(join(storage, args.name, SWEEP_FILE))
+        if saved is None:
+            raise ConfigError(f"--resume: no sweep {args.name!r} under {storage}")
+        config = TrainConfig.from_dict(saved["config"])
+        summary = run_sweep(config, trials=saved["trials"], space_specs=saved["space"],
+                            scheduler=saved["scheduler"], concurrency=saved["concurrency"],
+                            seed=saved["seed"], name=saved["name"], study_storage=saved["study_storage"],
+                            resume=True, evaluate_best=not args.no_eval)
+    else:
+        for flag in ("method", "data", "trials"):
+            if getattr(args, flag) is None:
+                raise ConfigError(f"--{flag} is required (unless --resume)")
+        config = load_config(args.config, args.overrides, method=args.method, data=args.data,
+                             storage_path=args.storage_path)
+        specs = load_space_file(args.space) if args.space else None
+        summary = run_sweep(config, trials=args.trials, space_specs=specs, scheduler=args.scheduler,
+                            concurrency=args.concurrency, seed=args.seed, name=args.name,
+                            study_storage=args.study_storage, evaluate_best=not args.no_eval)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
