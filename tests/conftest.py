@@ -24,7 +24,19 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, configure_logging=False,
+        # Ray's state API (used by Train's placement-group cleaner in every worker) must find
+        # this instance's dashboard even while other Ray instances run on the machine.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, configure_logging=False,
                  log_to_driver=False, runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -317,7 +317,9 @@ def test_bank_update_matches_loop_reference_and_initialises_new_classes():
     assert torch.equal(bank.prototypes[2], features[27:][torch.tensor([0, 1, 2, 0, 1])])
     assert torch.equal(bank.prototypes[3], before[3])  # absent class untouched
     assert bank.initialized.tolist() == [True, True, True, False]
+    after = bank.prototypes.clone()
     bank.update(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))  # no seeds: no change
+    assert torch.equal(bank.prototypes, after)
     with pytest.raises(ValueError, match="0..3"):
         bank.update(features[:2], torch.tensor([1, 255]))
 
@@ -410,7 +412,7 @@ def test_contrastive_loss_edge_cases():
     nothing = contrastive_loss(features, torch.full((6,), 2), prototypes, 0.5, only_one)
     assert nothing.item() == 0.0 and nothing.requires_grad  # no qualifying class
     nothing.backward()
-    cold = contrastive_loss(features * 50, torch.tensor([0, 0, 1, 1, 2, 2]), prototypes * 50, 1e-3)
+    cold = contrastive_loss(features, torch.tensor([0, 0, 1, 1, 2, 2]), prototypes, 1e-3)
     assert torch.isfinite(cold)  # log-sum-exp: exp(1000) would overflow
     with pytest.raises(ValueError, match="tau"):
         contrastive_loss(features, torch.zeros(6, dtype=torch.long), prototypes, 0.0)
@@ -455,7 +457,8 @@ def test_class_maps_background_and_absent_classes_get_no_seeds():
     features = torch.rand(2, 8, 5, 5, generator=generator)
     for kind in KINDS:
         seeds = fscm_seeds(features, logits, image_labels, valid, kind, 0.01, 1)
-        assert not ((seeds == 2)[0].any() or (seeds[1] > 0).logical_and(seeds[1] != 255).any())
+        assert set(seeds[0].unique().tolist()) <= {0, 1, 3, 255}  # class 2 is not in image 0
+        assert set(seeds[1].unique().tolist()) <= {0, 255}  # image 1 has background only
         assert (seeds[:, :, 4] == 255).all()
         assert (seeds != 255).any()
 
@@ -466,6 +469,15 @@ def test_config_rejects_bad_values_by_name():
         with pytest.raises(ValueError, match=key):
             Config(**{key: value})
     assert Config().similarity == "cosine"
+
+
+@pytest.fixture
+def one_thread():
+    """The tests share a 2-core machine: intra-op threads only spin against other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_lnl(**overrides):
@@ -482,7 +494,7 @@ def fixed_batch():
             "labels": torch.tensor([[1.0, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1]])}
 
 
-def test_lnl_trains_in_a_plain_loop_and_losses_decrease():
+def test_lnl_trains_in_a_plain_loop_and_losses_decrease(one_thread):
     method = tiny_lnl()
     batch = fixed_batch()
     optimizer = torch.optim.SGD([{"params": g["params"], "lr": 0.01 * g["lr_mult"]}
@@ -506,10 +518,13 @@ def test_lnl_trains_in_a_plain_loop_and_losses_decrease():
     assert totals[-1] < totals[0] and totals[2] < totals[0]
 
 
-def test_lnl_exports_and_checkpoints_its_bank():
+def test_lnl_exports_and_checkpoints_its_bank(one_thread):
     method = tiny_lnl(warmup_epochs=0)
     batch = fixed_batch()
-    method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=1, epochs=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # seeds and bank stay float32
+        losses = method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=1, epochs=1))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert method.prototype_bank.prototypes.dtype == torch.float32 and method.prototype_bank.initialized.any()
     state = method.state_dict()
     assert "prototype_bank.prototypes" in state and "prototype_bank.initialized" in state
     assert not any(key.startswith("network.") and "prototype" in key for key in state)

@@ -54,7 +54,8 @@ def stats() -> DatasetStats:
 
 def make(spec: str):
     torch.manual_seed(0)
-    config = TrainConfig(method=spec, data="unused", backbone="resnet18", backbone_weights="none", lr=0.01)
+    config = TrainConfig(method=spec, data="unused", pseudo_labels="unused", backbone="resnet18",
+                         backbone_weights="none", lr=0.01)
     method = build_method(spec, K, config.sections, TINY)
     method.on_dataset(stats())
     return method, make_optimizer(method, config), config

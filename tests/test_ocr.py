@@ -28,8 +28,8 @@ def reference_cooccurrence(image_labels: torch.Tensor) -> torch.Tensor:
         if not with_k:
             matrix[k, k] = 1.0
             continue
-        for l in range(size):
-            matrix[k, l] = sum(1 for s in with_k if l in s) / len(with_k)
+        for j in range(size):
+            matrix[k, j] = sum(1 for s in with_k if j in s) / len(with_k)
     return matrix
 
 
@@ -42,8 +42,8 @@ def reference_pixel_loss(z: list[float], candidates: set[int], cooc, t: float, d
     total = sum(math.exp(v) for v in z)
     p = [math.exp(v) / total for v in z]
     ic = [k for k in candidates if p[anchor] - p[k] * float(cooc[anchor][k]) < t]  # Eq. 9
-    oc = [l for l in classes if l not in candidates]  # Eq. 10
-    return math.log(1 + sum(math.exp(-z[k]) for k in ic) * sum(math.exp(z[l] + delta) for l in oc))
+    oc = [j for j in classes if j not in candidates]  # Eq. 10 (the paper's l)
+    return math.log(1 + sum(math.exp(-z[k]) for k in ic) * sum(math.exp(z[j] + delta) for j in oc))
 
 
 def reference_loss(logits, image_labels, cooc, t, delta) -> torch.Tensor:
@@ -185,8 +185,8 @@ def tiny_batch(num_classes=3, batch=2, size=64, seed=0):
     return {"image": torch.randn(batch, 3, size, size, generator=generator), "labels": labels, "target": target}
 
 
-def deeplab_ocr(config=OCRConfig(), num_classes=3):
-    method = build_method("deeplab+ocr", num_classes, {"ocr": config}, backbone=TINY)
+def deeplab_ocr(config: OCRConfig | None = None, num_classes=3):
+    method = build_method("deeplab+ocr", num_classes, {"ocr": config or OCRConfig()}, backbone=TINY)
     labels = torch.rand(12, num_classes + 1, generator=torch.Generator().manual_seed(1)) < 0.5
     method.on_dataset(DatasetStats(num_images=12, image_labels=labels))
     return method, labels
@@ -238,10 +238,10 @@ def test_deeplab_with_ocr_trains_in_a_plain_loop():
     torch.manual_seed(0)
     method, _ = deeplab_ocr()
     # A learnable batch: smooth images, each image's object where channel 0 is positive.
-    images = F.interpolate(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)), size=64)
+    images = F.interpolate(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)), size=32)
     target = (images[:, 0] > 0).long() * torch.tensor([1, 2]).view(2, 1, 1)
-    target[:, :8] = 255
-    batch = {**tiny_batch(), "image": images, "target": target}
+    target[:, :4] = 255
+    batch = {"image": images, "labels": tiny_batch()["labels"], "target": target}
     # Stage-2 learning rate (DeepLab's 2.5e-4 range): a random backbone diverges at 1e-2.
     optimizer = torch.optim.SGD(method.param_groups(3e-4), lr=3e-4, momentum=0.9)
     totals = []

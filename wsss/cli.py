@@ -16,9 +16,9 @@ import sys
 def _prepare(args) -> int:
     from wsss.datasets.prepare import prepare
 
-    options = dict(kv.split("=", 1) for kv in args.option)
+    options = {key: _literal(value) for key, _, value in (kv.partition("=") for kv in args.option)}
     manifest = prepare(args.dataset, args.root, args.out, sbd=args.sbd, skip_invalid=args.skip_invalid,
-                       **options)
+                       overwrite=args.overwrite, **options)
     splits = ", ".join(f"{name}: {info['rows']}" for name, info in manifest.splits.items())
     skipped = manifest.skipped.get("count", 0) if isinstance(manifest.skipped, dict) else 0
     print(f"wrote {args.out} ({manifest.dataset}; {splits}; skipped {skipped})")
@@ -66,6 +66,14 @@ def _demo(args) -> int:
     return 0
 
 
+def _literal(text: str):
+    """'96' -> 96, '0.5' -> 0.5, anything else stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def _init_ray() -> None:
     """Joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local Ray."""
     import ray
@@ -88,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbd", help="SBD benchmark_RELEASE directory (voc: builds train_aug)")
     p.add_argument("--out", required=True, help="output directory or URI (s3://, gs://)")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad samples, counted in the manifest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="reader option, e.g. --option preset=demo for synthetic")
     p.set_defaults(run=_prepare)
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (ConfigError, DataError, FileNotFoundError) as error:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
         print(f"wsss {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -94,7 +94,8 @@ def decode_image(data: bytes, sample_id: str, height: int | None = None, width: 
     """Original image bytes -> RGB PIL image, checked against the shard's height/width."""
     try:
         image = Image.open(io.BytesIO(data))
-        image = image.convert("RGB")
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        image.load()
     except Exception as error:  # PIL raises many types for corrupt bytes
         raise DataError(sample_id, f"image bytes cannot be decoded ({type(error).__name__}: {error})") from None
     if height is not None and (image.height, image.width) != (int(height), int(width)):
@@ -130,11 +131,8 @@ def multi_hot(labels: Iterable, num_classes: int, sample_id: str) -> np.ndarray:
     return vector
 
 
-def normalize(raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """uint8 [B,S,S,3] -> float32 [B,3,S,S] ImageNet-normalised, exactly 0 on padding."""
-    image = (raw.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
-    image *= valid[..., None]
-    return np.ascontiguousarray(image.transpose(0, 3, 1, 2))
+# uint8 value -> normalised float32, per channel: one table lookup per pixel.
+NORMALIZE_TABLE = ((np.arange(256, dtype=np.float32)[None, :] - IMAGENET_MEAN[:, None]) / IMAGENET_STD[:, None])
 
 
 @dataclass(frozen=True)
@@ -165,16 +163,26 @@ class Geometry:
         return Geometry(size, flip, crop, (offsets[0], offsets[1]))
 
     def apply(self, image: Image.Image, resample: int) -> Image.Image:
-        """Scale, flip and crop; the result is the canvas content without padding."""
-        image = image.resize(self.size, resample)
-        if self.flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return image.crop(self.crop)
+        """Scale, flip and crop; the result is the canvas content without padding.
+        Only the source region that lands in the crop is resampled (PIL's `box`)."""
+        left, top, right, bottom = self.crop
+        if self.flip:  # the crop of the mirrored image is the mirror of the mirrored crop
+            left, right = self.size[0] - right, self.size[0] - left
+        scale_x, scale_y = image.width / self.size[0], image.height / self.size[1]
+        box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
+        content = image.resize((right - left, bottom - top), resample, box=box)
+        return content.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flip else content
 
-    def place(self, content: np.ndarray, canvas: np.ndarray) -> None:
-        """Write `content` into `canvas` (pre-filled with the padding value) at the offset."""
+    def window(self, content: np.ndarray) -> tuple[slice, slice]:
+        """Where `content` lands on the canvas: (rows, columns)."""
         x, y = self.offset
-        canvas[y:y + content.shape[0], x:x + content.shape[1]] = content
+        return slice(y, y + content.shape[0]), slice(x, x + content.shape[1])
+
+    def place_normalized(self, content: np.ndarray, canvas: np.ndarray) -> None:
+        """uint8 [h,w,3] content -> ImageNet-normalised into float32 canvas [3,S,S]."""
+        rows, columns = self.window(content)
+        for channel in range(3):
+            canvas[channel, rows, columns] = NORMALIZE_TABLE[channel][content[..., channel]]
 
 
 class TrainTransform:
@@ -192,9 +200,10 @@ class TrainTransform:
             if column not in batch:
                 raise DataError(column, f"column missing from the batch (have {sorted(batch)})")
         count = len(batch["id"])
-        raw = np.zeros((count, size, size, 3), dtype=np.uint8)
+        image_out = np.zeros((count, 3, size, size), dtype=np.float32)  # 0 = padding once normalised
         valid = np.zeros((count, size, size), dtype=bool)
-        strong = np.zeros_like(raw) if "strong" in views else None
+        raw = np.zeros((count, size, size, 3), dtype=np.uint8) if "raw" in views else None
+        strong = np.zeros_like(image_out) if "strong" in views else None
         maps = {name: np.full((count, size, size), IGNORE_INDEX, dtype=np.int64)
                 for name in ("mask", "target") if name in views}
         labels = np.zeros((count, self.num_classes), dtype=np.float32)
@@ -204,21 +213,25 @@ class TrainTransform:
             labels[row] = multi_hot(batch["labels"][row], self.num_classes, sample_id)
             rng = sample_rng(self.config.seed, sample_id, epoch)
             geometry = Geometry.sample(image.width, image.height, self.config, rng)
-            weak = geometry.apply(image, Image.Resampling.BILINEAR)
-            weak = color_jitter(weak, rng, self.config.color_jitter, self.config.hue_jitter)
-            geometry.place(np.asarray(weak), raw[row])
-            geometry.place(np.ones((weak.height, weak.width), dtype=bool), valid[row])
+            weak_image = color_jitter(geometry.apply(image, Image.Resampling.BILINEAR), rng,
+                                      self.config.color_jitter, self.config.hue_jitter)
+            weak = np.asarray(weak_image)
+            window = geometry.window(weak)
+            valid[row][window] = True
+            geometry.place_normalized(weak, image_out[row])
+            if raw is not None:
+                raw[row][window] = weak
             if strong is not None:
-                extra = strong_photometric(weak, rng, self.config.strong_ops, self.config.blur_sigma)
-                geometry.place(np.asarray(extra), strong[row])
+                extra = strong_photometric(weak_image, rng, self.config.strong_ops, self.config.blur_sigma)
+                geometry.place_normalized(np.asarray(extra), strong[row])
             for name, canvas in maps.items():
                 array = decode_label_map(batch[name][row], sample_id, name, (image.height, image.width))
-                content = geometry.apply(Image.fromarray(array, "L"), Image.Resampling.NEAREST)
-                geometry.place(np.asarray(content), canvas[row])
-        out = {"image": normalize(raw, valid), "labels": labels, "valid": valid, **maps}
+                content = np.asarray(geometry.apply(Image.fromarray(array, "L"), Image.Resampling.NEAREST))
+                canvas[row][geometry.window(content)] = content
+        out = {"image": image_out, "labels": labels, "valid": valid, **maps}
         if strong is not None:
-            out["strong"] = normalize(strong, valid)
-        if "raw" in views:
+            out["strong"] = strong
+        if raw is not None:
             out["raw"] = raw
         return out
 

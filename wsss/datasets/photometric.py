@@ -14,30 +14,59 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 
-def adjust_hue(image: Image.Image, shift: float) -> Image.Image:
-    """Rotate the hue by `shift` turns (in [-0.5, 0.5])."""
-    hue, saturation, value = image.convert("HSV").split()
-    rotated = np.asarray(hue).astype(np.int16) + int(round(shift * 256))
-    hue = Image.fromarray((rotated % 256).astype(np.uint8), "L")
-    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
+# ITU-R 601-2 luma, the weights PIL uses for greyscale.
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def hue_rotation(turns: float) -> np.ndarray:
+    """3x3 rotation of RGB about the grey axis by `turns` of a full circle: shifts hue,
+    keeps grey pixels grey (Rodrigues' formula with axis (1,1,1)/sqrt(3))."""
+    angle = 2 * np.pi * turns
+    axis = np.full(3, 1 / np.sqrt(3))
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.cos(angle) * np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * np.outer(axis, axis)
+
+
+def jitter_affine(rng: np.random.Generator, strength: float, hue: float,
+                  mean_colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Brightness, contrast and saturation by factors in [1-strength, 1+strength] and a hue
+    rotation in [-hue, hue] turns, in random order, composed into one map x -> A x + b.
+
+    Each is affine in RGB: brightness scales; saturation blends with the pixel's grey;
+    contrast blends with the image's mean grey (of the image as the earlier operations
+    left it, hence `mean_colour`, the mean RGB of the input); hue rotates about grey."""
+    low, high = max(0.0, 1.0 - strength), 1.0 + strength
+    brightness, contrast, saturation = rng.uniform(low, high, size=3)
+    turns = rng.uniform(-hue, hue)
+    matrix, offset = np.eye(3), np.zeros(3)
+    for index in rng.permutation(4):
+        shift = np.zeros(3)
+        if index == 0:
+            step = brightness * np.eye(3)
+        elif index == 1:
+            step = contrast * np.eye(3)
+            shift = (1 - contrast) * LUMA @ (matrix @ mean_colour + offset) * np.ones(3)
+        elif index == 2:
+            step = saturation * np.eye(3) + (1 - saturation) * np.outer(np.ones(3), LUMA)
+        else:
+            step = hue_rotation(turns)
+        matrix, offset = step @ matrix, step @ offset + shift
+    return matrix, offset
+
+
+def mean_colour(image: Image.Image) -> np.ndarray:
+    """Mean RGB of an image, from its histogram (C speed)."""
+    histogram = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
+    return histogram @ np.arange(256) / histogram[0].sum()
 
 
 def color_jitter(image: Image.Image, rng: np.random.Generator, strength: float, hue: float) -> Image.Image:
-    """Brightness, contrast and saturation by factors in [1-strength, 1+strength] and a hue
-    rotation in [-hue, hue], in random order (the usual WSSS weak-view jitter)."""
+    """The weak view's colour jitter (`jitter_affine`), applied in one pass by PIL's
+    matrix conversion (which rounds and clips to uint8)."""
     if strength <= 0 and hue <= 0:
         return image
-    low, high = max(0.0, 1.0 - strength), 1.0 + strength
-    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
-    factors = rng.uniform(low, high, size=3)
-    shift = rng.uniform(-hue, hue)
-    for index in rng.permutation(4):
-        if index < 3:
-            if strength > 0:
-                image = enhancers[index](image).enhance(factors[index])
-        elif hue > 0:
-            image = adjust_hue(image, shift)
-    return image
+    matrix, offset = jitter_affine(rng, strength, hue, mean_colour(image))
+    return image.convert("RGB", matrix=tuple(np.concatenate([matrix, offset[:, None]], axis=1).ravel()))
 
 
 def _enhance(kind) -> Callable[[Image.Image, float], Image.Image]:

@@ -104,6 +104,19 @@ class Manifest:
         return self.splits[split]
 
 
+def image_labels(manifest: Manifest, split: str) -> np.ndarray:
+    """bool [L, K+1] image-level labels of a split (column 0, background, always set),
+    read from the `labels` column alone."""
+    fs, _ = resolve(manifest.files(split)[0])
+    paths = [resolve(uri)[1] for uri in manifest.files(split)]
+    labels = pq.read_table(paths, columns=["labels"], filesystem=fs).column("labels").to_pylist()
+    matrix = np.zeros((len(labels), manifest.num_classes + 1), dtype=bool)
+    matrix[:, 0] = True
+    for row, present in enumerate(labels):
+        matrix[row, present] = True
+    return matrix
+
+
 def read_manifest(uri: str) -> Manifest:
     """The manifest of the prepared dataset at `uri` (the folder `wsss prepare --out` wrote)."""
     location = canonical(uri)

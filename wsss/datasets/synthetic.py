@@ -11,7 +11,7 @@ striped ellipse (the body) with a small head on its rim. The problems WSSS metho
 to fix are built in on purpose:
 
 (a) Discriminative part. Bodies look alike for every class (same stripe texture, same
-    colour distribution); only the head (~10-25% of the object) tells the class, by its
+    colour distribution); only the head (~10-30% of the object) tells the class, by its
     colour and shape. A classifier needs nothing but the head, so its CAM covers the
     head only, while the mask labels head and body.
 (b) Context leak. "boat" stands on a wavy blue "water" region in 90% of its images;
@@ -49,7 +49,8 @@ BOAT, HORSE, RIDER, DOG, BIRD = 1, 2, 3, 4, 5
 HEAD_COLOURS = {BOAT: (230, 40, 40), HORSE: (40, 200, 70), RIDER: (245, 215, 30), DOG: (215, 60, 215),
                 BIRD: (250, 250, 250)}
 HEAD_NORMS = {BOAT: 2, HORSE: np.inf, RIDER: 1, DOG: 2, BIRD: np.inf}  # disc, square, diamond
-PRESETS = {"test": dict(num_train=40, num_val=20, size=64), "demo": dict(num_train=2000, num_val=300, size=96)}
+PRESETS = {"test": {"num_train": 40, "num_val": 20, "size": 64},
+           "demo": {"num_train": 2000, "num_val": 300, "size": 96}}
 SPLIT_CODES = {"train": 0, "val": 1}
 PAIR_PROBABILITY = 0.8  # horse <-> rider
 EXTRA_PROBABILITY = 0.3  # another object besides a boat, dog or bird
@@ -206,7 +207,6 @@ def _soften(image: np.ndarray) -> np.ndarray:
 def _inner_boundary(labelmap: np.ndarray) -> np.ndarray:
     """Object pixels with a 4-neighbour of a different label (the image edge is no boundary)."""
     padded = np.pad(labelmap, 1, mode="edge")
-    h, w = labelmap.shape
     neighbours = [padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
     differs = np.any([n != labelmap for n in neighbours], axis=0)
     return differs & (labelmap > 0)
@@ -279,7 +279,7 @@ def _write_tree(out: Path, num_train: int, num_val: int, size: int, seed: int) -
             (out / "Annotations" / f"{image_id}.xml").write_text(xml)
         (out / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     (out / "classes.txt").write_text("".join(f"{name}\n" for name in CLASSES))
-    params = dict(num_train=num_train, num_val=num_val, size=size, seed=seed)
+    params = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed}
     (out / PARAMS_FILE).write_text(json.dumps(params, sort_keys=True) + "\n")
 
 

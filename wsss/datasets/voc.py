@@ -21,13 +21,20 @@ from __future__ import annotations
 
 import io
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from wsss.datasets.base import IGNORE_INDEX, DataError, DatasetInfo, Sample, SkipLog, register_reader
+from wsss.datasets.base import (
+    IGNORE_INDEX,
+    DataError,
+    DatasetInfo,
+    Sample,
+    SkipLog,
+    register_reader,
+)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -35,6 +42,9 @@ VOC_CLASSES = (
     "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 TRAIN_AUG = "train_aug"
+# What PIL raises on bad bytes: truncation and unknown formats are OSErrors, broken chunks
+# SyntaxError or ValueError, absurd sizes DecompressionBombError.
+PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
@@ -108,7 +118,7 @@ def decode_image(path: Path) -> tuple[bytes, int, int]:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             width, height = image.size
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... on bad bytes
+    except PIL_DECODE_ERRORS as error:
         raise DataError(path, f"corrupt or truncated image: {error}") from None
     return data, height, width
 
@@ -117,26 +127,29 @@ def read_png_mask(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode not in ("P", "L"):
-                raise DataError(path, f"bad mask: mode {image.mode}, expected palette (P) or grayscale (L) indices")
-            return np.array(image, dtype=np.uint8)
-    except DataError:
-        raise
-    except Exception as error:
+            mode, mask = image.mode, np.array(image)
+    except FileNotFoundError:
+        raise DataError(path, "mask missing: no such file") from None
+    except PIL_DECODE_ERRORS as error:
         raise DataError(path, f"corrupt or truncated mask: {error}") from None
+    if mode not in ("P", "L"):
+        raise DataError(path, f"bad mask: mode {mode}, expected palette (P) or grayscale (L) class indices")
+    return mask
 
 
 def read_sbd_mask(path: Path) -> np.ndarray:
     """SBD stores the class mask as GTcls.Segmentation in a MATLAB file."""
     import scipy.io  # only train_aug needs scipy
+    from scipy.io.matlab import MatReadError
 
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
+    except (MatReadError, OSError, ValueError, TypeError, EOFError, IndexError, KeyError) as error:
+        raise DataError(path, f"corrupt or truncated mask: {error!r}") from None  # scipy's errors vary
+    try:
         segmentation = np.asarray(mat["GTcls"].Segmentation)
     except (KeyError, AttributeError):
         raise DataError(path, "bad mask: no GTcls.Segmentation in the .mat file") from None
-    except Exception as error:
-        raise DataError(path, f"corrupt or truncated mask: {error}") from None
     if segmentation.ndim != 2 or not np.issubdtype(segmentation.dtype, np.number):
         raise DataError(path, f"bad mask: GTcls.Segmentation has shape {segmentation.shape}, expected [H, W]")
     if segmentation.min() < 0 or segmentation.max() > IGNORE_INDEX:
@@ -166,7 +179,7 @@ class VOCReader:
     def samples(self, split: str) -> Iterator[Sample]:
         for image_id in self.ids(split):
             try:
-                yield self.sample(image_id)
+                yield self.sample(image_id, sbd_masks=split == TRAIN_AUG)
             except DataError as error:
                 if not self.skip_invalid:
                     raise
@@ -181,10 +194,11 @@ class VOCReader:
             return sorted(set(voc_train).union(sbd_ids) - voc_val)
         return read_ids(self._split_file(split))
 
-    def sample(self, image_id: str) -> Sample:
-        """One validated sample; every split's images need a mask."""
+    def sample(self, image_id: str, sbd_masks: bool = False) -> Sample:
+        """One validated sample. Every split's images need a mask; only train_aug's
+        (`sbd_masks`) may come from SBD."""
         image, height, width = decode_image(self.root / "JPEGImages" / f"{image_id}.jpg")
-        mask_path, mask = self._read_mask(image_id)
+        mask_path, mask = self._read_mask(image_id, sbd_masks and self.sbd is not None)
         if mask.shape != (height, width):
             raise DataError(mask_path, f"mask size differs from image size: mask {mask.shape[1]}x{mask.shape[0]}, "
                                        f"image {width}x{height}")
@@ -208,11 +222,11 @@ class VOCReader:
             raise DataError(source, "no labels: the image has no foreground class")
         return labels
 
-    def _read_mask(self, image_id: str) -> tuple[Path, np.ndarray]:
+    def _read_mask(self, image_id: str, sbd_masks: bool) -> tuple[Path, np.ndarray]:
         png = self.root / "SegmentationClass" / f"{image_id}.png"
         if png.exists():
             return png, read_png_mask(png)
-        if self.sbd is not None:
+        if sbd_masks:
             mat = self.sbd / "cls" / f"{image_id}.mat"
             if mat.exists():
                 return mat, read_sbd_mask(mat)

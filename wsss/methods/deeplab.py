@@ -10,8 +10,8 @@ stride 16; smaller backbones work unchanged (tests use ResNet-18).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -26,9 +26,6 @@ from wsss.methods.base import BackboneConfig, Method, register_method
 from wsss.methods.cam import CAMNetwork, classification_loss
 from wsss.methods.lnl_bank import PrototypeBank, contrastive_loss, subsample_per_class
 
-__all__ = ["Config", "DFSM", "LNL", "PrototypeBank", "consistency_scores", "contrastive_loss",
-           "feature_similarity", "location_map", "seed_labels"]
-
 IGNORE = 255
 SIMILARITY_KINDS = ("cosine", "softmax")
 EXPORTS = ("shrink", "expand", "fusion")
@@ -205,10 +202,12 @@ def fscm_seeds(features: torch.Tensor, cam_logits: torch.Tensor, image_labels: t
     """FSCM + Eq. 3 (+ erosion): seed labels long [B,h,w], 255 outside seeds and padding.
 
     `valid` bool [B,h,w] marks image (not padding) cells; padding takes no part in Eq. 2.
+    Float32 even under mixed precision: the scores are compared with η.
     """
-    cams = class_maps_with_background(cam_logits, image_labels) * valid[:, None]
-    similarity = feature_similarity(features, kind) * valid.flatten(1)[:, None, :]
-    seeds = seed_labels(consistency_scores(similarity, cams), eta, erosion)
+    with torch.autocast(features.device.type, enabled=False):
+        cams = class_maps_with_background(cam_logits, image_labels) * valid[:, None]
+        similarity = feature_similarity(features, kind) * valid.flatten(1)[:, None, :]
+        seeds = seed_labels(consistency_scores(similarity, cams), eta, erosion)
     return seeds.masked_fill(~valid, IGNORE)
 
 

@@ -61,7 +61,7 @@ def subsample_per_class(labels: torch.Tensor, limit: int | None,
     Vectorised: sort by (label, random key), then keep each element whose rank within its
     class is below `limit`. `limit=None` keeps everything.
     """
-    if limit is None or labels.numel() == 0:
+    if limit is None or labels.numel() == 0 or int(torch.bincount(labels).max()) <= limit:
         return torch.arange(labels.numel(), device=labels.device)
     keys = torch.rand(labels.numel(), generator=generator, dtype=torch.float64).to(labels.device)
     order = torch.argsort(labels.double() * 2.0 + keys)  # keys < 1 < gap between labels
@@ -143,18 +143,18 @@ class PrototypeBank(nn.Module):
             raise ValueError(f"labels must be [{features.shape[0]}], got {tuple(labels.shape)}")
         _check_labels(labels, self.prototypes.shape[0])
         features, labels = gather_from_replicas(features.float(), labels.long())
-        for k in labels.unique().tolist():
-            class_features = features[labels == k]
-            if not self.initialized[k]:
-                self.initialize_class(k, class_features)
-                continue
-            bank = self.prototypes[k]
-            nearest = torch.cdist(class_features, bank).argmin(dim=1)  # Eq. 13
-            sums, counts = _sum_by_index(class_features, nearest, self.num_prototypes)
-            moved = counts > 0
-            means = sums / counts.clamp_min(1)[:, None]
-            blended = self.momentum * bank + (1.0 - self.momentum) * means  # Eq. 14, batched
-            self.prototypes[k] = torch.where(moved[:, None], blended, bank)
+        with torch.autocast(features.device.type, enabled=False):  # the bank accumulates in float32
+            for k in labels.unique().tolist():
+                class_features = features[labels == k]
+                if not self.initialized[k]:
+                    self.initialize_class(k, class_features)
+                    continue
+                bank = self.prototypes[k]
+                nearest = torch.cdist(class_features, bank).argmin(dim=1)  # Eq. 13
+                sums, counts = _sum_by_index(class_features, nearest, self.num_prototypes)
+                means = sums / counts.clamp_min(1)[:, None]
+                blended = self.momentum * bank + (1.0 - self.momentum) * means  # Eq. 14, batched
+                self.prototypes[k] = torch.where((counts > 0)[:, None], blended, bank)
 
     @torch.no_grad()
     def initialize_class(self, k: int, features: torch.Tensor) -> None:

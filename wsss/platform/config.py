@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsss.methods.base import BackboneConfig, method_sections
+from wsss.methods.base import BackboneConfig, method_sections, required_inputs
 
 
 class ConfigError(ValueError):
@@ -29,6 +29,7 @@ class TrainConfig:
 
     method: str = "cam"  # base method plus add-ons, e.g. "lnl+fsae"
     data: str = ""  # URI of prepared shards (directory holding manifest.json)
+    pseudo_labels: str = ""  # URI of pseudo-label shards (`wsss pseudo-labels`), the stage-2 target
     train_split: str = "train"
     val_split: str = "val"  # held-out split for the per-epoch objective ("" to skip)
     name: str = ""  # run name; the same name and storage_path resumes the run ("" = generated)
@@ -80,6 +81,9 @@ class TrainConfig:
                 raise ConfigError(f"config section [{name}] is not a part of method {self.method!r}")
         for name, cls in sections.items():
             self.sections.setdefault(name, cls())
+        if "target" in required_inputs(self.method) and not self.pseudo_labels:
+            raise ConfigError(f"method {self.method!r} trains on pseudo-labels: set pseudo_labels=URI "
+                              "(written by `wsss pseudo-labels`)")
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.lr > 0, "lr", "must be > 0")

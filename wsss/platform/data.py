@@ -66,8 +66,8 @@ def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_clas
     transform = _EpochTransform(TrainTransform(config, num_classes))
     if label_uri is None:
         rows = ray.data.read_parquet(
-            manifest.files(split), columns=config.columns(),
-            shuffle=FileShuffleConfig(seed=config.seed, reseed_after_execution=True))
+            manifest.files(split),
+            shuffle=FileShuffleConfig(seed=config.seed, reseed_after_execution=True)).select_columns(config.columns())
     else:
         rows = _joined_rows(manifest, _open(label_uri, split, verify), split, config)
     return rows.map_batches(transform, batch_format="numpy", batch_size=map_batch_size)
@@ -96,5 +96,5 @@ def eval_dataset(data_uri: str, split: str, *, with_mask: bool = True, verify: b
     with `with_mask`, every row must then have one), labels float32 [K] multi-hot."""
     manifest = _open(data_uri, split, verify)
     transform = EvalTransform(manifest.num_classes, with_mask=with_mask)
-    rows = ray.data.read_parquet(manifest.files(split), columns=transform.columns())
+    rows = ray.data.read_parquet(manifest.files(split)).select_columns(transform.columns())
     return rows.map_batches(transform, batch_format="numpy", batch_size=MAP_BATCH_SIZE)

@@ -65,8 +65,9 @@ def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf
     if max_images:
         dataset = dataset.limit(max_images)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    # An autoscaling pool: a fixed-size pool that took every CPU would starve the read tasks.
     scored = dataset.map_batches(
-        CAMScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=num_actors),
+        CAMScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
         num_gpus=1 if use_gpu else 0, num_cpus=1,
         fn_constructor_kwargs=dict(checkpoint=checkpoint, scales=scales, flip=flip,
                                    crf_threshold=crf_threshold, crf_preset=crf_preset))
@@ -85,8 +86,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
     """Full-protocol evaluation; returns (and writes to `out`) the results dict."""
     _, state = load_method(checkpoint)  # fail fast on a bad checkpoint, before Ray work
     classes = state["dataset"]["classes"]
-    num_actors = num_actors or max(1, int(ray.cluster_resources().get("GPU", 0))
-                                   or min(4, int(ray.cluster_resources().get("CPU", 1))))
+    resources = ray.cluster_resources()
+    num_actors = num_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)) // 2)
     sweep = _summed_confusions(checkpoint, data, split, scales, flip, None, crf_preset, max_images, num_actors)
     confusions = sweep.reshape(len(THRESHOLDS), len(classes), len(classes))
     best = best_threshold(confusions)

@@ -13,13 +13,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wsss.methods.base import Method, Progress
+from wsss.datasets.augment import AugmentConfig
+from wsss.methods.base import Method, Progress, required_inputs
 from wsss.platform.cams import THRESHOLDS, best_threshold, image_tensor, normalized_cams, threshold_confusions
 from wsss.platform.config import TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops, the last good checkpoint stays."""
+
+
+def augment_config(config: TrainConfig) -> AugmentConfig:
+    """The training augmentation of a run, with the views its method asks for."""
+    return AugmentConfig(crop_size=config.crop_size, scale_range=(config.scale_min, config.scale_max),
+                         views=required_inputs(config.method), seed=config.seed)
 
 
 def make_optimizer(method: Method, config: TrainConfig) -> torch.optim.SGD:

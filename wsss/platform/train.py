@@ -14,20 +14,17 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
-from wsss.datasets.augment import AugmentConfig
-from wsss.datasets.shards import Manifest, read_manifest
-from wsss.datasets.storage import resolve
-from wsss.methods.base import DatasetStats, build_method, required_inputs
+from wsss.datasets.shards import image_labels, read_manifest
+from wsss.methods.base import DatasetStats, build_method
 from wsss.platform.checkpoints import load_state, restore, save_checkpoint
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.data import eval_dataset, train_dataset
-from wsss.platform.loop import (NonFiniteLossError, epoch_metrics, evaluate_rows, make_optimizer,
+from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, make_optimizer,
                                 overlay_predictions, train_epoch)
 from wsss.platform.tracking import Tracker
 
@@ -63,6 +60,7 @@ def train_worker(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             start_epoch, step = restore(load_state(directory), method, optimizer)
+    resumed_from = start_epoch
 
     tracker = Tracker(project=config.wandb_project, name=loop_config["run_name"], group=config.wandb_group,
                       mode=config.wandb, config=config.to_dict(), directory=loop_config["wandb_dir"],
@@ -86,7 +84,7 @@ def train_worker(loop_config: dict) -> None:
             confusions, overlays = evaluate_rows(
                 method, rows, num_classes=len(dataset["classes"]) - 1, device=device,
                 keep_overlays=config.cam_images if rank == 0 else 0, max_images=config.eval_max_images)
-        metrics = epoch_metrics(stats, confusions, epoch)
+        metrics = epoch_metrics(stats, confusions, epoch) | {"resumed_from_epoch": resumed_from}
         tracker.log({f"epoch/{k}": v for k, v in metrics.items()}, step)
         if overlays and "threshold" in metrics:
             tracker.log_cam_overlays(overlay_predictions(overlays, metrics["threshold"]),
@@ -109,10 +107,9 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         manifest.rows(split)  # raises a DataError naming a missing split
     name = config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     use_gpu = resolve_use_gpu(config.device)
-    augment = AugmentConfig(crop_size=config.crop_size, scale_range=(config.scale_min, config.scale_max),
-                            views=required_inputs(config.method), seed=config.seed)
-    datasets = {"train": train_dataset(config.data, config.train_split, augment,
-                                       num_classes=manifest.num_classes)}
+    datasets = {"train": train_dataset(config.data, config.train_split, augment_config(config),
+                                       num_classes=manifest.num_classes,
+                                       label_uri=config.pseudo_labels or None)}
     if config.val_split:
         datasets["val"] = eval_dataset(config.data, config.val_split)
     rows = manifest.rows(config.train_split)
@@ -124,7 +121,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         "config": config.to_dict() | {"name": name},
         "dataset": {"name": manifest.dataset, "classes": list(manifest.classes),
                     "palette": [list(c) for c in manifest.palette], "num_images": rows},
-        "image_labels": image_label_matrix(manifest, config.train_split),
+        "image_labels": image_labels(manifest, config.train_split),
         "steps_per_epoch": steps_per_epoch,
         "has_val": bool(config.val_split),
         "run_name": name,
@@ -161,20 +158,6 @@ def resolve_use_gpu(device: str) -> bool:
     if device == "gpu" and not gpus:
         raise ConfigError("device=gpu but the Ray cluster has no GPU")
     return gpus > 0
-
-
-def image_label_matrix(manifest: Manifest, split: str):
-    """bool [L, K+1] image labels of a split, background (column 0) always set."""
-    import numpy as np
-
-    fs, _ = resolve(manifest.files(split)[0])
-    paths = [resolve(uri)[1] for uri in manifest.files(split)]
-    labels = pq.read_table(paths, columns=["labels"], filesystem=fs).column("labels").to_pylist()
-    matrix = np.zeros((len(labels), manifest.num_classes + 1), dtype=bool)
-    matrix[:, 0] = True
-    for row, present in enumerate(labels):
-        matrix[row, present] = True
-    return matrix
 
 
 def storage_uri(path: str) -> str:

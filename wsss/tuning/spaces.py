@@ -149,14 +149,14 @@ PART_SPACES: dict[str, tuple[Param, ...]] = {
         _p("ocr.alpha", "float", 0.1, 2.0, log=True),  # 1 (Eq. 4 weight)
     ),
     "csrm": (
-        _p("csrm.tau", "float", 0.05, 1.0, log=True),  # 0.5 (Eq. 13 temperature)
-        _p("csrm.num_negatives", "int", 64, 512, log=True),  # N = 256 per query
-        _p("csrm.num_queries", "int", 10, 100, log=True),  # P = 50 per class
-        _p("csrm.delta_fg", "float", 0.2, 0.6),  # 0.35 (Eq. 6)
-        _p("csrm.delta_bg", "float", 0.01, 0.15),  # 0.05 (Eq. 6)
-        _p("csrm.gamma_l", "int", 1, 5),  # 3
-        _p("csrm.gamma_h", "int", 2, 10, above="csrm.gamma_l"),  # 6, must exceed γ_l
-        _p("csrm.warmup_epochs", "int", 0, 3),
+        _p("csrm.temperature", "float", 0.05, 1.0, log=True),  # τ = 0.5 (Eq. 13)
+        _p("csrm.negatives_per_query", "int", 64, 512, log=True),  # N = 256
+        _p("csrm.queries_per_class", "int", 10, 100, log=True),  # P = 50
+        _p("csrm.fg_threshold", "float", 0.2, 0.6),  # δ_fg = 0.35 (Eq. 6)
+        _p("csrm.bg_threshold", "float", 0.01, 0.15),  # δ_bg = 0.05 (Eq. 6)
+        _p("csrm.rank_low", "int", 1, 5),  # γ_l = 3
+        _p("csrm.rank_high", "int", 2, 10, above="csrm.rank_low"),  # γ_h = 6, above γ_l
+        _p("csrm.warmup_epochs", "float", 0.0, 3.0),  # 1 (authors' code)
     ),
 }
 

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 
 import ray
 from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY as CHECKPOINT_PATH
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from wsss.datasets.shards import read_manifest
@@ -41,6 +42,7 @@ OBJECTIVE = "miou"
 HEAD_DRIVER_RESOURCE = "head_driver"  # custom resource of the head node in cluster.yaml
 SWEEP_FILE = "sweep.json"
 BEST_FILE = "best.json"
+TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes: a Python process with torch and Ray imported
 DATA_CPUS_PER_TRIAL = 1  # Ray Data's decode/augment tasks beside each trial's Train workers
 
 
@@ -72,8 +74,7 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
         write_json(join(sweep_dir, SWEEP_FILE), settings)
     dataset = read_manifest(config.data).dataset
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    ensure_ray()
     wandb = wandb_mode(config)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), train_storage=join(sweep_dir, "train")),
@@ -105,6 +106,32 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
     return summary
 
 
+def ensure_ray() -> None:
+    """Join the cluster of RAY_ADDRESS (`ray job submit` sets it), else start a local Ray.
+
+    A local Ray gets a dashboard port chosen here and RAY_API_SERVER_ADDRESS naming it,
+    inherited by every Ray process: Train's placement-group cleaner asks the dashboard
+    whether a stopped trial's controller is gone, and its auto-detection of the cluster
+    fails on a machine running several Ray instances, leaking the trial's CPUs.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
+        return
+    port = free_port()
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    ray.init(include_dashboard=True, dashboard_port=port, configure_logging=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_trial(params: dict, base: dict, train_storage: str) -> None:
     """One Tune trial: a Train V2 run of the base config with this trial's overrides."""
     from wsss.platform.train import make_trainer
@@ -115,7 +142,27 @@ def run_trial(params: dict, base: dict, train_storage: str) -> None:
     config = TrainConfig.from_dict(base).with_overrides(
         {**overrides, "name": tune.get_context().get_trial_id(), "storage_path": train_storage,
          "wandb": "disabled"})
+    finished = finished_run_metrics(join(train_storage, config.name), config.epochs)
+    if finished:  # restarted by --resume after its last epoch: training would report nothing
+        tune.report(finished)
+        return
     make_trainer(config, callbacks=[ObjectiveReport()]).fit()
+
+
+def finished_run_metrics(run_dir: str, epochs: int) -> dict | None:
+    """The last checkpoint's metrics if the Train run at `run_dir` has trained all epochs."""
+    from pyarrow.fs import FileSelector, FileType
+
+    from wsss.platform.checkpoints import INFO_FILE
+
+    fs, path = resolve(run_dir)
+    entries = fs.get_file_info(FileSelector(path, allow_not_found=True))
+    checkpoints = sorted(e.base_name for e in entries
+                         if e.type == FileType.Directory and e.base_name.startswith("checkpoint_"))
+    info = read_json(join(run_dir, checkpoints[-1], INFO_FILE)) if checkpoints else None
+    if not info or info["epoch"] < epochs:
+        return None
+    return {OBJECTIVE: 0.0, **info["metrics"], CHECKPOINT_PATH: join(run_dir, checkpoints[-1])}
 
 
 class ObjectiveReport(TuneReportCallback):
@@ -145,8 +192,9 @@ def asha(epochs: int):
 
 
 def trial_resources() -> dict:
-    """What the trial driver itself holds: no CPU; a slot on the head where it has them."""
-    resources = {"CPU": 0}
+    """What the trial driver itself holds: no CPU, the memory its process uses (Tune
+    refuses an empty request), and a driver slot on the head where the cluster has them."""
+    resources = {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
     if ray.cluster_resources().get(HEAD_DRIVER_RESOURCE):
         resources[HEAD_DRIVER_RESOURCE] = 1
     return resources
@@ -193,7 +241,7 @@ def wandb_callbacks(mode: str, config: TrainConfig, sweep_name: str, dataset: st
     os.makedirs(directory, exist_ok=True)
     return [WandbLoggerCallback(project=config.wandb_project, group=sweep_name, mode=mode,
                                 tags=[config.method, dataset], dir=directory,
-                                excludes=["checkpoint_path"])]
+                                excludes=[CHECKPOINT_PATH])]
 
 
 def summarize(results, name: str, sweep_dir: str) -> dict:
@@ -208,7 +256,7 @@ def summarize(results, name: str, sweep_dir: str) -> dict:
         "trial_id": best.metrics.get("trial_id"), "miou": best.metrics[OBJECTIVE],
         "threshold": best.metrics.get("threshold"), "epoch": best.metrics.get("epoch"),
         "params": {k: v for k, v in best.config.items() if k != "run"},
-        "checkpoint": best.metrics.get("checkpoint_path"),
+        "checkpoint": best.metrics.get(CHECKPOINT_PATH),
     })
     return summary
 

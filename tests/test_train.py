@@ -1,0 +1,88 @@
+"""End to end on a real local Ray: train, evaluate, resume, survive a killed worker, stop on NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from wsss.platform.config import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from wsss.datasets.prepare import prepare
+
+    root = tmp_path_factory.mktemp("synthetic")
+    prepare("synthetic", str(root / "tree"), str(root / "shards"), preset="test")
+    return str(root / "shards")
+
+
+def tiny(shards, tmp_path, **overrides) -> TrainConfig:
+    values = dict(method="cam", data=shards, name="run", storage_path=str(tmp_path / "runs"), epochs=2,
+                  batch_size=8, crop_size=64, backbone="resnet18", output_stride=16, backbone_weights="none",
+                  lr=0.02, eval_max_images=8, wandb="offline", log_every=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_train_evaluate_and_resume_same_run_name(ray_local, shards, tmp_path):
+    from wsss.platform.evaluate import evaluate_checkpoint
+    from wsss.platform.train import fit
+
+    result = fit(tiny(shards, tmp_path))
+    assert result.metrics["epoch"] == 2 and result.metrics["resumed_from_epoch"] == 0
+    assert 0 <= result.metrics["miou"] <= 1 and result.metrics["images_per_s"] > 0
+    info = json.loads((Path(result.checkpoint.path) / "checkpoint.json").read_text())
+    assert info["epoch"] == 2
+
+    results = evaluate_checkpoint(result.checkpoint.path, shards, scales=(1.0, 0.5), max_images=6,
+                                  out=str(tmp_path / "eval"))
+    assert 0 <= results["miou"] <= 1 and results["threshold"] in [float(t) for t in results["miou_by_threshold"]]
+    assert (tmp_path / "eval" / "results.md").read_text().startswith("# cam on val")
+
+    resumed = fit(tiny(shards, tmp_path, epochs=3))  # same name + storage_path: continues
+    assert resumed.metrics["epoch"] == 3 and resumed.metrics["resumed_from_epoch"] == 2
+
+    offline_runs = list((tmp_path / "runs" / "run").rglob("offline-run-*"))
+    assert offline_runs, "a W&B offline run is written beside the checkpoints"
+
+
+def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, tmp_path):
+    from ray.util.state import list_actors
+
+    from wsss.platform.train import fit
+
+    config = tiny(shards, tmp_path, epochs=4, max_failures=1, eval_every=0, batch_size=4)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=fit(config)), daemon=True)
+    thread.start()
+    run_dir = tmp_path / "runs" / "run"
+    deadline = time.time() + 300
+    while not list(run_dir.glob("checkpoint_*/state.pt")):
+        assert time.time() < deadline and thread.is_alive(), "no checkpoint appeared"
+        time.sleep(0.5)
+    workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+               if "RayTrainWorker" in a.class_name]
+    assert workers, "found no Ray Train worker to kill"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    result = outcome["result"]
+    assert result.metrics["epoch"] == 4
+    assert result.metrics["resumed_from_epoch"] >= 1, "the restarted worker resumed from a checkpoint"
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(ray_local, shards, tmp_path):
+    from wsss.platform.loop import NonFiniteLossError
+    from wsss.platform.train import fit
+
+    fit(tiny(shards, tmp_path, epochs=1, name="nan"))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 2.*last good checkpoint: .*checkpoint_"):
+        fit(tiny(shards, tmp_path, epochs=3, name="nan", lr=1e30))

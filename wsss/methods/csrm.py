@@ -1,0 +1,330 @@
+"""`csrm`: Cross-Supervision and Relational Model (David et al., VISAPP 2025).
+
+Three branches on the shared backbone (Sec. 3.1): classification (bias-free 1×1 conv, the
+CAM), segmentation (DeepLabV3+ decoder, K+1 classes) and representation (the same decoder,
+256-d per pixel). An EMA teacher (a copy of the network beside it, no gradient) supervises:
+  L = L_c + L_s + λ_s2c·L_s2c + λ_u·L_u + λ_m·L_m                                (Eq. 14)
+  L_c   multi-label soft margin on the student's CAMs                           (Eq. 5)
+  L_s   CE of the segmentation branch on the teacher's CRF-refined CAM pseudo-labels (Eqs. 6-7)
+  L_s2c the student's CAMs (with its detached background logit) against the teacher's
+        confident segmentation                                                  (Eqs. 8-9)
+  L_u   the student's segmentation of a ClassMix of the batch against the teacher's
+        segmentation mixed the same way, on its low-entropy pixels              (Eqs. 10-12)
+  L_m   InfoNCE of confident pixels' representations against class prototypes and a
+        per-class bank of hard negatives                                        (Eq. 13)
+During warm-up the last three terms are 0 and the teacher is a plain copy of the student.
+
+One student forward per step through the contract: views {"image": weak view, "mixed":
+ClassMix of it} (no "mixed" during warm-up). The teacher runs inside `views` on the weak
+view: its CAMs go to the CRF workers first (`csrm_pseudo`), then its decoders run while the
+CRF works; L_s (the only term needing the CRF) is computed last.
+
+Resolutions: L_s at the input size (logits upsampled, as stage 2 does); L_s2c, L_u and L_m
+at the decoders' output size (a quarter of the input), where the teacher's predictions are.
+
+Randomness (dropout in the decoders, ClassMix, query and negative sampling) is drawn from
+generators seeded by (the process's initial torch seed, step, rank), so a resumed run
+repeats the original exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.methods.backbone import Backbone
+from wsss.methods.base import BackboneConfig, Method, Progress, register_method
+from wsss.methods.cam import classification_loss
+from wsss.methods.csrm_bank import NegativeBank
+from wsss.methods.csrm_contrast import negative_candidates, select_queries
+from wsss.methods.csrm_losses import IGNORE_INDEX, classmix, info_nce, mix_like, reliable_mask, s2c_loss
+from wsss.methods.csrm_pseudo import CRFPseudoLabeler
+from wsss.methods.csrm_teacher import broadcast_buffers, ema_decay, ema_update
+from wsss.methods.deeplab import DeepLabV3PlusHead, segmentation_loss
+from wsss.methods.fsae import valid_at
+from wsss.methods.ocr import candidate_labels
+from wsss.platform.crf import PRESETS
+
+
+@dataclass(frozen=True)
+class CSRMConfig:
+    """CSRM hyperparameters; defaults are the paper's (Sec. 4) unless a comment says otherwise."""
+
+    warmup_epochs: float = 1.0  # epochs with λ_s2c = λ_u = λ_m = 0 and teacher = student (authors' code; the paper gives none)
+    fg_threshold: float = 0.35  # δ_fg: CAM above it (after CRF) is foreground (Eq. 6)
+    bg_threshold: float = 0.05  # δ_bg: CAM at most it (after CRF) is background; between: 255 (Eq. 6)
+    crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.platform.crf)
+    crf_workers: int = -1  # CRF processes; -1: this replica's CPU cores − 1; 0: in the training process
+    s2c_weight: float = 1.0  # λ_s2c (Eq. 14)
+    s2c_sigma_start: float = 0.1  # σ_s2c (Eq. 8) at the start of training ...
+    s2c_sigma_end: float = 1.0  # ... rising linearly to this at the end
+    unsup_weight: float = 1.0  # λ_u (Eq. 14)
+    unreliable_fraction: float = 0.2  # α₀: L_u drops this share of highest-entropy pixels, falling linearly to 0
+    classmix_probability: float = 0.5  # chance that ClassMix pastes into an image of the "mixed" view
+    contrast_weight: float = 1.0  # λ_m (Eq. 14)
+    queries_per_class: int = 50  # P: queries drawn per class and step
+    negatives_per_query: int = 256  # N: bank entries drawn per query
+    temperature: float = 0.5  # τ of InfoNCE (Eq. 13)
+    query_confidence: float = 0.3  # teacher probability of its pseudo-label class a query pixel needs
+    rank_low: int = 3  # γ_l: a class ranked ≤ γ_l but absent from the image labels makes a hard negative
+    rank_high: int = 6  # γ_h: a class ranked in (γ_l, γ_h] makes a hard negative
+    bank_size: int = 256  # negatives kept per class (the paper: N)
+    representation_dim: int = 256  # output channels of the representation branch (Eq. 4)
+    ema_max_decay: float = 0.99  # cap of the teacher's EMA decay
+    restrict_to_image_labels: bool = True  # teacher targets of L_s2c/L_u only over bg + image classes (authors' code)
+    export: str = "segmentation"  # segmentation: `segmentation_logits` gives stage 2 its labels; cam: CAMs only
+    infer_with: str = "teacher"  # network used for inference: teacher (EMA) or student
+    init_checkpoint: str = ""  # stage-1 checkpoint (dir or run dir) to start backbone + classifier from
+
+    def __post_init__(self):
+        def check(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"csrm.{key}={getattr(self, key)!r}: {why}")
+
+        check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(0 <= self.bg_threshold < self.fg_threshold <= 1, "fg_threshold", "need 0 <= bg_threshold < fg_threshold <= 1")
+        check(self.crf_preset in PRESETS, "crf_preset", f"must be one of {sorted(PRESETS)}")
+        check(self.crf_workers >= -1, "crf_workers", "must be >= -1")
+        for key in ("s2c_weight", "unsup_weight", "contrast_weight"):
+            check(getattr(self, key) >= 0, key, "must be >= 0")
+        for key in ("s2c_sigma_start", "s2c_sigma_end", "unreliable_fraction", "classmix_probability",
+                    "query_confidence", "ema_max_decay"):
+            check(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
+        for key in ("queries_per_class", "negatives_per_query", "bank_size", "representation_dim", "rank_low"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+        check(self.rank_high >= self.rank_low, "rank_high", "must be >= rank_low")
+        check(self.temperature > 0, "temperature", "must be > 0")
+        check(self.export in ("segmentation", "cam"), "export", "must be segmentation or cam")
+        check(self.infer_with in ("teacher", "student"), "infer_with", "must be teacher or student")
+        check(not self.init_checkpoint or Path(self.init_checkpoint).exists(), "init_checkpoint", "no such path")
+
+
+class CSRMNetwork(nn.Module):
+    """Backbone + classification, segmentation and representation branches (Eqs. 1, 3, 4):
+    {"features", "cam_logits" [B,K,h,w], "seg_logits" [B,K+1,H/4,W/4], "representation" [B,D,H/4,W/4]}."""
+
+    def __init__(self, num_classes: int, backbone: BackboneConfig, representation_dim: int):
+        super().__init__()
+        self.backbone = Backbone(backbone.arch, backbone.output_stride, backbone.weights)
+        high, low = self.backbone.out_channels, self.backbone.low_channels
+        self.classifier = nn.Conv2d(high, num_classes, 1, bias=False)
+        nn.init.kaiming_normal_(self.classifier.weight)
+        self.segmentation_head = DeepLabV3PlusHead(high, low, num_classes + 1)
+        self.representation_head = DeepLabV3PlusHead(high, low, representation_dim)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(images)
+        return {"features": features["high"], "cam_logits": self.classifier(features["high"]),
+                "seg_logits": self.segmentation_head(features["high"], features["low"]),
+                "representation": self.representation_head(features["high"], features["low"])}
+
+    def cam_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(images)["high"])
+
+    def seg_logits(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)
+        return self.segmentation_head(features["high"], features["low"])
+
+
+def load_stage1_weights(network: CSRMNetwork, checkpoint: str) -> None:
+    """Backbone and classifier from any stage-1 method's wsss checkpoint (Sec. 3.2.6)."""
+    from wsss.platform.checkpoints import latest_checkpoint_dir, load_state
+
+    state = load_state(latest_checkpoint_dir(checkpoint))["method"]
+    wanted = {k for k in network.state_dict() if k.startswith(("backbone.", "classifier."))}
+    picked = {k.removeprefix("network."): v for k, v in state.items() if k.removeprefix("network.") in wanted}
+    if set(picked) != wanted:
+        missing = sorted(wanted - set(picked))
+        raise ValueError(f"csrm.init_checkpoint {checkpoint}: no backbone/classifier weights for {missing[:3]}...")
+    try:
+        network.load_state_dict(picked, strict=False)
+    except RuntimeError as error:  # e.g. a different number of classes or backbone
+        raise ValueError(f"csrm.init_checkpoint {checkpoint}: does not fit this network ({error})") from None
+
+
+class _Step:
+    """What one training step carries from `views` to `losses` and `after_step`."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.cpu_generator = torch.Generator().manual_seed(seed)
+        self.device_generator = torch.Generator(device=device).manual_seed(seed)
+        self.pseudo_labels = None  # PendingPseudoLabels
+        self.teacher_probs = self.teacher_targets = self.teacher_rep = self.mix_masks = None
+
+
+@register_method
+class CSRM(Method):
+    name = "csrm"
+    Config = CSRMConfig
+    inputs = frozenset({"raw"})
+    network_outputs = frozenset({"features", "cam_logits", "seg_logits", "representation"})
+    find_unused_parameters = True  # the representation branch has no loss during warm-up
+
+    def __init__(self, config: CSRMConfig, num_classes: int, backbone: BackboneConfig):
+        super().__init__(config, num_classes, backbone)
+        self.network = CSRMNetwork(num_classes, backbone, config.representation_dim)
+        if config.init_checkpoint:
+            load_stage1_weights(self.network, config.init_checkpoint)
+        self.teacher = copy.deepcopy(self.network).requires_grad_(False).eval()
+        self.negative_bank = NegativeBank(num_classes + 1, config.bank_size, config.representation_dim)
+        self.pseudo_labeler = CRFPseudoLabeler(config.crf_workers, config.fg_threshold, config.bg_threshold,
+                                               config.crf_preset)
+        self._seed = torch.initial_seed()
+        self._step: _Step | None = None
+        self._new_negatives: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # its BatchNorm statistics are copied from the student, never updated
+        return self
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """A classifier started from a checkpoint is refined at the backbone's lr (Sec. 3.2.1)."""
+        groups = super().param_groups(lr)
+        if self.config.init_checkpoint:
+            pretrained = list(self.network.classifier.parameters())
+            ids = {id(p) for p in pretrained}
+            groups[0]["params"] = groups[0]["params"] + pretrained
+            groups[1]["params"] = [p for p in groups[1]["params"] if id(p) not in ids]
+        return groups
+
+    # ---- schedules -----------------------------------------------------------------
+    def _warmup_steps(self, progress: Progress) -> int:
+        return round(self.config.warmup_epochs * progress.steps_per_epoch)
+
+    def _warming_up(self, progress: Progress) -> bool:
+        return progress.step < self._warmup_steps(progress)
+
+    def _unreliable_fraction(self, progress: Progress) -> float:
+        """α_t: α₀ falling linearly to 0 over training."""
+        return self.config.unreliable_fraction * (1.0 - progress.fraction)
+
+    def _sigma(self, progress: Progress) -> float:
+        start, end = self.config.s2c_sigma_start, self.config.s2c_sigma_end
+        return start + (end - start) * progress.fraction
+
+    # ---- training ------------------------------------------------------------------
+    def training_step(self, batch, progress):
+        if "raw" not in batch:
+            raise KeyError("csrm needs batch['raw'] (uint8 [B,S,S,3], the un-normalised weak view) for its "
+                           "CRF pseudo-labels")
+        device = batch["image"].device
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = ((self._seed * 1_000_003 + progress.step) * 1009 + rank) % (2 ** 63)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # dropout of the decoders
+            self._step = _Step(seed, device)
+            try:
+                return super().training_step(batch, progress)
+            finally:
+                self._step = None
+
+    def views(self, batch, progress):
+        step = self._step
+        images = batch["image"]
+        valid = _valid(batch)
+        with torch.no_grad():
+            features = self.teacher.backbone(images)
+            cam_logits = self.teacher.classifier(features["high"])
+            step.pseudo_labels = self.pseudo_labeler.submit(batch["raw"], cam_logits, batch["labels"], valid)
+            seg_logits = self.teacher.segmentation_head(features["high"], features["low"])
+            step.teacher_rep = self.teacher.representation_head(features["high"], features["low"])
+            step.teacher_probs = seg_logits.float().softmax(dim=1)
+            step.teacher_targets = step.teacher_probs
+            if self.config.restrict_to_image_labels:
+                allowed = candidate_labels(batch["labels"])[:, :, None, None]
+                restricted = step.teacher_probs * allowed
+                step.teacher_targets = restricted / restricted.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        if self._warming_up(progress):
+            return {"image": images}
+        with torch.no_grad():
+            labels = step.teacher_targets.argmax(dim=1)
+            labels = labels.masked_fill(~valid_at(valid, labels.shape[-2:]), IGNORE_INDEX)
+            labels = F.interpolate(labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long()
+            mixed, _, step.mix_masks = classmix(images, labels, step.cpu_generator, self.config.classmix_probability)
+        return {"image": images, "mixed": mixed}
+
+    def losses(self, batch, outputs, progress):
+        with torch.autocast(batch["image"].device.type, enabled=False):  # losses in float32
+            return self._losses(batch, outputs, progress)
+
+    def _losses(self, batch, outputs, progress):
+        cfg, step = self.config, self._step
+        student = outputs["image"]
+        size = student["seg_logits"].shape[-2:]
+        valid = valid_at(_valid(batch), size)
+        alpha = self._unreliable_fraction(progress)
+        high_entropy = valid & ~reliable_mask(step.teacher_probs, 1.0 - alpha, valid)
+        # Filled during warm-up too, so the bank is ready when L_m starts.
+        self._new_negatives = negative_candidates(
+            step.teacher_rep, step.teacher_probs, high_entropy, candidate_labels(batch["labels"]), cfg.rank_low,
+            cfg.rank_high, self.negative_bank.per_replica_quota(), step.cpu_generator)
+
+        terms = {"cls": classification_loss(student["cam_logits"], batch["labels"])}
+        warming_up = self._warming_up(progress)
+        if not warming_up:
+            cams = F.interpolate(student["cam_logits"].float(), size=size, mode="bilinear", align_corners=False)
+            teacher = step.teacher_targets * valid[:, None]  # padding is never confident
+            terms["s2c"] = cfg.s2c_weight * s2c_loss(cams, student["seg_logits"][:, :1], teacher, self._sigma(progress))
+            mixed_targets = mix_like(step.teacher_targets, step.mix_masks)
+            reliable = reliable_mask(mixed_targets, 1.0 - alpha, mix_like(valid, step.mix_masks))
+            target = mixed_targets.argmax(dim=1).masked_fill(~reliable, IGNORE_INDEX)
+            terms["unsup"] = cfg.unsup_weight * segmentation_loss(outputs["mixed"]["seg_logits"], target)
+
+        pseudo_labels = step.pseudo_labels.result(batch["image"].device)  # last: the CRF ran meanwhile
+        terms["seg"] = segmentation_loss(student["seg_logits"], pseudo_labels)
+        if warming_up:
+            zero = terms["cls"].new_zeros(())
+            return {**terms, "s2c": zero, "unsup": zero, "contrast": zero}
+        terms["contrast"] = cfg.contrast_weight * self._contrast_loss(student["representation"], pseudo_labels,
+                                                                      valid, alpha)
+        return terms
+
+    def _contrast_loss(self, representation, pseudo_labels, valid, alpha):
+        """L_m (Eq. 13): queries from the low-entropy group (below the α_t-quantile)."""
+        cfg, step = self.config, self._step
+        size = representation.shape[-2:]
+        pseudo_small = F.interpolate(pseudo_labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        low_entropy = reliable_mask(step.teacher_probs, alpha, valid)
+        queries, positives, classes = select_queries(
+            representation, step.teacher_rep, step.teacher_probs, pseudo_small, low_entropy,
+            cfg.query_confidence, cfg.queries_per_class, step.device_generator)
+        usable = self.negative_bank.count[classes] > 0
+        negatives = self.negative_bank.sample(classes[usable], cfg.negatives_per_query, step.device_generator)
+        return info_nce(queries[usable], positives[usable], negatives, cfg.temperature)
+
+    def after_step(self, progress):
+        super().after_step(progress)
+        decay = ema_decay(progress.step + 1, self._warmup_steps(progress), self.config.ema_max_decay)
+        ema_update(self.teacher, self.network, decay)
+        broadcast_buffers(self.teacher)
+        if self._new_negatives is None:  # no step ran: still take part in the collective
+            bank = self.negative_bank
+            self._new_negatives = bank.items.new_zeros(0, bank.items.shape[2]), bank.count.new_zeros(0)
+        self.negative_bank.push_from_replicas(*self._new_negatives)
+        self._new_negatives = None
+
+    # ---- inference -----------------------------------------------------------------
+    def _inference_network(self) -> CSRMNetwork:
+        return self.teacher if self.config.infer_with == "teacher" else self.network
+
+    def cam_maps(self, images: torch.Tensor) -> torch.Tensor:
+        return F.relu(self._inference_network().cam_logits(images))
+
+    def segmentation_logits(self, images: torch.Tensor) -> torch.Tensor | None:
+        if self.config.export == "cam":
+            return None
+        return self._inference_network().seg_logits(images)
+
+
+def _valid(batch: dict) -> torch.Tensor:
+    if "valid" in batch:
+        return batch["valid"]
+    image = batch["image"]
+    return torch.ones(image.shape[0], *image.shape[2:], dtype=torch.bool, device=image.device)
