@@ -60,22 +60,24 @@ def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, t
 
     from wsss.platform.train import fit
 
-    config = tiny(shards, tmp_path, epochs=4, max_failures=1, eval_every=0, batch_size=4)
+    config = tiny(shards, tmp_path, epochs=12, max_failures=1, eval_every=0, batch_size=2)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=fit(config)), daemon=True)
     thread.start()
     run_dir = tmp_path / "runs" / "run"
     deadline = time.time() + 300
-    while not list(run_dir.glob("checkpoint_*/state.pt")):
+    # The second checkpoint on disk means the first is registered with the controller.
+    while len(list(run_dir.glob("checkpoint_*/state.pt"))) < 2:
         assert time.time() < deadline and thread.is_alive(), "no checkpoint appeared"
         time.sleep(0.5)
     workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
                if "RayTrainWorker" in a.class_name]
     assert workers, "found no Ray Train worker to kill"
     os.kill(workers[0].pid, signal.SIGKILL)
+    assert thread.is_alive(), "training ended before the worker was killed: make it longer"
     thread.join(timeout=600)
     result = outcome["result"]
-    assert result.metrics["epoch"] == 4
+    assert result.metrics["epoch"] == 12
     assert result.metrics["resumed_from_epoch"] >= 1, "the restarted worker resumed from a checkpoint"
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import optuna
 import pytest
 
-from wsss.methods.base import ADDONS, METHODS
-from wsss.platform.config import TrainConfig
+from wsss.methods.base import ADDONS, METHODS, required_inputs
+from wsss.platform.config import ConfigError, TrainConfig
 from wsss.tuning.spaces import PART_SPACES, SHARED, SpaceError, build_space, load_space_file
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -38,7 +39,8 @@ def test_every_registered_part_has_a_search_space():
 @pytest.mark.parametrize("method", compositions())
 def test_space_samples_valid_configs_of_every_method(method):
     space = build_space(method)
-    base = TrainConfig(method=method)
+    # stage-2 methods train on pseudo-labels: any URI passes config validation
+    base = TrainConfig(method=method, pseudo_labels="s3://pseudo" if "target" in required_inputs(method) else "")
     space.check_against(base)
     parts = method.split("+")
     expected = [p.name for p in SHARED] + [p.name for part in parts for p in PART_SPACES[part]]
@@ -186,3 +188,194 @@ def test_space_is_picklable_for_tune_checkpoints():
 
     space = build_space("lnl+fsae")
     assert pickle.loads(pickle.dumps(space)) == space
+
+
+# ---- sweeps on a real local Ray ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from wsss.datasets.prepare import prepare
+
+    root = tmp_path_factory.mktemp("synthetic")
+    prepare("synthetic", root / "tree", root / "shards", preset="test")
+    return str(root / "shards")
+
+
+def tiny_config(shards: str, storage, method: str = "cam+fsae", **values) -> TrainConfig:
+    settings = dict(method=method, data=shards, storage_path=str(storage), epochs=1, batch_size=8,
+                    crop_size=64, backbone="resnet18", backbone_weights="none", eval_max_images=4,
+                    wandb="offline")
+    return TrainConfig(**{**settings, **values})
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(trials=0), "--trials 0: must be >= 1"),
+    (dict(scheduler="hyperband"), "--scheduler 'hyperband': must be asha or none"),
+    (dict(concurrency=0), "--concurrency 0: must be >= 1"),
+    (dict(config=dict(val_split="")), "set val_split"),
+    (dict(config=dict(eval_every=2)), "keep eval_every=1"),
+    (dict(config=dict(val_split="test")), "test"),
+    (dict(space_specs={"fsae.kernel": {"choices": [2]}}), "'fsae.kernel'"),
+    (dict(resume=True), "no sweep 'bad'"),
+])
+def test_bad_sweep_settings_fail_before_ray_starts(shards, tmp_path, change, message):
+    import ray
+
+    from wsss.datasets.base import DataError
+    from wsss.tuning.tune import run_sweep
+
+    config = tiny_config(shards, tmp_path, **change.pop("config", {}))
+    was_running = ray.is_initialized()
+    with pytest.raises((SpaceError, ConfigError, DataError), match=re.escape(message)):
+        run_sweep(config, **{"trials": 2, "name": "bad", **change})
+    assert ray.is_initialized() == was_running
+
+
+def test_existing_sweep_name_needs_resume(shards, tmp_path):
+    from wsss.tuning.tune import run_sweep, write_json
+
+    write_json(str(tmp_path / "taken" / "sweep.json"), {"name": "taken"})
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        run_sweep(tiny_config(shards, tmp_path), trials=2, name="taken")
+
+
+def test_cli_requires_method_data_trials_unless_resuming(shards, tmp_path):
+    from wsss.cli import main
+
+    assert main(["tune", "--data", shards, "--trials", "2"]) == 2  # no --method
+    assert main(["tune", "--resume"]) == 2  # no --name
+    assert main(["tune", "--resume", "--name", "nothing", "--storage-path", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_concurrency_follows_what_a_trial_needs(ray_local):
+    from wsss.tuning.tune import max_concurrent_trials, trial_resources
+
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    assert max_concurrent_trials(TrainConfig(num_workers=1, device="cpu"), None) == cpus // 2
+    assert max_concurrent_trials(TrainConfig(num_workers=4, device="cpu"), None) == 1  # never 0
+    assert max_concurrent_trials(TrainConfig(), 3) == 3  # --concurrency wins
+    assert trial_resources()["CPU"] == 0  # the trial driver leaves every CPU to its workers
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(ray_local, shards, tmp_path_factory):
+    from wsss.tuning.tune import run_sweep
+
+    storage = tmp_path_factory.mktemp("sweeps")
+    summary = run_sweep(tiny_config(shards, storage), trials=2, name="tiny", seed=3)
+    return summary, storage / "tiny"
+
+
+@pytest.mark.slow
+def test_tiny_sweep_runs_its_trials_and_evaluates_the_best(tiny_sweep):
+    summary, sweep_dir = tiny_sweep
+    assert summary["trials"] == 2 and summary["finished"] == 2 and summary["errored"] == 0
+    assert json.loads((sweep_dir / "best.json").read_text()) == json.loads(json.dumps(summary, default=str))
+    trials = sorted(sweep_dir.glob("trial_*/result.json"))
+    assert len(trials) == 2
+    finals = {}
+    for path in trials:
+        last = json.loads(path.read_text().splitlines()[-1])
+        assert {"miou", "epoch", "threshold", "loss", "checkpoint_path"} <= set(last)
+        finals[last["trial_id"]] = last["miou"]
+    assert summary["miou"] == max(finals.values()) and finals[summary["trial_id"]] == summary["miou"]
+    assert set(summary["params"]) == set(build_space("cam+fsae").names)
+    evaluation = summary["evaluation"]  # the full protocol: four scales and flips
+    assert evaluation["scales"] == [1.0, 0.5, 1.5, 2.0] and evaluation["flip"] is True
+    assert 0.0 <= evaluation["miou"] <= 1.0
+    assert (sweep_dir / "train" / summary["trial_id"]).is_dir()  # each trial's own Train run
+
+
+@pytest.mark.slow
+def test_sweep_keeps_its_optuna_study_in_sqlite(tiny_sweep):
+    summary, sweep_dir = tiny_sweep
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert study.best_value == pytest.approx(summary["miou"])
+    assert study.best_params == summary["params"]
+
+
+@pytest.mark.slow
+def test_each_trial_is_one_offline_wandb_run(tiny_sweep):
+    import os
+
+    summary, sweep_dir = tiny_sweep
+    trial_ids = {json.loads(p.read_text().splitlines()[-1])["trial_id"]
+                 for p in sweep_dir.glob("trial_*/result.json")}
+    runs = {p.name.rsplit("-", 1)[-1]: p for p in Path(os.environ["WANDB_DIR"]).glob("wandb/offline-run-*")}
+    assert trial_ids <= set(runs)
+    for trial_id in trial_ids:
+        log = (runs[trial_id] / "logs" / "debug.log").read_text()
+        assert "'method': 'cam+fsae'" in log and "'dataset': 'synthetic'" in log
+        config_line = next(line for line in log.splitlines() if line.startswith("config:"))
+        assert not re.search(r"'[^']*(key|token|secret|password)[^']*':", config_line, re.IGNORECASE)
+
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep(tiny_sweep, tmp_path):
+    from PIL import Image
+
+    from wsss.tuning.report import make_report
+
+    summary, sweep_dir = tiny_sweep
+    result = make_report([str(sweep_dir)], str(tmp_path / "report"))
+    table = (tmp_path / "report" / "table.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| cam+fsae"))
+    assert f"{100 * summary['miou']:.2f}" in row and f"{100 * summary['evaluation']['miou']:.2f}" in row
+    assert "| 1 |" in row  # one seed
+    expected = {"tiny-history.png"} | {f"tiny-{name}.png" for name in summary["params"]}
+    assert {Path(p).name for p in result["plots"]} == expected
+    for plot in result["plots"]:
+        assert Image.open(plot).size == (640, 420)
+    html = (tmp_path / "report" / "table.html").read_text()
+    assert "<td>cam+fsae</td>" in html
+    records = (tmp_path / "report" / "records.csv").read_text().splitlines()
+    assert len(records) == 3  # header + two trials
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_and_finishes_the_requested_trials(ray_local, shards, tmp_path):
+    """The driver dies (SIGKILL) after the first trial; --resume restores Tune's experiment
+    and the searcher, reruns the trial in flight and stops at the requested count."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from wsss.cli import main
+
+    storage, trials = tmp_path / "sweeps", 2
+    command = [sys.executable, "-m", "wsss", "tune", "--method", "cam", "--data", shards, "--trials",
+               str(trials), "--storage-path", str(storage), "--name", "killed", "--seed", "5", "--no-eval",
+               "epochs=1", "batch_size=8", "crop_size=64", "backbone=resnet18", "backbone_weights=none",
+               "eval_max_images=4", "wandb=offline"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    sweep_dir = storage / "killed"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and driver.poll() is None:
+        states = "".join(p.read_text() for p in sweep_dir.glob("experiment_state-*.json"))
+        if "TERMINATED" in states:
+            break
+        time.sleep(2)
+    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    first = [json.loads(p.read_text().splitlines()[-1]) for p in sweep_dir.glob("trial_*/result.json")
+             if p.read_text().strip()]
+    assert len(first) >= 1
+
+    assert main(["tune", "--resume", "--name", "killed", "--storage-path", str(storage), "--no-eval"]) == 0
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best["trials"] == trials and best["finished"] == trials
+    finals = [json.loads(p.read_text().splitlines()[-1]) for p in sweep_dir.glob("trial_*/result.json")]
+    assert len(finals) == trials
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * trials
+    for done in first:  # finished before the kill: kept, not trained again
+        again = next(f for f in finals if f["trial_id"] == done["trial_id"])
+        assert again["miou"] == done["miou"]
+        assert len(list((sweep_dir / "train" / done["trial_id"]).glob("checkpoint_*/"))) == 1

@@ -62,7 +62,8 @@ def _evaluate(args) -> int:
 def _demo(args) -> int:
     from wsss.platform.demo import run_demo
 
-    run_demo(out=args.out, methods=args.methods.split(","), epochs=args.epochs, preset=args.preset)
+    run_demo(out=args.out, methods=args.methods.split(","), epochs=args.epochs, preset=args.preset,
+             seeds=args.seeds)
     return 0
 
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="cam", help="comma-separated methods to train and compare")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--preset", default="demo", choices=["demo", "test"])
+    p.add_argument("--seeds", type=int, default=1, help="seeds per method (table shows mean ± std)")
     p.set_defaults(run=_demo)
 
     for name in ("tune", "report"):

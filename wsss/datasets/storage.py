@@ -41,3 +41,26 @@ def join(location: str | os.PathLike, *parts: str) -> str:
     if is_uri(location):
         return "/".join([location.rstrip("/"), *(part.strip("/") for part in parts)])
     return os.path.join(location, *parts)
+
+
+def write_text(location: str, text: str) -> None:
+    fs, path = resolve(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def read_text(location: str) -> str | None:
+    """The file's text, or None when it does not exist."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def delete_file(location: str) -> None:
+    """Delete the file if it exists."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)

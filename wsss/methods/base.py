@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.methods.backbone import Backbone
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,83 @@
 """Ray Data pipelines from Parquet shards: streaming training batches and evaluation rows.
 
-Training: `read_parquet` of only the needed columns (file order reshuffled every epoch)
+Training: read the shards (only the needed columns; file order reshuffled every epoch)
 → decode + augment in `map_batches` on CPU (`wsss.datasets.augment`, numpy) → the
 platform calls `ray.train.get_dataset_shard("train").iter_torch_batches(...)` on each
 worker. Evaluation: the same read → decode at original size; images differ in size, so
 `image` and `mask` are variable-shaped tensor columns (iterate rows, or batches in numpy
 format). Progress shows as Ray Data's progress bars (RAY_DATA_DISABLE_PROGRESS_BARS=1 hides them).
+
+Reads go through `ShardDatasource` rather than `ray.data.read_parquet`: in Ray 2.60 the
+latter packs small shard files into one read task (so one CPU decoded everything in
+benchmarks/ingest.py), lists the files again every epoch (seconds each time), and cannot
+join pseudo-label shards row for row except through `Dataset.zip`, which materialises
+both sides and aligns rows by arrival order.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import functools
+from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
-from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
+from ray.data import DataContext
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from wsss.datasets.augment import AugmentConfig, EvalTransform, TrainTransform
 from wsss.datasets.base import DataError
-from wsss.datasets.loader import pseudo_label_files, read_shard, to_numpy
+from wsss.datasets.loader import pseudo_label_files, read_shard
 from wsss.datasets.shards import Manifest, read_manifest, verify_checksums
 
 # Rows per decode/augment call: small enough that a block of float32 crops stays a few
 # tens of MB, large enough that per-call overhead is negligible next to JPEG decoding.
 MAP_BATCH_SIZE = 16
+# Reading a shard is light I/O next to decoding its images. A fractional CPU keeps read
+# tasks from fusing with the decode tasks, so decoding spreads over every CPU however
+# few shard files there are.
+READ_CPUS = 0.25
+
+
+def _read_blocks(uri: str, columns: Sequence[str], label_uri: str | None, rows_per_block: int) -> Iterator[pa.Table]:
+    table = read_shard(uri, columns, label_uri)
+    for start in range(0, len(table), rows_per_block):
+        yield table.slice(start, rows_per_block)
+
+
+class ShardDatasource(Datasource):
+    """One read task per shard file (joined with its pseudo-label mirror when given),
+    in manifest order, or shuffled anew each execution (epoch) when `seed` is set."""
+
+    def __init__(self, manifest: Manifest, split: str, columns: Sequence[str], *,
+                 label_files: Sequence[str] | None = None, seed: int | None = None,
+                 rows_per_block: int = 2 * MAP_BATCH_SIZE):
+        self.files, self.entries = manifest.files(split), manifest.splits[split]["files"]
+        self.columns, self.label_files = list(columns), label_files
+        self.seed, self.rows_per_block = seed, rows_per_block
+
+    def get_name(self) -> str:
+        return "Shards"
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(int(entry.get("bytes", 0)) for entry in self.entries)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: DataContext | None = None) -> list[ReadTask]:
+        order = np.arange(len(self.files))
+        if self.seed is not None:
+            epoch = getattr(data_context, "_execution_idx", 0) if data_context is not None else 0
+            order = np.random.default_rng([epoch, self.seed]).permutation(order)
+        tasks = []
+        for index in order:
+            label = self.label_files[index] if self.label_files is not None else None
+            metadata = BlockMetadata(num_rows=self.entries[index]["rows"], size_bytes=self.entries[index].get("bytes"),
+                                     input_files=[self.files[index]], exec_stats=None)
+            read = functools.partial(_read_blocks, self.files[index], self.columns, label, self.rows_per_block)
+            tasks.append(ReadTask(read, metadata))
+        return tasks
 
 
 class _EpochTransform:
@@ -63,32 +116,11 @@ def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_clas
         raise DataError(manifest.location, f"num_classes={num_classes}, but the manifest lists "
                                            f"{manifest.num_classes} foreground classes")
     config = augment.for_labels(label_uri is not None)
+    targets = pseudo_label_files(manifest, _open(label_uri, split, verify), split) if label_uri else None
+    source = ShardDatasource(manifest, split, config.columns(), label_files=targets, seed=config.seed)
+    rows = ray.data.read_datasource(source, num_cpus=READ_CPUS)
     transform = _EpochTransform(TrainTransform(config, num_classes))
-    if label_uri is None:
-        rows = ray.data.read_parquet(
-            manifest.files(split),
-            shuffle=FileShuffleConfig(seed=config.seed, reseed_after_execution=True)).select_columns(config.columns())
-    else:
-        rows = _joined_rows(manifest, _open(label_uri, split, verify), split, config)
     return rows.map_batches(transform, batch_format="numpy", batch_size=map_batch_size)
-
-
-def _joined_rows(manifest: Manifest, labels: Manifest, split: str, config: AugmentConfig) -> ray.data.Dataset:
-    """Image rows with their pseudo-label as column `target`, read pair of files by pair
-    of files. (Dataset.zip would align rows by arrival order and materialise both sides.)"""
-    pairs = [{"image": image, "label": label}
-             for image, label in zip(manifest.files(split), pseudo_label_files(manifest, labels, split))]
-    columns = config.columns()
-
-    def read_pairs(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for image, label in zip(batch["image"], batch["label"]):
-            table = read_shard(str(image), columns, str(label))
-            for group in table.to_batches(max_chunksize=MAP_BATCH_SIZE * 4):
-                yield to_numpy(group)
-
-    return (ray.data.from_items(pairs, override_num_blocks=len(pairs))
-            .randomize_block_order(seed=RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
-            .map_batches(read_pairs, batch_format="numpy", batch_size=1))
 
 
 def eval_dataset(data_uri: str, split: str, *, with_mask: bool = True, verify: bool = True) -> ray.data.Dataset:
@@ -96,5 +128,6 @@ def eval_dataset(data_uri: str, split: str, *, with_mask: bool = True, verify: b
     with `with_mask`, every row must then have one), labels float32 [K] multi-hot."""
     manifest = _open(data_uri, split, verify)
     transform = EvalTransform(manifest.num_classes, with_mask=with_mask)
-    rows = ray.data.read_parquet(manifest.files(split)).select_columns(transform.columns())
+    rows = ray.data.read_datasource(ShardDatasource(manifest, split, transform.columns()),
+                                    num_cpus=READ_CPUS)
     return rows.map_batches(transform, batch_format="numpy", batch_size=MAP_BATCH_SIZE)

@@ -27,11 +27,12 @@ DEMO_SETTINGS = {
 }
 
 
-def demo_config(method: str, data: str, runs: str, preset: str, epochs: int | None) -> TrainConfig:
+def demo_config(method: str, data: str, runs: str, preset: str, epochs: int | None, seed: int = 0) -> TrainConfig:
     settings = dict(DEMO_SETTINGS[preset])
     if epochs:
         settings["epochs"] = epochs
-    return TrainConfig(method=method, data=data, name=f"demo-{method.replace('+', '-')}", storage_path=runs,
+    return TrainConfig(method=method, data=data, name=f"demo-{method.replace('+', '-')}-seed{seed}", seed=seed,
+                       storage_path=runs,
                        backbone="resnet18", output_stride=8, backbone_weights="none", num_workers=1,
                        device="auto", eval_max_images=100, wandb="auto", wandb_group="demo", **settings)
 
@@ -54,33 +55,40 @@ def all_background_miou(data: str, split: str = "val") -> float:
     return miou(conf)[1]
 
 
-def run_demo(out: str = "wsss-demo", methods=("cam",), epochs: int | None = None, preset: str = "demo") -> list[dict]:
+def run_demo(out: str = "wsss-demo", methods=("cam",), epochs: int | None = None, preset: str = "demo",
+             seeds: int = 1) -> list[dict]:
+    """Train and evaluate every method with `seeds` seeds; prints and returns the table rows."""
     out_dir = Path(out).absolute()
     data = str(out_dir / "shards")
     if not (out_dir / "shards" / "manifest.json").exists():
         print(f"[1/3] generating the synthetic benchmark ({preset}) and writing shards to {data}")
         prepare("synthetic", str(out_dir / "synthetic"), data, preset=preset)
-    configs = [demo_config(m, data, str(out_dir / "runs"), preset, epochs) for m in methods]  # validate all first
+    configs = [demo_config(m, data, str(out_dir / "runs"), preset, epochs, seed)  # validate all first
+               for m in methods for seed in range(seeds)]
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), configure_logging=False)
-    rows = []
+    runs = []
     for config in configs:
-        print(f"[2/3] training {config.method} for {config.epochs} epochs on Ray Train")
+        print(f"[2/3] training {config.method} (seed {config.seed}) for {config.epochs} epochs on Ray Train")
         result = fit(config)
         print(f"[3/3] evaluating {config.method} (multi-scale + flip CAMs, threshold sweep) on Ray Data")
         results = evaluate_checkpoint(result.checkpoint.path, data, scales=(1.0, 0.5, 1.5), out=None)
-        rows.append({"method": config.method, "miou": results["miou"], "threshold": results["threshold"],
-                     "checkpoint": result.checkpoint.path,
+        runs.append({"method": config.method, "seed": config.seed, "miou": results["miou"],
+                     "threshold": results["threshold"], "checkpoint": result.checkpoint.path,
                      "wandb": wandb_dir(config.storage_path, config.name)})
-    floor = all_background_miou(data)
-    print(demo_table(rows, floor))
-    return rows
+    print(demo_table(runs, all_background_miou(data)))
+    return runs
 
 
-def demo_table(rows: list[dict], floor: float) -> str:
-    lines = ["", "| method | CAM mIoU (val) | threshold | checkpoint | W&B run |", "|---|---|---|---|---|",
-             f"| all background | {100 * floor:.2f} | — | — | — |"]
-    for row in rows:
-        lines.append(f"| {row['method']} | {100 * row['miou']:.2f} | {row['threshold']:.2f} | "
-                     f"{row['checkpoint']} | {row['wandb']} |")
+def demo_table(runs: list[dict], floor: float) -> str:
+    """One row per method: mean ± std of CAM mIoU over seeds, the last seed's paths."""
+    lines = ["", "| method | CAM mIoU (val, %) | seeds | threshold | checkpoint | W&B run |",
+             "|---|---|---|---|---|---|", f"| all background | {100 * floor:.2f} | — | — | — | — |"]
+    for method in dict.fromkeys(run["method"] for run in runs):
+        mine = [run for run in runs if run["method"] == method]
+        scores = 100 * np.array([run["miou"] for run in mine])
+        spread = f" ± {scores.std(ddof=1):.2f}" if len(scores) > 1 else ""
+        last = mine[-1]
+        lines.append(f"| {method} | {scores.mean():.2f}{spread} | {len(mine)} | {last['threshold']:.2f} | "
+                     f"{last['checkpoint']} | {last['wandb']} |")
     return "\n".join(lines) + "\n"

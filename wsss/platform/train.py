@@ -20,6 +20,7 @@ import ray.train.torch
 import torch
 
 from wsss.datasets.shards import image_labels, read_manifest
+from wsss.datasets.storage import canonical, delete_file, join, read_text, write_text
 from wsss.methods.base import DatasetStats, build_method
 from wsss.platform.checkpoints import load_state, restore, save_checkpoint
 from wsss.platform.config import ConfigError, TrainConfig
@@ -29,6 +30,7 @@ from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metric
 from wsss.platform.tracking import Tracker
 
 logger = logging.getLogger(__name__)
+DIVERGED_FILE = "diverged.txt"
 
 
 def train_worker(loop_config: dict) -> None:
@@ -74,8 +76,11 @@ def train_worker(loop_config: dict) -> None:
             step, stats = train_epoch(method, optimizer, batches, config=config, epoch=epoch, step=step,
                                       steps_per_epoch=steps_per_epoch, device=device, log=tracker.log)
         except NonFiniteLossError as error:
+            # Not an exception out of the worker: Ray Train would retry from the checkpoint
+            # and diverge again, forever with max_failures=-1. The driver reads this note.
+            if rank == 0:
+                write_text(join(loop_config["run_dir"], DIVERGED_FILE), str(error))
             tracker.finish()
-            ray.train.report({"epoch": epoch + 1, "nonfinite": str(error)})
             return
         confusions, overlays = None, []
         if val_shard is not None and config.eval_every and (
@@ -125,6 +130,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         "steps_per_epoch": steps_per_epoch,
         "has_val": bool(config.val_split),
         "run_name": name,
+        "run_dir": join(canonical(config.storage_path), name),
         "wandb_dir": wandb_dir(config.storage_path, name),
     }
     return ray.train.torch.TorchTrainer(
@@ -132,7 +138,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_uri(config.storage_path),
+            name=name, storage_path=canonical(config.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             callbacks=list(callbacks)),
         datasets=datasets,
@@ -142,11 +148,14 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
 def fit(config: TrainConfig) -> ray.train.Result:
     """Train to the end (or resume); raises NonFiniteLossError if the loss diverged."""
     trainer = make_trainer(config)
+    diverged = join(trainer.train_loop_config["run_dir"], DIVERGED_FILE)
+    delete_file(diverged)  # a note left by an earlier attempt of this run
     started = time.perf_counter()
     result = trainer.fit()
-    if result.metrics and result.metrics.get("nonfinite"):
+    note = read_text(diverged)
+    if note is not None:
         where = result.checkpoint.path if result.checkpoint else "none (diverged in the first epoch)"
-        raise NonFiniteLossError(f"{result.metrics['nonfinite']}; last good checkpoint: {where}")
+        raise NonFiniteLossError(f"{note}; last good checkpoint: {where}")
     logger.info("training finished in %.1f s", time.perf_counter() - started)
     return result
 
@@ -160,15 +169,6 @@ def resolve_use_gpu(device: str) -> bool:
     return gpus > 0
 
 
-def storage_uri(path: str) -> str:
-    """Ray wants absolute local paths; URIs pass through."""
-    import os
-
-    return path if "://" in path else os.path.abspath(path)
-
-
 def wandb_dir(storage_path: str, name: str) -> str:
     """W&B writes locally: beside the checkpoints for local storage, else ./wandb."""
-    import os
-
-    return os.path.join(storage_uri(storage_path), name) if "://" not in storage_path else os.path.abspath("wandb")
+    return join(canonical(storage_path), name) if "://" not in storage_path else canonical("wandb")

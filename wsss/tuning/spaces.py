@@ -36,7 +36,7 @@ class SpaceError(ConfigError):
 SPEC_KEYS = ("type", "low", "high", "log", "step", "choices", "above")
 KINDS = ("float", "int", "categorical")
 # run keys a sweep never samples: they say what and where, not how to train
-NOT_TUNABLE = frozenset({"method", "data", "train_split", "val_split", "name", "storage_path",
+NOT_TUNABLE = frozenset({"method", "data", "pseudo_labels", "train_split", "val_split", "name", "storage_path",
                          "wandb", "wandb_project", "wandb_group"})
 
 

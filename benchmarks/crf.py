@@ -1,0 +1,90 @@
+"""Dense-CRF throughput of the pseudo-label job's CRF stage with 1 vs 2 CPU actors, one run.
+
+    python benchmarks/crf.py --images 48 --size 256 --rounds 2 --cpus 2
+
+The same in-memory rows, in the form the CAM stage emits them (JPEG bytes of synthetic
+benchmark images, blurred and noisy CAMs of their classes), go through
+`wsss.platform.pseudo_labels.CRFStage` on Ray Data in a fixed pool of 1, then 2 actors
+(one CPU each). Throughput is steady state: rows after the first output / time from the
+first output to the last, so actor start-up (importing torch) does not count. Rounds
+alternate the pool sizes so that load from other processes hits both alike; the best round
+of each counts. Goal: 2 actors / 1 actor ≥ 1.8 on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import ray.data  # noqa: E402
+from PIL import Image  # noqa: E402
+from scipy.ndimage import gaussian_filter  # noqa: E402
+
+from wsss.datasets.synthetic import CLASSES, render_image  # noqa: E402
+from wsss.platform.pseudo_labels import CRFStage, PseudoLabelSettings  # noqa: E402
+
+NUM_CLASSES = len(CLASSES) - 1
+
+
+def make_rows(count: int, size: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(count):
+        sample = render_image(0, "train", index, size)
+        buffer = io.BytesIO()
+        Image.fromarray(sample.image).save(buffer, format="JPEG", quality=90)
+        labels = np.zeros(NUM_CLASSES, np.float32)
+        labels[np.asarray(sample.labels) - 1] = 1
+        cams = np.stack([gaussian_filter((sample.exact == c).astype(np.float32), size / 16) for c in sample.labels])
+        cams = np.clip(cams + rng.normal(0, 0.05, cams.shape), 0, None).astype(np.float32)
+        cams /= cams.reshape(len(cams), -1).max(axis=1).clip(min=1e-5)[:, None, None]
+        rows.append({"file": 0, "row": index, "id": f"bench-{index}", "image": buffer.getvalue(),
+                     "height": size, "width": size, "labels": labels, "mask": b"", "cams": cams.tobytes()})
+    return rows
+
+
+def throughput(rows: list[dict], actors: int, settings: PseudoLabelSettings) -> float:
+    labeled = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        CRFStage, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs=dict(settings=settings.__dict__, num_classes=NUM_CLASSES))
+    arrivals, done = [], 0
+    for batch in labeled.iter_batches(batch_size=None, batch_format="numpy"):
+        done += len(batch["id"])
+        arrivals.append((time.perf_counter(), done))
+    (first_time, first_rows), (last_time, last_rows) = arrivals[0], arrivals[-1]
+    return (last_rows - first_rows) / max(last_time - first_time, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--size", type=int, default=256, help="side of the square images, pixels")
+    parser.add_argument("--mode", default="crf", choices=("crf", "irn"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args()
+    rows = make_rows(args.images, args.size)
+    settings = PseudoLabelSettings(args.mode, threshold=0.25)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    best = {1: 0.0, 2: 0.0}
+    for round_index in range(args.rounds):
+        for actors in ((1, 2) if round_index % 2 == 0 else (2, 1)):
+            value = throughput(rows, actors, settings)
+            best[actors] = max(best[actors], value)
+            print(f"round {round_index + 1}: {actors} actor(s) {value:6.2f} images/s  "
+                  f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    ray.shutdown()
+    ratio = best[2] / best[1]
+    print(f"{args.mode} CRF, {args.images} images of {args.size}x{args.size}, {os.cpu_count()} CPUs: "
+          f"1 actor {best[1]:.2f} images/s, 2 actors {best[2]:.2f} images/s")
+    print(f"2 / 1 = {ratio:.2f} (goal >= 1.8): {'met' if ratio >= 1.8 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Step time and peak memory of each method vs `cam`, and Ray Train epoch time vs the plain loop.
+
+    python benchmarks/train_step.py                    # methods: cam lnl cam+fsae lnl+fsae
+    python benchmarks/train_step.py --ray-vs-plain     # also one epoch on shards, Ray Train vs plain
+
+Every method is measured in its own fresh process (peak memory: CUDA max allocated on
+GPU, else the process's peak RSS above its level after building the model), on the same
+random batch, so the printed ratios come from one run on one machine. Goals (issues 3, 4):
+lnl ≤ 1.5× time and memory of cam, fsae ≤ 2.2× time; Ray Train ≤ 1.1× plain after start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+
+def measure_step(spec: str, args: dict, queue) -> None:
+    import torch
+
+    from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method, required_inputs
+    from wsss.platform.config import TrainConfig
+    from wsss.platform.loop import make_optimizer
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    k, size, batch = args["classes"], args["size"], args["batch"]
+    overrides = {"lnl.warmup_epochs": 0} if "lnl" in spec else {}  # measure the full method
+    config = TrainConfig(method=spec, data="-", backbone=args["backbone"], output_stride=args["os"],
+                         backbone_weights="none").with_overrides(overrides)
+    method = build_method(spec, k, config.sections, BackboneConfig(args["backbone"], args["os"], "none"))
+    labels = torch.zeros(4, k + 1, dtype=torch.bool)
+    labels[:, 0] = True
+    labels[torch.arange(4), torch.arange(4) % k + 1] = True
+    method.on_dataset(DatasetStats(4, labels))
+    method.to(device)
+    optimizer = make_optimizer(method, config)
+    generator = torch.Generator().manual_seed(0)
+    data = {"image": torch.randn(batch, 3, size, size, generator=generator),
+            "labels": (torch.rand(batch, k, generator=generator) < 0.4).float(),
+            "valid": torch.ones(batch, size, size, dtype=torch.bool)}
+    data["labels"][:, 0] = 1
+    inputs = required_inputs(spec)
+    if "strong" in inputs:
+        data["strong"] = data["image"].flip(1)
+    if "raw" in inputs:
+        data["raw"] = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
+    data = {key: value.to(device) for key, value in data.items()}
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args["warmup"] + args["steps"]):
+        start = time.perf_counter()
+        progress = Progress(epoch=5, step=100 + step, steps_per_epoch=100, epochs=10)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = sum(method.training_step(data, progress).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.after_step(progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args["warmup"]:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
+    queue.put({"method": spec, "os": args["os"], "step_s": statistics.median(times), "peak_mb": peak_mb})
+
+
+def in_fresh_process(target, *arguments):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*arguments, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def ray_vs_plain(args) -> dict:
+    """One epoch on the same shards: Ray Train (1 worker) vs the plain loop, after warm-up."""
+    import ray
+
+    from wsss.datasets.prepare import prepare
+    from wsss.platform.config import TrainConfig
+    from wsss.platform.plain import train_plain
+    from wsss.platform.train import fit
+
+    work = tempfile.mkdtemp(prefix="wsss-bench-")
+    prepare("synthetic", f"{work}/tree", f"{work}/shards", num_train=args.images, num_val=8, size=args.size)
+    common = dict(method="cam", data=f"{work}/shards", backbone=args.backbone, output_stride=args.os,
+                  backbone_weights="none", batch_size=args.batch, crop_size=args.size, epochs=2,
+                  eval_every=0, wandb="disabled", storage_path=f"{work}/runs")
+    _, history = train_plain(TrainConfig(**common))
+    plain = history[-1]["epoch_time_s"]  # the second epoch: start-up excluded
+    ray.init(num_cpus=os.cpu_count(), configure_logging=False, log_to_driver=False)
+    result = fit(TrainConfig(name="bench", **common))
+    return {"plain_epoch_s": plain, "ray_epoch_s": result.metrics["epoch_time_s"],
+            "ratio": result.metrics["epoch_time_s"] / plain}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="cam,lnl,cam+fsae,lnl+fsae")
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--os", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--ray-vs-plain", action="store_true")
+    parser.add_argument("--images", type=int, default=256, help="images in the Ray vs plain epoch")
+    args = parser.parse_args()
+    settings = dict(backbone=args.backbone, size=args.size, batch=args.batch, classes=args.classes,
+                    os=args.os, steps=args.steps, warmup=args.warmup)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
+          f"load {os.getloadavg()[0]:.1f}; {json.dumps(settings)}")
+    rows = [in_fresh_process(measure_step, spec, settings) for spec in args.methods.split(",")]
+    if "lnl" in args.methods.split(",") and args.os == 16:
+        rows.append(in_fresh_process(measure_step, "lnl", settings | {"os": 8}))
+        rows.append(in_fresh_process(measure_step, "cam", settings | {"os": 8}))
+    print("| method | OS | step s | × cam | peak MB | × cam |\n|---|---|---|---|---|---|")
+    for row in rows:
+        ref = next(r for r in rows if r["method"] == "cam" and r["os"] == row["os"])
+        print(f"| {row['method']} | {row['os']} | {row['step_s']:.3f} | {row['step_s'] / ref['step_s']:.2f} | "
+              f"{row['peak_mb']:.0f} | {row['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} |")
+    if args.ray_vs_plain:
+        timing = ray_vs_plain(args)
+        print(f"epoch time after start-up: plain {timing['plain_epoch_s']:.1f} s, Ray Train "
+              f"{timing['ray_epoch_s']:.1f} s, ratio {timing['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

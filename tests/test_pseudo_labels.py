@@ -1,0 +1,233 @@
+"""Pseudo-labels: the per-image CRF step, the atomic label-shard writer, and the Ray Data
+job end to end from a real (tiny) stage-1 checkpoint on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from wsss.datasets.base import DataError
+from wsss.datasets.loader import pseudo_label_files, read_shard
+from wsss.datasets.shards import decode_mask, encode_mask, read_manifest
+from wsss.platform.pseudo_labels import (
+    DEFAULT_THRESHOLD,
+    LabelShardWriter,
+    PseudoLabelSettings,
+    checkpoint_threshold,
+    generate_pseudo_labels,
+    pseudo_label,
+)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from wsss.datasets.prepare import prepare
+
+    root = tmp_path_factory.mktemp("synthetic")
+    prepare("synthetic", str(root / "tree"), str(root / "shards"), preset="test")
+    return str(root / "shards")
+
+
+def flat_image(height=48, width=48, value=128):
+    return np.full((height, width, 3), value, np.uint8)
+
+
+# ---- the per-image step ------------------------------------------------------------------
+
+def test_crf_mode_labels_only_background_and_the_image_classes():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    cams = rng.random((2, 40, 52)).astype(np.float32)
+    cams[0, :20] = 1.0  # a confident class-2 region on top
+    cams[1, :20] = 0.0
+    label = pseudo_label(image, cams, np.array([2, 4]), PseudoLabelSettings("crf", threshold=0.25))
+    assert label.dtype == np.uint8 and label.shape == (40, 52)
+    assert set(np.unique(label)) <= {0, 2, 4}
+    assert (label[:15] == 2).mean() > 0.9
+
+
+def test_crf_mode_threshold_is_the_background_score():
+    image = flat_image(32, 32, 50)
+    image[8:24, 8:24] = 200  # an object the CRF can see
+    cams = np.zeros((1, 32, 32), np.float32)
+    cams[0, 8:24, 8:24] = 0.6
+    low = pseudo_label(image, cams, np.array([1]), PseudoLabelSettings("crf", threshold=0.3))
+    high = pseudo_label(image, cams, np.array([1]), PseudoLabelSettings("crf", threshold=0.9))
+    assert low[16, 16] == 1 and high[16, 16] == 0 and low[0, 0] == 0
+
+
+def test_irn_mode_ignores_pixels_between_the_two_thresholds():
+    image = flat_image(value=30)
+    image[8:40, 8:40] = 120
+    image[16:32, 16:32] = 230
+    cams = np.zeros((1, 48, 48), np.float32)
+    cams[0, 8:40, 8:40] = 0.15  # above δ_bg, below δ_fg: uncertain
+    cams[0, 16:32, 16:32] = 1.0  # above δ_fg: the class
+    label = pseudo_label(image, cams, np.array([3]), PseudoLabelSettings("irn", fg_threshold=0.3,
+                                                                                bg_threshold=0.05))
+    assert set(np.unique(label)) <= {0, 3, 255}
+    assert label[24, 24] == 3 and label[10, 10] == 255 and label[2, 2] == 0
+
+
+def test_an_image_without_classes_is_all_background():
+    for mode in ("crf", "irn"):
+        label = pseudo_label(flat_image(), np.zeros((0, 48, 48), np.float32), np.array([], int),
+                             PseudoLabelSettings(mode))
+        assert (label == 0).all()
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(mode="psa"), "mode='psa'"),
+    (dict(threshold=1.5), "threshold=1.5"),
+    (dict(fg_threshold=0.1, bg_threshold=0.2), "need 0 <= bg < fg"),
+    (dict(scales=(1.0, 0.0)), "scales"),
+])
+def test_bad_settings_name_the_value(values, message):
+    with pytest.raises(ValueError, match=message):
+        PseudoLabelSettings(**values)
+
+
+def test_checkpoint_threshold_comes_from_checkpoint_json(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.pt").write_bytes(b"")
+    assert checkpoint_threshold(str(tmp_path / "run")) is None  # no checkpoint.json
+    (checkpoint / "checkpoint.json").write_text(json.dumps({"metrics": {"miou": 0.4, "threshold": 0.35}}))
+    assert checkpoint_threshold(str(tmp_path / "run")) == 0.35
+    assert checkpoint_threshold(str(checkpoint)) == 0.35
+    assert checkpoint_threshold(str(tmp_path / "nowhere")) is None
+
+
+# ---- the atomic writer -------------------------------------------------------------------
+
+def ground_truth_rows(uri):
+    table = read_shard(uri, ["id", "mask"])
+    return table.column("id").to_pylist(), table.column("mask").to_pylist()
+
+
+def test_writer_publishes_a_mirror_that_the_training_join_accepts(shards, tmp_path):
+    images = read_manifest(shards)
+    out = tmp_path / "labels"
+    with LabelShardWriter(str(out), images, "train") as writer:
+        for index, uri in enumerate(images.files("train")):
+            writer.write(index, *ground_truth_rows(uri))
+        assert not (out / "manifest.json").exists()  # nothing readable before publish
+        writer.publish({"kind": "test"})
+    labels = read_manifest(str(out))
+    assert labels.rows("train") == images.rows("train") and labels.source == {"kind": "test"}
+    for image_uri, label_uri in zip(images.files("train"), pseudo_label_files(images, labels, "train")):
+        joined = read_shard(image_uri, ["id", "mask"], label_uri)
+        assert joined.column("target").equals(joined.column("mask"))
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # staging removed
+
+
+def test_writer_leaves_nothing_when_the_job_fails(shards, tmp_path):
+    images = read_manifest(shards)
+    out = tmp_path / "labels"
+    with pytest.raises(RuntimeError, match="CRF worker died"):
+        with LabelShardWriter(str(out), images, "train") as writer:
+            writer.write(0, *ground_truth_rows(images.files("train")[0]))
+            raise RuntimeError("CRF worker died")
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_writer_refuses_bad_output(shards, tmp_path):
+    images = read_manifest(shards)
+    with pytest.raises(DataError, match="overwrite the image shards"):
+        LabelShardWriter(shards, images, "train")
+    with pytest.raises(DataError, match="unknown split"):
+        LabelShardWriter(str(tmp_path / "a"), images, "test")
+    out = str(tmp_path / "b")
+    with LabelShardWriter(out, images, "train") as writer:
+        ids, masks = ground_truth_rows(images.files("train")[0])
+        with pytest.raises(DataError, match=f"{len(ids) - 1} pseudo-labels for a shard of {len(ids)} rows"):
+            writer.write(0, ids[:-1], masks[:-1])
+        writer.write(0, ids, masks)
+        with pytest.raises(DataError, match="missing for image shard.*part-00001"):
+            writer.publish({})
+    assert not any(Path(out).rglob("*"))  # the failed publish left nothing
+
+
+# ---- the Ray Data job end to end -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(ray_local, shards, tmp_path_factory):
+    """A tiny stage-1 `cam` checkpoint: 1 epoch of ResNet-18 at 64 px (shared by the tests here)."""
+    from wsss.platform.config import TrainConfig
+    from wsss.platform.train import fit
+
+    runs = tmp_path_factory.mktemp("runs")
+    config = TrainConfig(method="cam", data=shards, name="stage1", storage_path=str(runs), epochs=1, batch_size=8,
+                         crop_size=64, backbone="resnet18", output_stride=16, backbone_weights="none", lr=0.02,
+                         eval_max_images=4, wandb="disabled")
+    return fit(config).checkpoint.path
+
+
+def corrupted_copy(shards: str, target: Path) -> str:
+    """The shards with one undecodable image in the second train file (manifest checksums
+    updated, so the job starts and fails half way)."""
+    import hashlib
+
+    shutil.copytree(shards, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["files"][1]
+    path = target / entry["path"]
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[3] = b"not an image"
+    table = table.set_column(table.schema.get_field_index("image"), "image",
+                             __import__("pyarrow").array(images, __import__("pyarrow").binary()))
+    pq.write_table(table, path)
+    data = path.read_bytes()
+    entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return str(target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["crf", "irn"])
+def test_job_writes_label_shards_mirroring_the_image_shards(ray_local, shards, checkpoint, tmp_path, mode):
+    out = tmp_path / "labels"
+    source = generate_pseudo_labels(checkpoint, shards, str(out), mode=mode, scales=(1.0, 0.5))
+    images, labels = read_manifest(shards), read_manifest(str(out))
+    assert [f["path"] for f in labels.splits["train"]["files"]] == [f["path"] for f in images.splits["train"]["files"]]
+    assert len(images.files("train")) >= 2, "the test needs several files to check the mirror"
+    for image_uri, label_uri in zip(images.files("train"), pseudo_label_files(images, labels, "train")):
+        image_table = read_shard(image_uri, ["id", "height", "width", "labels"])
+        label_table = read_shard(label_uri, ["id", "mask"])
+        assert label_table.column("id").to_pylist() == image_table.column("id").to_pylist()
+        for mask, height, width, present in zip(label_table.column("mask").to_pylist(),
+                                                image_table.column("height").to_pylist(),
+                                                image_table.column("width").to_pylist(),
+                                                image_table.column("labels").to_pylist()):
+            values = set(np.unique(decode_mask(mask)).tolist())
+            assert decode_mask(mask).shape == (height, width)
+            assert values <= {0, *present} | ({255} if mode == "irn" else set())
+    assert labels.source == source and source["mode"] == mode
+    assert source["threshold"] == (checkpoint_threshold(checkpoint) or DEFAULT_THRESHOLD)
+    assert source["quality"]["images_with_mask"] == images.rows("train")
+    assert 0 <= source["quality"]["miou"] <= 1
+    assert (source["ignored_fraction"] == 0) == (mode == "crf")
+
+
+@pytest.mark.slow
+def test_failed_job_leaves_no_output_and_a_rerun_works(ray_local, shards, checkpoint, tmp_path):
+    out = tmp_path / "labels"
+    broken = corrupted_copy(shards, tmp_path / "broken")
+    with pytest.raises(Exception, match="cannot be decoded"):
+        generate_pseudo_labels(checkpoint, broken, str(out), scales=(1.0,), flip=False)
+    assert not out.exists() or not any(out.rglob("*")), "a failed job leaves nothing, not even staging"
+
+    generate_pseudo_labels(checkpoint, shards, str(out), scales=(1.0,), flip=False)
+    first = read_manifest(str(out))
+    with pytest.raises(DataError, match="manifest exists"):
+        generate_pseudo_labels(checkpoint, shards, str(out), scales=(1.0,), flip=False)
+    generate_pseudo_labels(checkpoint, shards, str(out), mode="irn", scales=(1.0,), flip=False, overwrite=True)
+    second = read_manifest(str(out))
+    assert second.source["mode"] == "irn" and second.rows("train") == first.rows("train")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train"]

@@ -1,0 +1,384 @@
+"""`wsss pseudo-labels`: stage-1 CAMs -> CRF-refined label shards for stage 2, on Ray Data.
+
+Per image: multi-scale + flip CAMs of the checkpoint's method (`cams.normalized_cams`,
+classes outside the image labels zeroed), then one of
+  crf  dense CRF (PSA preset) on [background score = threshold | the present classes' CAMs];
+  irn  IRN's double threshold: argmax of [δ_fg | CAMs] and of [δ_bg | CAMs], each refined by
+       IRN's label CRF; a pixel is its class where the δ_fg map says foreground, background
+       where both say background, 255 where only the δ_bg map says foreground.
+The job: one block per image shard file -> CAM actors (a GPU each when the cluster has
+GPUs) read the file and emit its rows with their CAMs -> CRF actors on CPUs (add CPU nodes
+to go faster) -> the driver collects the label PNGs by (file, row) and writes the mirror of
+each image shard as soon as all its rows are in. Rows are keyed, not ordered, so the output
+mirrors the input file for file and row for row whatever order the actors finish in.
+
+Output: Parquet shards (columns `id`, `mask` = mode-L PNG, 255 = ignore) at the same relative
+paths as the image shards, and a manifest in the shard format, written last; its `source`
+holds the settings and, where the split has ground truth, the pseudo-masks' mIoU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+from pyarrow import fs as pafs
+
+from wsss.datasets.augment import decode_image, decode_label_map, multi_hot
+from wsss.datasets.base import DataError
+from wsss.datasets.loader import read_shard, to_numpy
+from wsss.datasets.shards import MANIFEST_NAME, Manifest, check_writable, encode_mask, read_manifest
+from wsss.datasets.storage import canonical, join, resolve
+from wsss.methods.csrm_pseudo import cam_pseudo_label
+from wsss.platform.cams import FULL_SCALES, image_tensor, normalized_cams
+from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint_dir, load_method
+from wsss.platform.evaluate import crf_prediction
+from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
+
+logger = logging.getLogger(__name__)
+
+MODES = ("crf", "irn")
+DEFAULT_THRESHOLD = 0.25  # crf background score when neither --threshold nor the checkpoint gives one
+IGNORE_INDEX = 255
+LABEL_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("mask", pa.binary(), nullable=False)])
+IMAGE_COLUMNS = ["id", "image", "labels", "height", "width", "mask"]
+ROWS_PER_CALL = 8  # rows the CAM actor emits at a time: small blocks keep the CRF actors busy early
+
+
+@dataclass(frozen=True)
+class PseudoLabelSettings:
+    mode: str = "crf"
+    threshold: float = DEFAULT_THRESHOLD  # crf: constant background score beside the CAMs
+    fg_threshold: float = 0.30  # irn: δ_fg
+    bg_threshold: float = 0.05  # irn: δ_bg
+    scales: tuple[float, ...] = FULL_SCALES
+    flip: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: must be one of {', '.join(MODES)}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold={self.threshold}: must be in (0, 1)")
+        if not 0 <= self.bg_threshold < self.fg_threshold <= 1:
+            raise ValueError(f"fg={self.fg_threshold}, bg={self.bg_threshold}: need 0 <= bg < fg <= 1")
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales={self.scales}: need at least one scale, all > 0")
+
+
+def pseudo_label(image: np.ndarray, cams: np.ndarray, class_ids: np.ndarray,
+                 settings: PseudoLabelSettings) -> np.ndarray:
+    """One image's pseudo-label uint8 [H,W] (0 = background, 1..K, 255 = ignore).
+
+    image uint8 [H,W,3]; cams float32 [n,H,W] normalised CAMs of the image's n classes
+    `class_ids` (1..K). An image without classes is all background."""
+    if len(class_ids) == 0:
+        return np.zeros(image.shape[:2], np.uint8)
+    if settings.mode == "irn":
+        everywhere = np.ones(image.shape[:2], bool)
+        return cam_pseudo_label(image, cams, class_ids, everywhere, settings.fg_threshold,
+                                settings.bg_threshold, preset="irn")
+    lookup = np.concatenate([[0], class_ids]).astype(np.uint8)
+    return lookup[crf_prediction(image, cams, np.ones(len(class_ids)), settings.threshold, "psa")]
+
+
+def checkpoint_threshold(checkpoint: str) -> float | None:
+    """The background threshold recorded with a checkpoint (its last validation), if any."""
+    try:
+        if "://" in checkpoint and not checkpoint.startswith("file://"):
+            fs, path = resolve(join(checkpoint, INFO_FILE))
+            with fs.open_input_stream(path) as stream:
+                info = json.loads(stream.read())
+        else:
+            info_file = latest_checkpoint_dir(checkpoint.removeprefix("file://")) / INFO_FILE
+            info = json.loads(info_file.read_text())
+    except (OSError, ValueError):
+        return None
+    threshold = info.get("metrics", {}).get("threshold")
+    return float(threshold) if isinstance(threshold, (int, float)) else None
+
+
+class LabelShardWriter:
+    """Pseudo-label shards mirroring one split of image shards, published atomically.
+
+    `write(index, ids, masks)` stages the mirror of the split's index-th image shard in a
+    hidden folder; `publish(source)` moves the files into place and writes the manifest
+    last (temp name, then move). Leaving the `with` block unpublished, by an exception
+    (Ctrl-C included) or otherwise, deletes everything staged or placed: a failed job
+    leaves nothing readable and nothing to clean up.
+    """
+
+    def __init__(self, out: str, images: Manifest, split: str, overwrite: bool = False):
+        self.location = canonical(out)
+        if self.location.rstrip("/") == images.location.rstrip("/"):
+            raise DataError(out, "pseudo-labels would overwrite the image shards: choose another --out")
+        images.rows(split)  # DataError naming a missing split
+        check_writable(self.location, overwrite)
+        self.images, self.split, self.overwrite = images, split, overwrite
+        self.expected = images.splits[split]["files"]
+        self.fs, self.root = resolve(self.location)
+        run = uuid.uuid4().hex
+        self.staging, self.temp_manifest = f"{self.root}/.staging-{run}", f"{self.root}/.{MANIFEST_NAME}.{run}.tmp"
+        self.staged: dict[int, dict] = {}
+        self.placed: list[str] = []
+        self.replacing = False
+        self.published = False
+
+    def __enter__(self) -> "LabelShardWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if not self.published:
+            self.abort()
+
+    def write(self, index: int, ids: list[str], masks: list[bytes]) -> None:
+        entry = self.expected[index]
+        if len(ids) != entry["rows"] or len(masks) != entry["rows"]:
+            raise DataError(join(self.images.location, entry["path"]),
+                            f"{len(ids)} pseudo-labels for a shard of {entry['rows']} rows")
+        table = pa.Table.from_pydict({"id": ids, "mask": masks}, schema=LABEL_SCHEMA)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, row_group_size=32, compression="none", use_dictionary=False)
+        data = buffer.getvalue().to_pybytes()
+        path = f"{self.staging}/{entry['path']}"
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(path) as stream:
+            stream.write(data)
+        self.staged[index] = {"path": entry["path"], "rows": len(ids),
+                              "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def publish(self, source: dict) -> Manifest:
+        missing = [entry["path"] for index, entry in enumerate(self.expected) if index not in self.staged]
+        if missing:
+            raise DataError(self.location, f"pseudo-labels missing for image shard(s) {', '.join(missing)}")
+        files = [self.staged[index] for index in range(len(self.expected))]
+        images = self.images
+        manifest = Manifest(
+            location=self.location, dataset=images.dataset, classes=list(images.classes),
+            palette=[list(c) for c in images.palette], ignore_index=IGNORE_INDEX,
+            splits={self.split: {"rows": sum(f["rows"] for f in files), "files": files}},
+            skipped={"count": 0, "by_problem": {}, "items": []}, source=source,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        previous = self._previous_files()
+        self.replacing = True
+        self._delete(f"{self.root}/{MANIFEST_NAME}")  # from here on an old output is gone
+        for file in files:
+            target = f"{self.root}/{file['path']}"
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            self.fs.move(f"{self.staging}/{file['path']}", target)
+            self.placed.append(target)
+        with self.fs.open_output_stream(self.temp_manifest) as stream:
+            stream.write(json.dumps(manifest.to_json(), indent=1).encode())
+        self.fs.move(self.temp_manifest, f"{self.root}/{MANIFEST_NAME}")
+        self.published = True
+        self._delete_staging()
+        for path in set(previous) - set(self.placed):
+            self._delete(path)
+        return manifest
+
+    def abort(self) -> None:
+        for path in [*([f"{self.root}/{MANIFEST_NAME}"] if self.replacing else []), *self.placed,
+                     self.temp_manifest]:
+            self._delete(path)
+        self._delete_staging()
+
+    def _previous_files(self) -> list[str]:
+        if not self.overwrite:
+            return []
+        try:
+            old = read_manifest(self.location)
+        except DataError:
+            return []
+        return [f"{self.root}/{f['path']}" for entry in old.splits.values() for f in entry["files"]]
+
+    def _delete(self, path: str) -> None:
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            self.fs.delete_file(path)
+
+    def _delete_staging(self) -> None:
+        if self.fs.get_file_info(self.staging).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.staging)
+
+
+class CAMStage:
+    """Ray Data actor: image-shard files -> their rows with the present classes' CAMs
+    (float32 bytes [n,H,W]); images stay encoded on the way to the CRF actors."""
+
+    def __init__(self, checkpoint: str, num_classes: int, scales, flip: bool):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.method, _ = load_method(checkpoint, self.device)
+        self.num_classes, self.scales, self.flip = num_classes, tuple(scales), flip
+
+    def __call__(self, batch: dict):
+        for file_index, uri in zip(batch["file"], batch["uri"]):
+            table = read_shard(str(uri), IMAGE_COLUMNS)
+            first_row = 0
+            for chunk in table.to_batches(max_chunksize=ROWS_PER_CALL):
+                rows = to_numpy(pa.Table.from_batches([chunk]))
+                count = len(rows["id"])
+                labels = np.stack([multi_hot(rows["labels"][i], self.num_classes, str(rows["id"][i]))
+                                   for i in range(count)])
+                cams = [self._cams(rows, i, labels[i]) for i in range(count)]
+                yield {"file": np.full(count, int(file_index)), "row": np.arange(first_row, first_row + count),
+                       "id": np.asarray([str(x) for x in rows["id"]], dtype=object), "image": rows["image"],
+                       "height": rows["height"], "width": rows["width"], "labels": labels,
+                       "mask": np.asarray([m if m is not None else b"" for m in rows["mask"]], dtype=object),
+                       "cams": np.asarray(cams, dtype=object)}
+                first_row += count
+
+    def _cams(self, rows: dict, i: int, labels: np.ndarray) -> bytes:
+        image = np.asarray(decode_image(rows["image"][i], str(rows["id"][i]), rows["height"][i], rows["width"][i]))
+        cams = normalized_cams(self.method, image_tensor(image, self.device), torch.from_numpy(labels),
+                               self.scales, self.flip)
+        return cams[torch.from_numpy(labels > 0.5).to(cams.device)].cpu().numpy().astype(np.float32).tobytes()
+
+
+class CRFStage:
+    """Ray Data actor (one CPU): rows with CAMs -> label PNGs and ground-truth confusions."""
+
+    def __init__(self, settings: dict, num_classes: int):
+        self.settings = PseudoLabelSettings(**settings)
+        self.num_classes = num_classes  # K
+
+    def __call__(self, batch: dict) -> dict:
+        pngs, confusions, has_mask, ignored = [], [], [], []
+        classes = self.num_classes + 1
+        for i, sample_id in enumerate(batch["id"]):
+            sample_id = str(sample_id)
+            # writable copies: pydensecrf refuses read-only buffers (PIL's and frombuffer's are)
+            image = np.array(decode_image(batch["image"][i], sample_id, batch["height"][i], batch["width"][i]))
+            class_ids = np.flatnonzero(batch["labels"][i] > 0.5) + 1
+            cams = np.frombuffer(batch["cams"][i], np.float32).reshape(len(class_ids), *image.shape[:2]).copy()
+            label = pseudo_label(image, cams, class_ids, self.settings)
+            pngs.append(encode_mask(label))
+            ignored.append(int((label == IGNORE_INDEX).sum()))
+            mask = batch["mask"][i]
+            has_mask.append(len(mask) > 0)
+            if has_mask[-1]:
+                truth = decode_label_map(mask, sample_id, "mask", image.shape[:2])
+                # ignored pseudo-label pixels count as predicted background: the mask's coverage matters too
+                predicted = np.where(label == IGNORE_INDEX, 0, label)
+                confusions.append(confusion_matrix(predicted, truth, classes).ravel())
+            else:
+                confusions.append(np.zeros(classes * classes, np.int64))
+        return {"file": batch["file"], "row": batch["row"], "id": batch["id"],
+                "mask": np.asarray(pngs, dtype=object), "confusion": np.stack(confusions),
+                "has_mask": np.asarray(has_mask), "ignored": np.asarray(ignored),
+                "pixels": batch["height"].astype(np.int64) * batch["width"]}
+
+
+def _open_inputs(checkpoint: str, data: str, split: str, out: str, overwrite: bool) -> Manifest:
+    """Fail fast, before any Ray work: checkpoint, data split, matching classes, writable out."""
+    _, state = load_method(checkpoint)
+    images = read_manifest(data)
+    images.rows(split)
+    if list(state["dataset"]["classes"]) != list(images.classes):
+        raise DataError(data, f"classes {images.classes} differ from the checkpoint's {state['dataset']['classes']}")
+    check_writable(out, overwrite)
+    return images
+
+
+def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str = "train", mode: str = "crf",
+                           threshold: float | None = None, fg_threshold: float = 0.30,
+                           bg_threshold: float = 0.05, scales=FULL_SCALES, flip: bool = True,
+                           cam_actors: int | None = None, crf_actors: int | None = None,
+                           overwrite: bool = False) -> dict:
+    """Run the job (Ray must be initialised); returns the manifest's `source` summary."""
+    if threshold is None:
+        threshold = checkpoint_threshold(checkpoint) or DEFAULT_THRESHOLD
+    settings = PseudoLabelSettings(mode, threshold, fg_threshold, bg_threshold, tuple(scales), flip)
+    images = _open_inputs(checkpoint, data, split, out, overwrite)
+    files = images.files(split)
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    cam_actors = cam_actors or gpus or 1
+    crf_actors = crf_actors or max(1, cpus - (0 if gpus else cam_actors))
+    # Autoscaling pools (from one actor): fixed pools holding every CPU would starve the other stage.
+    labeled = (ray.data.from_items([{"file": i, "uri": uri} for i, uri in enumerate(files)],
+                                   override_num_blocks=len(files))
+               .map_batches(CAMStage, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cam_actors),
+                            fn_constructor_kwargs=dict(checkpoint=checkpoint, num_classes=images.num_classes,
+                                                       scales=settings.scales, flip=settings.flip))
+               .map_batches(CRFStage, batch_size=1, num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=crf_actors),
+                            fn_constructor_kwargs=dict(settings=asdict(settings), num_classes=images.num_classes)))
+    expected = [entry["rows"] for entry in images.splits[split]["files"]]
+    pending: dict[int, dict[int, tuple[str, bytes]]] = {}
+    confusion = np.zeros((images.num_classes + 1) ** 2, np.int64)
+    with_mask, ignored, pixels = 0, 0, 0
+    with LabelShardWriter(out, images, split, overwrite) as writer:
+        for batch in labeled.iter_batches(batch_size=None, batch_format="numpy"):
+            for file_index, row, sample_id, png in zip(batch["file"], batch["row"], batch["id"], batch["mask"]):
+                pending.setdefault(int(file_index), {})[int(row)] = (str(sample_id), png)
+            confusion += batch["confusion"][batch["has_mask"]].sum(axis=0)
+            with_mask += int(batch["has_mask"].sum())
+            ignored, pixels = ignored + int(batch["ignored"].sum()), pixels + int(batch["pixels"].sum())
+            for file_index in [f for f, rows in pending.items() if len(rows) == expected[f]]:
+                rows = pending.pop(file_index)
+                writer.write(file_index, [rows[r][0] for r in range(len(rows))], [rows[r][1] for r in range(len(rows))])
+        source = {"kind": "pseudo-labels", "images": images.location, "split": split, "checkpoint": checkpoint,
+                  **asdict(settings), "ignored_fraction": ignored / max(1, pixels),
+                  "quality": _quality(confusion, with_mask, images.num_classes + 1)}
+        writer.publish(source)
+    return source
+
+
+def _quality(confusion: np.ndarray, images: int, classes: int) -> dict | None:
+    """Pseudo-mask mIoU against the ground truth of the `images` rows that have one
+    (ignored pseudo-label pixels count as background)."""
+    if not images:
+        return None
+    conf = confusion.reshape(classes, classes)
+    per_class, mean = miou(conf)
+    fpr, fnr = foreground_error_rates(conf)
+    return {"images_with_mask": images, "miou": mean, "fg_fpr": fpr, "fg_fnr": fnr,
+            "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class]}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="stage-1 checkpoint or run directory, or URI")
+    parser.add_argument("--data", required=True, help="URI of the prepared image shards")
+    parser.add_argument("--out", required=True, help="directory or URI for the pseudo-label shards")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--mode", default="crf", choices=MODES,
+                        help="crf: dense CRF on the CAMs; irn: IRN double threshold (255 between)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help=f"crf background score (default: the checkpoint's, else {DEFAULT_THRESHOLD})")
+    parser.add_argument("--fg", type=float, default=0.30, help="irn foreground threshold δ_fg")
+    parser.add_argument("--bg", type=float, default=0.05, help="irn background threshold δ_bg")
+    parser.add_argument("--scales", default=",".join(str(s) for s in FULL_SCALES))
+    parser.add_argument("--no-flip", action="store_true")
+    parser.add_argument("--cam-actors", type=int, default=None, help="default: GPUs, else 1")
+    parser.add_argument("--crf-actors", type=int, default=None, help="default: the remaining CPUs")
+    parser.add_argument("--overwrite", action="store_true", help="replace pseudo-labels already at --out")
+
+
+def main(args) -> int:
+    from wsss.cli import _init_ray
+
+    scales = tuple(float(s) for s in args.scales.split(","))
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    PseudoLabelSettings(args.mode, threshold, args.fg, args.bg, scales)  # bad values fail before Ray starts
+    _open_inputs(args.checkpoint, args.data, args.split, args.out, args.overwrite)
+    _init_ray()
+    source = generate_pseudo_labels(args.checkpoint, args.data, args.out, split=args.split, mode=args.mode,
+                                    threshold=args.threshold, fg_threshold=args.fg, bg_threshold=args.bg,
+                                    scales=scales, flip=not args.no_flip, cam_actors=args.cam_actors,
+                                    crf_actors=args.crf_actors, overwrite=args.overwrite)
+    quality = source["quality"]
+    rows = read_manifest(args.out).rows(args.split)
+    print(f"wrote {rows} pseudo-labels ({args.mode}) to {args.out}"
+          + (f"; pseudo-mask mIoU {100 * quality['miou']:.2f} on {quality['images_with_mask']} images with masks"
+             if quality else "; the split has no ground truth to score them"))
+    return 0

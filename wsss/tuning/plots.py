@@ -1,0 +1,120 @@
+"""Small PNG charts drawn with Pillow (no plotting library is a dependency).
+
+`scatter_png` draws points (optionally a step line through them) on linear or log axes
+with labelled ticks; `tile_png` lays existing images out as one contact sheet.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+WIDTH, HEIGHT = 640, 420
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 70, 20, 36, 56
+POINT, LINE, AXIS, GRID = (31, 119, 180), (214, 39, 40), (40, 40, 40), (225, 225, 225)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow built without FreeType: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _ticks(low: float, high: float, log: bool, count: int = 5) -> list[float]:
+    if log:
+        first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+        return [10.0 ** e for e in range(first, last + 1) if low <= 10.0 ** e <= high] or [low, high]
+    return [low + (high - low) * i / (count - 1) for i in range(count)]
+
+
+def _label(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def scatter_png(path: str | Path, xs: list, ys: list[float], *, title: str, xlabel: str, ylabel: str,
+                log_x: bool = False, step_line: list[float] | None = None) -> Path:
+    """Points (xs numeric, or strings drawn as evenly spaced categories) against ys."""
+    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(14), _font(11)
+    categories = sorted({str(x) for x in xs}) if any(isinstance(x, str) for x in xs) else None
+    if categories:
+        positions = [categories.index(str(x)) for x in xs]
+        x_low, x_high, log_x = -0.5, len(categories) - 0.5, False
+    else:
+        positions = [float(x) for x in xs]
+        x_low, x_high = min(positions), max(positions)
+    values = ys + (step_line or [])
+    y_low, y_high = min(values), max(values)
+    if y_high - y_low < 1e-9:
+        y_low, y_high = y_low - 0.01, y_high + 0.01
+    pad = 0.05 * (y_high - y_low)  # keep edge points inside the frame
+    y_low, y_high = y_low - pad, y_high + pad
+    log_x = log_x and x_low > 0
+    if x_high - x_low < 1e-12:
+        x_low, x_high = (x_low / 2, x_high * 2) if log_x else (x_low - 1, x_high + 1)
+    elif log_x:
+        x_low, x_high = x_low / 1.15, x_high * 1.15
+    elif not categories:
+        pad = 0.04 * (x_high - x_low)
+        x_low, x_high = x_low - pad, x_high + pad
+
+    def to_x(value: float) -> float:
+        low, high, v = (math.log10(x_low), math.log10(x_high), math.log10(value)) if log_x \
+            else (x_low, x_high, value)
+        return MARGIN_LEFT + (v - low) / (high - low) * (WIDTH - MARGIN_LEFT - MARGIN_RIGHT)
+
+    def to_y(value: float) -> float:
+        span = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
+        return HEIGHT - MARGIN_BOTTOM - (value - y_low) / (y_high - y_low) * span
+
+    for tick in _ticks(y_low, y_high, log=False):
+        draw.line([(MARGIN_LEFT, to_y(tick)), (WIDTH - MARGIN_RIGHT, to_y(tick))], fill=GRID)
+        draw.text((MARGIN_LEFT - 6, to_y(tick)), _label(tick), fill=AXIS, font=small, anchor="rm")
+    x_ticks = [(i, c) for i, c in enumerate(categories)] if categories else \
+        [(t, _label(t)) for t in _ticks(x_low, x_high, log=log_x)]
+    for tick, text in x_ticks:
+        draw.line([(to_x(tick), HEIGHT - MARGIN_BOTTOM), (to_x(tick), HEIGHT - MARGIN_BOTTOM + 4)], fill=AXIS)
+        draw.text((to_x(tick), HEIGHT - MARGIN_BOTTOM + 6), text, fill=AXIS, font=small, anchor="mt")
+    draw.line([(MARGIN_LEFT, MARGIN_TOP), (MARGIN_LEFT, HEIGHT - MARGIN_BOTTOM),
+               (WIDTH - MARGIN_RIGHT, HEIGHT - MARGIN_BOTTOM)], fill=AXIS, width=1)
+    if step_line:
+        points = []
+        for x, y in zip(positions, step_line):
+            if points:
+                points.append((to_x(x), points[-1][1]))
+            points.append((to_x(x), to_y(y)))
+        draw.line(points, fill=LINE, width=2)
+    for x, y in zip(positions, ys):
+        cx, cy = to_x(x), to_y(y)
+        draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=POINT)
+    draw.text((WIDTH / 2, 10), title, fill=AXIS, font=font, anchor="mt")
+    draw.text((WIDTH / 2, HEIGHT - 18), xlabel + (" (log)" if log_x else ""), fill=AXIS, font=font, anchor="mt")
+    draw.text((8, MARGIN_TOP - 22), ylabel, fill=AXIS, font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def tile_png(path: str | Path, images: list[str | Path], *, title: str, width: int = 256) -> Path:
+    """Existing images scaled to `width` and laid out four to a row under a title."""
+    loaded = [Image.open(p).convert("RGB") for p in images]
+    scaled = [im.resize((width, max(1, round(im.height * width / im.width)))) for im in loaded]
+    columns = min(4, len(scaled))
+    rows = [scaled[i:i + columns] for i in range(0, len(scaled), columns)]
+    heights = [max(im.height for im in row) for row in rows]
+    sheet = Image.new("RGB", (columns * width, 30 + sum(heights)), "white")
+    ImageDraw.Draw(sheet).text((8, 8), title, fill=AXIS, font=_font(14))
+    top = 30
+    for row, height in zip(rows, heights):
+        for column, im in enumerate(row):
+            sheet.paste(im, (column * width, top))
+        top += height
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path

@@ -1,0 +1,286 @@
+"""`wsss report`: the comparison table of methods for a paper, with plots, from sweeps and runs.
+
+Reads local directories: Tune sweeps made by `wsss tune` (trial_*/result.json and
+params.json; best.json adds the full-protocol evaluation of the best trial) and Train
+runs made by `wsss train` (checkpoint_*/checkpoint.json, the config in state.pt); a
+directory holding either one level down (a storage_path of many runs) works too.
+
+Table: one row per (method, dataset). Records whose configurations differ only in the
+seed are one configuration; the row shows the configuration with the highest mean
+objective (the single-scale CAM mIoU at the best threshold, final epoch) as mean ± std
+over its seeds, the full-protocol mIoU where one was evaluated, and its hyperparameters.
+Written as table.md, table.html and table.csv, all records as records.csv, plus PNG
+plots: each sweep's optimisation history and objective against every hyperparameter,
+and a contact sheet of CAM overlay images found in each row's best record.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsss.platform.config import ConfigError
+from wsss.tuning.plots import scatter_png, tile_png
+
+OBJECTIVE = "miou"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_OVERLAYS = 8
+# config keys that say where or how a run was logged, not what was trained
+NOT_CONFIGURATION = {"seed", "name", "storage_path", "data", "wandb", "wandb_project", "wandb_group",
+                     "log_every", "cam_images", "dataset"}
+
+
+@dataclass
+class Record:
+    """One trained configuration: a sweep trial or a plain run."""
+
+    method: str
+    dataset: str
+    seed: int
+    params: dict  # what is shown as its hyperparameters
+    configuration: str  # identity of the configuration, seed excluded
+    miou: float  # final-epoch objective
+    history: list[float]  # objective per epoch
+    source: str  # sweep name or run directory
+    name: str  # trial id or run name
+    started: float = 0.0  # orders a sweep's trials
+    full_miou: float | None = None  # full-protocol evaluation, where one exists
+    folders: list[Path] = field(default_factory=list)  # where its images may be
+
+
+def collect(paths: list[str]) -> tuple[list[Record], dict[str, list[Record]]]:
+    """Records from every directory, and the trials of each sweep by sweep name."""
+    records: list[Record] = []
+    sweeps: dict[str, list[Record]] = {}
+    for location in paths:
+        if "://" in location:
+            raise ConfigError(f"{location}: wsss report reads local directories; copy it first "
+                              f"(e.g. aws s3 sync {location} ./{Path(location).name})")
+        root = Path(location)
+        if not root.is_dir():
+            raise ConfigError(f"{location}: no such directory")
+        found = 0
+        for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+            if list(folder.glob("trial_*/result.json")):
+                trials = read_sweep(folder)
+                sweeps[folder.name] = trials
+                records += trials
+                found += len(trials)
+            elif list(folder.glob("checkpoint_*/checkpoint.json")):
+                records.append(read_run(folder))
+                found += 1
+            if found and folder == root:
+                break  # a sweep or run itself: its subfolders are its own parts
+        if not found:
+            raise ConfigError(f"{location}: holds no sweep (trial_*/result.json) and no run "
+                              f"(checkpoint_*/checkpoint.json), nor one a level down")
+    return records, sweeps
+
+
+def read_sweep(folder: Path) -> list[Record]:
+    best = _json(folder / "best.json") or {}
+    trials = []
+    for trial in sorted(folder.glob("trial_*")):
+        results = [json.loads(line) for line in _text(trial / "result.json").splitlines() if line.strip()]
+        history = [r[OBJECTIVE] for r in results if OBJECTIVE in r]
+        if not history:
+            continue  # errored before its first epoch
+        config = _json(trial / "params.json") or results[-1].get("config", {})
+        run = config.get("run", {})
+        params = {k: v for k, v in config.items() if k != "run"}
+        trial_id = results[-1].get("trial_id", trial.name)
+        first = results[0]
+        checkpoint = results[-1].get("checkpoint_path")
+        trials.append(Record(
+            method=run.get("method", "?"), dataset=run.get("dataset", "?"), seed=run.get("seed", 0),
+            params=params, configuration=_identity({**_configuration(run), **params}),
+            miou=history[-1], history=history, source=folder.name, name=trial_id,
+            started=first.get("timestamp", 0) - first.get("time_total_s", 0),
+            full_miou=(best.get("evaluation") or {}).get(OBJECTIVE) if best.get("trial_id") == trial_id else None,
+            folders=[trial] + ([Path(checkpoint).parent] if checkpoint else [])))
+    return trials
+
+
+def read_run(folder: Path) -> Record:
+    import torch
+
+    checkpoints = sorted(p.parent for p in folder.glob("checkpoint_*/checkpoint.json"))
+    infos = [_json(p / "checkpoint.json") for p in checkpoints]
+    history = [i["metrics"][OBJECTIVE] for i in infos if OBJECTIVE in i.get("metrics", {})]
+    if not history:
+        raise ConfigError(f"{folder}: its checkpoints hold no {OBJECTIVE!r} (trained without val_split?)")
+    # mmap: read the config without loading the weights
+    state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+    config = state["config"]
+    evaluation = _json(folder / "results.json") or {}  # `wsss evaluate --out RUN_DIR`
+    return Record(
+        method=config["method"], dataset=state["dataset"].get("name", "?"), seed=config.get("seed", 0),
+        params=_shown_params(config), configuration=_identity(_configuration(config)),
+        miou=history[-1], history=history, source=str(folder), name=folder.name,
+        full_miou=evaluation.get(OBJECTIVE), folders=[folder])
+
+
+def comparison_rows(records: list[Record]) -> list[dict]:
+    """One row per (method, dataset): its best configuration over seeds."""
+    rows = []
+    groups: dict[tuple, dict[str, list[Record]]] = {}
+    for record in records:
+        groups.setdefault((record.method, record.dataset), {}).setdefault(record.configuration, []).append(record)
+    for (method, dataset), configurations in sorted(groups.items()):
+        best = max(configurations.values(), key=lambda rs: statistics.fmean(r.miou for r in rs))
+        values = [r.miou for r in best]
+        full = [r.full_miou for r in best if r.full_miou is not None]
+        rows.append({
+            "method": method, "dataset": dataset, "miou_mean": statistics.fmean(values),
+            "miou_std": statistics.stdev(values) if len(values) > 1 else None, "seeds": len(values),
+            "full_miou": statistics.fmean(full) if full else None,
+            "params": best[0].params, "sources": sorted({r.source for r in best}),
+            "best": max(best, key=lambda r: r.miou)})
+    return rows
+
+
+def _fmt(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+HEADER = ["method", "dataset", "CAM mIoU (%)", "seeds", "full-protocol mIoU (%)", "hyperparameters", "source"]
+
+
+def table_cells(row: dict) -> list[str]:
+    return [row["method"], row["dataset"], _fmt(row["miou_mean"], row["miou_std"]), str(row["seeds"]),
+            _fmt(row["full_miou"]), _params_text(row["params"]), ", ".join(row["sources"])]
+
+
+def write_tables(rows: list[dict], records: list[Record], out: Path) -> None:
+    cells = [table_cells(row) for row in rows]
+    note = ("CAM mIoU: single-scale, best background threshold, final epoch, mean ± std over seeds; "
+            "full protocol: multi-scale + flip.")
+    markdown = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    markdown += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    (out / "table.md").write_text("\n".join(markdown) + f"\n\n{note}\n")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+    (out / "table.html").write_text(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody>\n"
+                                    f"</table>\n<p>{html.escape(note)}</p>\n")
+    with open(out / "table.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["method", "dataset", "miou_mean", "miou_std", "seeds", "full_miou", "params", "sources"])
+        for row in rows:
+            writer.writerow([row["method"], row["dataset"], row["miou_mean"], row["miou_std"] or "",
+                             row["seeds"], row["full_miou"] if row["full_miou"] is not None else "",
+                             json.dumps(row["params"], sort_keys=True), ";".join(row["sources"])])
+    with open(out / "records.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["source", "name", "method", "dataset", "seed", "miou", "epochs", "full_miou", "params"])
+        for r in records:
+            writer.writerow([r.source, r.name, r.method, r.dataset, r.seed, r.miou, len(r.history),
+                             "" if r.full_miou is None else r.full_miou, json.dumps(r.params, sort_keys=True)])
+
+
+def write_plots(sweeps: dict[str, list[Record]], rows: list[dict], out: Path) -> list[Path]:
+    """Each sweep: history and objective vs each hyperparameter; each row: its overlays."""
+    written = []
+    for name, trials in sorted(sweeps.items()):
+        trials = sorted(trials, key=lambda r: r.started)
+        values = [t.miou for t in trials]
+        running = [max(values[:i + 1]) for i in range(len(values))]
+        written.append(scatter_png(out / "plots" / f"{name}-history.png", list(range(1, len(trials) + 1)),
+                                   values, title=f"{name}: optimisation history", xlabel="trial",
+                                   ylabel="CAM mIoU", step_line=running))
+        for param in sorted({k for t in trials for k in t.params}):
+            points = [(t.params[param], t.miou) for t in trials if param in t.params]
+            xs = [x if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x) for x, _ in points]
+            log_x = all(isinstance(x, (int, float)) and x > 0 for x in xs) and max(xs) / min(xs) >= 20
+            written.append(scatter_png(out / "plots" / f"{name}-{param}.png", xs, [y for _, y in points],
+                                       title=f"{name}: objective vs {param}", xlabel=param,
+                                       ylabel="CAM mIoU", log_x=log_x))
+    for row in rows:
+        images = overlay_images(row["best"])
+        if images:
+            written.append(tile_png(out / "overlays" / f"{row['method']}-{row['dataset']}.png".replace("+", "-"),
+                                    images, title=f"{row['method']} on {row['dataset']}: {row['best'].name}"))
+    return written
+
+
+def overlay_images(record: Record) -> list[Path]:
+    """CAM overlays saved beside a record (W&B media of its run), newest last."""
+    found = {p for folder in record.folders if folder.is_dir()
+             for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "media" in p.parts}
+    return sorted(found, key=lambda p: p.stat().st_mtime)[-MAX_OVERLAYS:]
+
+
+def log_to_wandb(rows: list[dict], plots: list[Path], project: str) -> str:
+    """Online W&B only: the table as a wandb.Table and the plots, in one `report` run."""
+    from wsss.platform.tracking import resolve_mode
+
+    if resolve_mode("auto") != "online":
+        return "W&B is offline: nothing uploaded"
+    import wandb
+
+    run = wandb.init(project=project, job_type="report", name="comparison")
+    table = wandb.Table(columns=HEADER, data=[table_cells(row) for row in rows])
+    run.log({"comparison": table, **{p.stem: wandb.Image(str(p)) for p in plots}})
+    url = run.url
+    run.finish()
+    # A W&B Report (the page) needs the wandb-workspaces package, not a dependency here.
+    return f"logged the comparison table to {url}"
+
+
+def make_report(paths: list[str], out: str, wandb_project: str = "wsss") -> dict:
+    records, sweeps = collect(paths)
+    rows = comparison_rows(records)
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tables(rows, records, directory)
+    plots = write_plots(sweeps, rows, directory)
+    return {"rows": len(rows), "records": len(records), "out": str(directory),
+            "plots": [str(p) for p in plots], "wandb": log_to_wandb(rows, plots, wandb_project)}
+
+
+def _configuration(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NOT_CONFIGURATION}
+
+
+def _identity(values: dict) -> str:
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def _shown_params(config: dict) -> dict:
+    """lr, epochs and every method setting, flattened to override keys."""
+    shown = {"lr": config["lr"], "epochs": config["epochs"]}
+    for section, values in config.get("sections", {}).items():
+        shown.update({f"{section}.{k}": v for k, v in values.items()})
+    return shown
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---- command line ------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("dirs", nargs="+", metavar="SWEEP_OR_RUN_DIR", help="sweep or run directories")
+    parser.add_argument("--out", required=True, help="directory for tables and plots")
+    parser.add_argument("--wandb-project", default="wsss", help="W&B project when W&B is online")
+
+
+def main(args) -> int:
+    summary = make_report(args.dirs, args.out, args.wandb_project)
+    print((Path(args.out) / "table.md").read_text())
+    print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
+    return 0
