@@ -223,6 +223,18 @@ def test_ray_train_dataset_joins_pseudo_labels(ray_local, shards):
     assert rows == ROWS
 
 
+def test_ray_shard_order_is_reshuffled_each_epoch(ray_local, shards):
+    import ray.data
+
+    from wsss.platform.data import ShardDatasource
+
+    manifest = read_manifest(str(shards / "images"))
+    dataset = ray.data.read_datasource(ShardDatasource(manifest, "train", ["id"], seed=0))
+    epochs = [[row["id"] for row in dataset.iter_rows()] for _ in range(3)]
+    assert all(sorted(ids) == sorted(source_by_id("train")) for ids in epochs)
+    assert len({tuple(ids) for ids in epochs}) > 1
+
+
 def test_ray_checksum_mismatch_is_caught_before_building(ray_local, shards, tmp_path):
     from wsss.platform.data import eval_dataset, train_dataset
 

@@ -239,6 +239,14 @@ def test_existing_sweep_name_needs_resume(shards, tmp_path):
         run_sweep(tiny_config(shards, tmp_path), trials=2, name="taken")
 
 
+def test_resume_needs_tune_state(shards, tmp_path):
+    from wsss.tuning.tune import run_sweep, write_json
+
+    write_json(str(tmp_path / "early" / "sweep.json"), {"name": "early"})  # killed before Tune started
+    with pytest.raises(ConfigError, match="no Tune experiment state"):
+        run_sweep(tiny_config(shards, tmp_path), trials=2, name="early", resume=True)
+
+
 def test_cli_requires_method_data_trials_unless_resuming(shards, tmp_path):
     from wsss.cli import main
 
@@ -379,3 +387,67 @@ def test_killed_driver_resumes_and_finishes_the_requested_trials(ray_local, shar
         again = next(f for f in finals if f["trial_id"] == done["trial_id"])
         assert again["miou"] == done["miou"]
         assert len(list((sweep_dir / "train" / done["trial_id"]).glob("checkpoint_*/"))) == 1
+
+
+# ---- report from run directories -----------------------------------------------------
+
+def write_run(storage: Path, name: str, mious: list[float], *, full: float | None = None,
+              image: bool = False, **values) -> Path:
+    """A run directory as `wsss train` leaves it: one checkpoint per epoch (a stand-in module)."""
+    import torch
+    from PIL import Image
+
+    from wsss.platform.checkpoints import save_checkpoint
+
+    config = TrainConfig(**{"method": "cam", **values}).to_dict()
+    module = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    run = storage / name
+    for epoch, miou in enumerate(mious, start=1):
+        folder = run / f"checkpoint_2026-01-01_00-00-0{epoch}"
+        folder.mkdir(parents=True)
+        save_checkpoint(folder, module, optimizer, epoch=epoch, step=epoch, config=config,
+                        dataset={"name": "synthetic", "classes": ["background", "a"]},
+                        metrics={"epoch": epoch, "miou": miou, "threshold": 0.3})
+    if full is not None:
+        (run / "results.json").write_text(json.dumps({"miou": full}))
+    if image:
+        media = run / "wandb" / "offline-run-1" / "files" / "media" / "images"
+        media.mkdir(parents=True)
+        Image.new("RGB", (64, 48), "red").save(media / "cam_overlay_1.png")
+    return run
+
+
+def test_report_table_over_seeds_from_run_directories(tmp_path):
+    from wsss.tuning.report import make_report
+
+    runs = tmp_path / "runs"
+    write_run(runs, "cam-s0", [0.20, 0.30], seed=0, lr=0.02, full=0.36)
+    write_run(runs, "cam-s1", [0.25, 0.34], seed=1, lr=0.02, full=0.38, image=True)  # the best seed
+    write_run(runs, "cam-other", [0.31], seed=0, lr=0.05)  # one seed of a worse configuration
+    write_run(runs, "fsae-s0", [0.40], method="cam+fsae", seed=0, **{"sections": {}})
+    result = make_report([str(runs)], str(tmp_path / "out"))
+    assert result["rows"] == 2 and result["records"] == 4
+    table = (tmp_path / "out" / "table.md").read_text().splitlines()
+    cam = next(line for line in table if line.startswith("| cam |"))
+    # best configuration (lr 0.02, mean 0.32 over 2 seeds) beats the single 0.31 run
+    assert "| 32.00 ± 2.83 | 2 | 37.00 |" in cam and "lr=0.02" in cam
+    fsae = next(line for line in table if line.startswith("| cam+fsae |"))
+    assert "| 40.00 | 1 | — |" in fsae and "fsae.kernel=3" in fsae
+    rows = (tmp_path / "out" / "table.csv").read_text().splitlines()
+    assert rows[0].startswith("method,dataset,miou_mean,miou_std,seeds") and len(rows) == 3
+    overlays = list((tmp_path / "out" / "overlays").glob("*.png"))
+    assert [p.name for p in overlays] == ["cam-synthetic.png"]
+    assert "W&B is offline" in result["wandb"]
+
+
+def test_report_errors_name_the_directory(tmp_path):
+    from wsss.tuning.report import make_report
+
+    (tmp_path / "empty").mkdir()
+    for location, message in [(tmp_path / "absent", "no such directory"),
+                              (tmp_path / "empty", "holds no sweep"),
+                              ("s3://bucket/sweep", "reads local directories")]:
+        with pytest.raises(ConfigError, match=message) as error:
+            make_report([str(location)], str(tmp_path / "out"))
+        assert str(location) in str(error.value)

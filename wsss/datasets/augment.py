@@ -110,9 +110,7 @@ def decode_label_map(data: bytes | None, sample_id: str, what: str, size: tuple[
         raise DataError(sample_id, f"no {what} for this image, but the pipeline needs one")
     try:
         array = decode_mask(data)
-    except DataError:
-        raise
-    except Exception as error:
+    except Exception as error:  # PIL's many error types, and decode_mask's ValueError
         raise DataError(sample_id, f"{what} bytes cannot be decoded ({type(error).__name__}: {error})") from None
     if array.shape != size:
         raise DataError(sample_id, f"{what} is {array.shape[0]}x{array.shape[1]} but the image is "

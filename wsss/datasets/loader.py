@@ -1,9 +1,9 @@
 """Shards without Ray: pyarrow reads, the numpy transforms, and a torch DataLoader.
 
 The plain (non-Ray) training loop and the ingest benchmark read through here; the Ray
-Data pipeline in `wsss.platform.data` applies the same transforms, and reuses
-`read_shard` for pseudo-label joins. Files are the unit of parallelism: DataLoader
-workers (and data-parallel ranks) each take every n-th file of the split.
+Data pipeline in `wsss.platform.data` reads each shard with `read_shard` too and applies
+the same transforms. Files are the unit of parallelism here: DataLoader workers (and
+data-parallel ranks) each take every n-th file of the split.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-
 # ITU-R 601-2 luma, the weights PIL uses for greyscale.
 LUMA = np.array([0.299, 0.587, 0.114])
 

@@ -301,9 +301,10 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
     files = images.files(split)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    cam_actors = cam_actors or gpus or 1
-    crf_actors = crf_actors or max(1, cpus - (0 if gpus else cam_actors))
-    # Autoscaling pools (from one actor): fixed pools holding every CPU would starve the other stage.
+    # Autoscaling pools from one actor each, so both stages always progress; Ray Data grows
+    # whichever has work queued into the free CPUs (fixed pools would starve one another).
+    cam_actors = cam_actors or gpus or max(1, cpus - 1)
+    crf_actors = crf_actors or max(1, cpus - (gpus or 1))
     labeled = (ray.data.from_items([{"file": i, "uri": uri} for i, uri in enumerate(files)],
                                    override_num_blocks=len(files))
                .map_batches(CAMStage, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
@@ -326,9 +327,10 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
             ignored, pixels = ignored + int(batch["ignored"].sum()), pixels + int(batch["pixels"].sum())
             for file_index in [f for f, rows in pending.items() if len(rows) == expected[f]]:
                 rows = pending.pop(file_index)
-                writer.write(file_index, [rows[r][0] for r in range(len(rows))], [rows[r][1] for r in range(len(rows))])
+                ids, masks = zip(*(rows[r] for r in range(len(rows))))
+                writer.write(file_index, list(ids), list(masks))
         source = {"kind": "pseudo-labels", "images": images.location, "split": split, "checkpoint": checkpoint,
-                  **asdict(settings), "ignored_fraction": ignored / max(1, pixels),
+                  **asdict(settings), "scales": list(settings.scales), "ignored_fraction": ignored / max(1, pixels),
                   "quality": _quality(confusion, with_mask, images.num_classes + 1)}
         writer.publish(source)
     return source
@@ -359,8 +361,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bg", type=float, default=0.05, help="irn background threshold δ_bg")
     parser.add_argument("--scales", default=",".join(str(s) for s in FULL_SCALES))
     parser.add_argument("--no-flip", action="store_true")
-    parser.add_argument("--cam-actors", type=int, default=None, help="default: GPUs, else 1")
-    parser.add_argument("--crf-actors", type=int, default=None, help="default: the remaining CPUs")
+    parser.add_argument("--cam-actors", type=int, default=None, help="most CAM actors (default: GPUs, else CPUs - 1)")
+    parser.add_argument("--crf-actors", type=int, default=None, help="most CRF actors (default: CPUs - GPUs, as each "
+                                                                      "GPU's CAM actor holds a CPU; else CPUs - 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace pseudo-labels already at --out")
 
 

@@ -57,16 +57,18 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
     settings written to sweep.json, before Ray starts any trial.
     """
     name = name or f"tune-{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    sweep_dir = join(config.storage_path, name)
+    sweep_dir = join(config.storage_path, name)  # absolute path or URI
     settings = {"name": name, "trials": trials, "space": space_specs or {}, "scheduler": scheduler,
                 "concurrency": concurrency, "seed": seed,
                 "study_storage": study_storage or default_study_storage(sweep_dir, name),
                 "config": config.to_dict()}
     space = _validate(config, settings)
     if resume:
-        saved = read_json(join(sweep_dir, SWEEP_FILE))
-        if saved is None:
+        if read_json(join(sweep_dir, SWEEP_FILE)) is None:
             raise ConfigError(f"--resume: no sweep {name!r} at {sweep_dir} (no {SWEEP_FILE})")
+        if not tune.Tuner.can_restore(sweep_dir):
+            raise ConfigError(f"--resume: {sweep_dir} holds no Tune experiment state to restore; "
+                              f"start the sweep again under a new --name")
     elif read_json(join(sweep_dir, SWEEP_FILE)) is not None:
         raise ConfigError(f"--name {name}: a sweep already exists at {sweep_dir}; add --resume to "
                           f"continue it or choose another name")
@@ -79,12 +81,8 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), train_storage=join(sweep_dir, "train")),
         trial_resources())
-    experiment = canonical(sweep_dir)
     if resume:
-        if not tune.Tuner.can_restore(experiment):
-            raise ConfigError(f"--resume: {sweep_dir} holds no Tune experiment state to restore; "
-                              f"start the sweep again under a new --name")
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -120,7 +118,7 @@ def ensure_ray() -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
         return
     port = free_port()
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(include_dashboard=True, dashboard_port=port, configure_logging=False)
 
 
