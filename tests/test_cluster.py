@@ -74,3 +74,75 @@ def test_every_node_installs_this_project(cluster):
 def test_dashboard_is_reached_only_through_an_ssh_tunnel(cluster):
     start = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
+
+
+# ---- `ray job submit` against a head started by the test -------------------------------
+
+@pytest.fixture(scope="module")
+def local_head(tmp_path_factory):
+    """`ray start --head` on 127.0.0.1 with the head's driver resource, stopped by killing
+    its own process group (never `ray stop`, which would stop every Ray on the machine)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from wsss.tuning.tune import free_port
+
+    port, dashboard = free_port(), free_port()
+    # token authentication on, as on a real cluster; the CLI reads the token from ~/.ray
+    env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "token"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", f"--resources={{\"{HEAD_DRIVER_RESOURCE}\": 10}}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # up, and asking for Ray's auth token
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise TimeoutError("the Ray head's dashboard did not come up") from None
+                time.sleep(2)
+        yield {"address": address, "env": env, "ray": ray_cli}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_tiny_sweep(local_head, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from wsss.datasets.prepare import prepare
+
+    prepare("synthetic", tmp_path / "tree", tmp_path / "shards", preset="test")
+    storage = tmp_path / "sweeps"
+    entrypoint = (f"{sys.executable} -m wsss tune --method cam --data {tmp_path / 'shards'} --trials 1 "
+                  f"--storage-path {storage} --name job --no-eval epochs=1 batch_size=8 crop_size=64 "
+                  f"backbone=resnet18 backbone_weights=none eval_max_images=4 wandb=offline")
+    submitted = subprocess.run(
+        [local_head["ray"], "job", "submit", "--address", local_head["address"],
+         "--working-dir", str(CLUSTER_YAML.parent), "--entrypoint-resources",
+         json.dumps({HEAD_DRIVER_RESOURCE: 1}), "--", *entrypoint.split()],
+        env=local_head["env"], capture_output=True, text=True, timeout=800)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "succeeded" in submitted.stdout
+    best = json.loads((storage / "job" / "best.json").read_text())
+    assert best["finished"] == 1 and 0.0 <= best["miou"] <= 1.0

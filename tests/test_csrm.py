@@ -422,6 +422,7 @@ def ddp_worker(rank: int, world_size: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes importing torch: 20-60 s on a shared 2-core machine
 def test_two_ddp_replicas_end_with_identical_banks_and_teachers(tmp_path):
     mp.start_processes(ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     states = [torch.load(tmp_path / f"state{rank}.pt") for rank in range(2)]

@@ -11,7 +11,7 @@ striped ellipse (the body) with a small head on its rim. The problems WSSS metho
 to fix are built in on purpose:
 
 (a) Discriminative part. Bodies look alike for every class (same stripe texture, same
-    colour distribution); only the head (~10-30% of the object) tells the class, by its
+    colour distribution); only the head (~5-15% of the object) tells the class, by its
     colour and shape. A classifier needs nothing but the head, so its CAM covers the
     head only, while the mask labels head and body.
 (b) Context leak. "boat" stands on a wavy blue "water" region in 90% of its images;
@@ -90,8 +90,8 @@ def render_image(seed: int, split: str, index: int, size: int) -> SyntheticImage
     placed: list[tuple[np.ndarray, float]] = []  # (centre (y, x), semi-major axis) of each object
     heads = []
     for cls in classes:
-        semi_major = size * rng.uniform(0.11, 0.2)
-        semi_minor = semi_major * rng.uniform(0.55, 0.9)
+        semi_major = size * rng.uniform(0.16, 0.28)
+        semi_minor = semi_major * rng.uniform(0.55, 0.85)
         centre = _place(rng, cls, placed, size, semi_major, horizon if cls == BOAT and has_water else None)
         placed.append((centre, semi_major))
         body, head = _object_shape(rng, cls, centre, semi_major, semi_minor, yy, xx, size)

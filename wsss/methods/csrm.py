@@ -19,6 +19,12 @@ ClassMix of it} (no "mixed" during warm-up). The teacher runs inside `views` on 
 view: its CAMs go to the CRF workers first (`csrm_pseudo`), then its decoders run while the
 CRF works; L_s (the only term needing the CRF) is computed last.
 
+Entropy groups follow α_t = α₀·(1 − share of training done) (Sec. 3.2.4-3.2.5): L_u keeps the
+teacher's pixels up to the (1 − α_t)-quantile of entropy (Eq. 11); L_m draws queries from
+pixels up to the α_t-quantile and bank negatives from pixels above the (1 − α_t)-quantile.
+The paper's "confidence lower than 1%" for negatives is not applied: with the rank rule
+(a) it would admit almost no high-entropy pixel; the issue specifies the ranks only.
+
 Resolutions: L_s at the input size (logits upsampled, as stage 2 does); L_s2c, L_u and L_m
 at the decoders' output size (a quarter of the input), where the teacher's predictions are.
 
@@ -56,7 +62,8 @@ from wsss.platform.crf import PRESETS
 class CSRMConfig:
     """CSRM hyperparameters; defaults are the paper's (Sec. 4) unless a comment says otherwise."""
 
-    warmup_epochs: float = 1.0  # epochs with λ_s2c = λ_u = λ_m = 0 and teacher = student (authors' code; the paper gives none)
+    # epochs with λ_s2c = λ_u = λ_m = 0 and teacher = student (the authors' code; the paper gives no length)
+    warmup_epochs: float = 1.0
     fg_threshold: float = 0.35  # δ_fg: CAM above it (after CRF) is foreground (Eq. 6)
     bg_threshold: float = 0.05  # δ_bg: CAM at most it (after CRF) is background; between: 255 (Eq. 6)
     crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.platform.crf)
@@ -88,7 +95,8 @@ class CSRMConfig:
                 raise ValueError(f"csrm.{key}={getattr(self, key)!r}: {why}")
 
         check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
-        check(0 <= self.bg_threshold < self.fg_threshold <= 1, "fg_threshold", "need 0 <= bg_threshold < fg_threshold <= 1")
+        check(0 <= self.bg_threshold < self.fg_threshold <= 1, "fg_threshold",
+              "need 0 <= bg_threshold < fg_threshold <= 1")
         check(self.crf_preset in PRESETS, "crf_preset", f"must be one of {sorted(PRESETS)}")
         check(self.crf_workers >= -1, "crf_workers", "must be >= -1")
         for key in ("s2c_weight", "unsup_weight", "contrast_weight"):
@@ -107,7 +115,8 @@ class CSRMConfig:
 
 class CSRMNetwork(nn.Module):
     """Backbone + classification, segmentation and representation branches (Eqs. 1, 3, 4):
-    {"features", "cam_logits" [B,K,h,w], "seg_logits" [B,K+1,H/4,W/4], "representation" [B,D,H/4,W/4]}."""
+    {"features", "cam_logits" [B,K,h,w], "seg_logits" [B,K+1,H/4,W/4],
+     "representation" [B,D,H/4,W/4]}."""
 
     def __init__(self, num_classes: int, backbone: BackboneConfig, representation_dim: int):
         super().__init__()

@@ -12,6 +12,7 @@ first use (spawned processes: safe beside CUDA and Ray threads).
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -72,8 +73,14 @@ def default_workers() -> int:
 
 def _pool(workers: int) -> ProcessPoolExecutor:
     if workers not in _POOLS:
-        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=_single_threaded_worker)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_single_threaded_worker)
+        # Shut down before multiprocessing joins child processes at exit (inside a
+        # multiprocessing.Process that join comes before the executor's own exit hook and
+        # would wait forever on the idle workers), and before the queues' feeder threads
+        # close (priority 10), which carry the workers' stop signals.
+        multiprocessing.util.Finalize(pool, pool.shutdown, kwargs={"cancel_futures": True}, exitpriority=100)
+        _POOLS[workers] = pool
     return _POOLS[workers]
 
 

@@ -50,7 +50,7 @@ def train_worker(loop_config: dict) -> None:
     method = build_method(config.method, len(dataset["classes"]) - 1, config.sections,
                           config.backbone_config).to(device)
     method.on_dataset(DatasetStats(num_images=dataset["num_images"],
-                                   image_labels=torch.from_numpy(loop_config["image_labels"])))
+                                   image_labels=torch.tensor(loop_config["image_labels"])))
     method.to(device)
     if context.get_world_size() > 1:
         method.distribute(lambda net: ray.train.torch.prepare_model(
