@@ -81,25 +81,31 @@ def test_dashboard_is_reached_only_through_an_ssh_tunnel(cluster):
 @pytest.fixture(scope="module")
 def local_head(tmp_path_factory):
     """`ray start --head` on 127.0.0.1 with the head's driver resource, stopped by killing
-    its own process group (never `ray stop`, which would stop every Ray on the machine)."""
+    its own process group (never `ray stop`, which would stop every Ray on the machine).
+    Its own temp dir keeps it out of /tmp/ray/ray_current_cluster, which every later
+    `ray.init()` on the machine would otherwise try to join."""
     import os
+    import shutil
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
     import urllib.error
     import urllib.request
 
     from wsss.tuning.tune import free_port
 
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent, client = (free_port() for _ in range(4))  # defaults may be taken
     # token authentication on, as on a real cluster; the CLI reads the token from ~/.ray
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "token"}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray puts sockets in it
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+        [ray_cli, "start", "--head", "--block", f"--temp-dir={temp_dir}", f"--port={port}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
          "--num-cpus=2", f"--resources={{\"{HEAD_DRIVER_RESOURCE}\": 10}}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -122,6 +128,7 @@ def local_head(tmp_path_factory):
             head.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -129,6 +136,7 @@ def test_ray_job_submit_runs_a_tiny_sweep(local_head, tmp_path):
     import json
     import subprocess
     import sys
+    import time
 
     from wsss.datasets.prepare import prepare
 
@@ -137,11 +145,15 @@ def test_ray_job_submit_runs_a_tiny_sweep(local_head, tmp_path):
     entrypoint = (f"{sys.executable} -m wsss tune --method cam --data {tmp_path / 'shards'} --trials 1 "
                   f"--storage-path {storage} --name job --no-eval epochs=1 batch_size=8 crop_size=64 "
                   f"backbone=resnet18 backbone_weights=none eval_max_images=4 wandb=offline")
-    submitted = subprocess.run(
-        [local_head["ray"], "job", "submit", "--address", local_head["address"],
-         "--working-dir", str(CLUSTER_YAML.parent), "--entrypoint-resources",
-         json.dumps({HEAD_DRIVER_RESOURCE: 1}), "--", *entrypoint.split()],
-        env=local_head["env"], capture_output=True, text=True, timeout=800)
+    for _ in range(12):  # the head's job agent registers a little after its dashboard is up
+        submitted = subprocess.run(
+            [local_head["ray"], "job", "submit", "--address", local_head["address"],
+             "--working-dir", str(CLUSTER_YAML.parent), "--entrypoint-resources",
+             json.dumps({HEAD_DRIVER_RESOURCE: 1}), "--", *entrypoint.split()],
+            env=local_head["env"], capture_output=True, text=True, timeout=800)
+        if "No available agent" not in submitted.stderr:
+            break
+        time.sleep(5)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout
     best = json.loads((storage / "job" / "best.json").read_text())

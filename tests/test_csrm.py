@@ -4,6 +4,7 @@ really mixes, the FIFO bank, CRF pseudo-labels, checkpoints, two DDP replicas, a
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -414,7 +415,7 @@ def test_teacher_and_bank_survive_a_state_dict_round_trip():
 def ddp_worker(rank: int, world_size: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
-    method = make_method()
+    method = make_method(crf_workers=1)  # a CRF pool inside a multiprocessing child must not block its exit
     method.distribute(lambda net: DistributedDataParallel(net, find_unused_parameters=method.find_unused_parameters))
     train(method, steps=2, seed=100 + rank)  # different data on each replica
     torch.save({k: v for k, v in method.state_dict().items() if k.startswith(("teacher.", "negative_bank."))},
@@ -424,7 +425,13 @@ def ddp_worker(rank: int, world_size: int, folder: str) -> None:
 
 @pytest.mark.slow  # two spawned processes importing torch: 20-60 s on a shared 2-core machine
 def test_two_ddp_replicas_end_with_identical_banks_and_teachers(tmp_path):
-    mp.start_processes(ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    context = mp.start_processes(ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 400
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DDP workers did not exit (a CRF process pool left running blocks the exit)")
     states = [torch.load(tmp_path / f"state{rank}.pt") for rank in range(2)]
     assert states[0].keys() == states[1].keys()
     for key in states[0]:

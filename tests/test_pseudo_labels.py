@@ -3,23 +3,27 @@ job end to end from a real (tiny) stage-1 checkpoint on a real local Ray."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from wsss.datasets.base import DataError
 from wsss.datasets.loader import pseudo_label_files, read_shard
-from wsss.datasets.shards import decode_mask, encode_mask, read_manifest
+from wsss.datasets.shards import decode_mask, read_manifest
+from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.pseudo_labels import (
     DEFAULT_THRESHOLD,
-    LabelShardWriter,
     PseudoLabelSettings,
+    add_arguments,
     checkpoint_threshold,
     generate_pseudo_labels,
+    main,
     pseudo_label,
 )
 
@@ -103,6 +107,24 @@ def test_checkpoint_threshold_comes_from_checkpoint_json(tmp_path):
     assert checkpoint_threshold(str(tmp_path / "nowhere")) is None
 
 
+def test_rows_arriving_in_any_order_come_back_per_file_in_row_order():
+    rows_per_file = [3, 1, 4]
+    keyed = [(file, row) for file, count in enumerate(rows_per_file) for row in range(count)]
+    order = np.random.default_rng(0).permutation(len(keyed))
+    assembler, completed = RowAssembler(rows_per_file), {}
+    for index in order:
+        file, row = keyed[index]
+        values = assembler.add(file, row, f"{file}:{row}")
+        if values is not None:
+            completed[file] = values
+    assert completed == {file: [f"{file}:{row}" for row in range(count)] for file, count in enumerate(rows_per_file)}
+    with pytest.raises(ValueError, match="row 3 of image shard 0, which has 3 rows"):
+        assembler.add(0, 3, "x")
+    assembler.add(2, 0, "x")
+    with pytest.raises(ValueError, match="row 0 of image shard 2 arrived twice"):
+        assembler.add(2, 0, "x")
+
+
 # ---- the atomic writer -------------------------------------------------------------------
 
 def ground_truth_rows(uri):
@@ -180,8 +202,7 @@ def corrupted_copy(shards: str, target: Path) -> str:
     table = pq.read_table(path)
     images = table.column("image").to_pylist()
     images[3] = b"not an image"
-    table = table.set_column(table.schema.get_field_index("image"), "image",
-                             __import__("pyarrow").array(images, __import__("pyarrow").binary()))
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
     pq.write_table(table, path)
     data = path.read_bytes()
     entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
@@ -216,7 +237,7 @@ def test_job_writes_label_shards_mirroring_the_image_shards(ray_local, shards, c
 
 
 @pytest.mark.slow
-def test_failed_job_leaves_no_output_and_a_rerun_works(ray_local, shards, checkpoint, tmp_path):
+def test_failed_job_leaves_no_output_and_a_rerun_works(ray_local, shards, checkpoint, tmp_path, capsys):
     out = tmp_path / "labels"
     broken = corrupted_copy(shards, tmp_path / "broken")
     with pytest.raises(Exception, match="cannot be decoded"):
@@ -227,7 +248,11 @@ def test_failed_job_leaves_no_output_and_a_rerun_works(ray_local, shards, checkp
     first = read_manifest(str(out))
     with pytest.raises(DataError, match="manifest exists"):
         generate_pseudo_labels(checkpoint, shards, str(out), scales=(1.0,), flip=False)
-    generate_pseudo_labels(checkpoint, shards, str(out), mode="irn", scales=(1.0,), flip=False, overwrite=True)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the `wsss pseudo-labels` command
+    main(parser.parse_args(["--checkpoint", checkpoint, "--data", shards, "--out", str(out), "--mode", "irn",
+                            "--scales", "1.0", "--no-flip", "--overwrite"]))
+    assert f"wrote {first.rows('train')} pseudo-labels (irn)" in capsys.readouterr().out
     second = read_manifest(str(out))
     assert second.source["mode"] == "irn" and second.rows("train") == first.rows("train")
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train"]

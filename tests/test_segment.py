@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +99,7 @@ def shards(tmp_path_factory):
 def pseudo_labels(shards, tmp_path_factory):
     """Label shards made from the ground-truth masks (stage 2 does not care where labels
     come from; `test_pseudo_labels.py` covers the CAM job)."""
-    from wsss.platform.pseudo_labels import LabelShardWriter
+    from wsss.platform.label_shards import LabelShardWriter
 
     images = read_manifest(shards)
     out = str(tmp_path_factory.mktemp("labels") / "gt")
@@ -163,7 +162,7 @@ def test_segment_command_with_ocr_resumes_by_name_and_writes_results(ray_local, 
 
 def test_segment_refuses_pseudo_labels_of_another_split_before_training(shards, tmp_path):
     from wsss.datasets.base import DataError
-    from wsss.platform.pseudo_labels import LabelShardWriter
+    from wsss.platform.label_shards import LabelShardWriter
 
     images = read_manifest(shards)
     out = str(tmp_path / "labels")

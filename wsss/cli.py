@@ -1,4 +1,4 @@
-"""The `wsss` command: prepare, train, evaluate, demo, tune, report.
+"""The `wsss` command: prepare, train, evaluate, demo, pseudo-labels, segment, tune, report.
 
 Every command validates its arguments (config keys, data manifest, checkpoint) before
 Ray starts, so a typo costs a second, not a cluster start-up.
@@ -7,9 +7,9 @@ Ray starts, so a typo costs a second, not a cluster start-up.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
-import os
 import sys
 
 
@@ -28,12 +28,12 @@ def _prepare(args) -> int:
 def _train(args) -> int:
     from wsss.datasets.shards import read_manifest
     from wsss.platform.config import load_config
+    from wsss.platform.runtime import ensure_ray
+    from wsss.platform.train import fit
 
     config = load_config(args.config, args.overrides, method=args.method, data=args.data)
     read_manifest(config.data)  # bad data fails here, before Ray starts
-    _init_ray()
-    from wsss.platform.train import fit
-
+    ensure_ray()
     result = fit(config)
     print(json.dumps({"run": result.path, "checkpoint": result.checkpoint.path if result.checkpoint else None,
                       "metrics": _scalars(result.metrics)}, indent=2))
@@ -43,12 +43,12 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from wsss.datasets.shards import read_manifest
     from wsss.platform.checkpoints import load_method
-
-    load_method(args.checkpoint)
-    read_manifest(args.data)
-    _init_ray()
     from wsss.platform.evaluate import evaluate_checkpoint, results_table
+    from wsss.platform.runtime import ensure_ray
 
+    load_method(args.checkpoint)  # a bad checkpoint or data URI fails before Ray starts
+    read_manifest(args.data)
+    ensure_ray()
     scales = tuple(float(s) for s in args.scales.split(","))
     results = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, scales=scales,
                                   flip=not args.no_flip, crf=args.crf, max_images=args.max_images,
@@ -73,14 +73,6 @@ def _literal(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-
-
-def _init_ray() -> None:
-    """Joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
 
 
 def _scalars(metrics: dict | None) -> dict:
@@ -128,24 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds per method (table shows mean ± std)")
     p.set_defaults(run=_demo)
 
-    for name in ("tune", "report"):
-        module = _optional_module(f"wsss.tuning.{name}")
-        if module is not None:
-            p = commands.add_parser(name, help=(module.__doc__ or name).splitlines()[0])
-            module.add_arguments(p)
-            p.set_defaults(run=module.main)
+    # Commands whose arguments live beside their implementation.
+    for name, module_name in (("pseudo-labels", "wsss.platform.pseudo_labels"),
+                              ("segment", "wsss.platform.segmentation"),
+                              ("tune", "wsss.tuning.tune"), ("report", "wsss.tuning.report")):
+        module = importlib.import_module(module_name)
+        p = commands.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(run=module.main)
     return parser
-
-
-def _optional_module(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        if error.name == name:
-            return None
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,9 @@ def _check_image(image) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         kind = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"dense CRF: image must be a uint8 numpy array [H,W,3], got {kind}")
-    return np.ascontiguousarray(image)  # pydensecrf reads the raw buffer
+    # pydensecrf takes the raw buffer through a writable memoryview: copy read-only arrays
+    # (np.asarray of a PIL image, Ray Data rows) and non-contiguous ones.
+    return np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
 def _preset(name: str) -> CRFPreset:

@@ -7,17 +7,16 @@ table with the trivial all-background prediction as the floor every method must 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from wsss.datasets.prepare import prepare
 from wsss.datasets.shards import read_manifest
 from wsss.platform.config import TrainConfig
 from wsss.platform.evaluate import evaluate_checkpoint
 from wsss.platform.metrics import miou
+from wsss.platform.runtime import ensure_ray
 from wsss.platform.train import fit, wandb_dir
 
 # Small enough for 2 CPUs in minutes, big enough for CAMs to mean something.
@@ -65,8 +64,7 @@ def run_demo(out: str = "wsss-demo", methods=("cam",), epochs: int | None = None
         prepare("synthetic", str(out_dir / "synthetic"), data, preset=preset)
     configs = [demo_config(m, data, str(out_dir / "runs"), preset, epochs, seed)  # validate all first
                for m in methods for seed in range(seeds)]
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), configure_logging=False)
+    ensure_ray()
     runs = []
     for config in configs:
         print(f"[2/3] training {config.method} (seed {config.seed}) for {config.epochs} epochs on Ray Train")

@@ -12,45 +12,36 @@ to go faster) -> the driver collects the label PNGs by (file, row) and writes th
 each image shard as soon as all its rows are in. Rows are keyed, not ordered, so the output
 mirrors the input file for file and row for row whatever order the actors finish in.
 
-Output: Parquet shards (columns `id`, `mask` = mode-L PNG, 255 = ignore) at the same relative
-paths as the image shards, and a manifest in the shard format, written last; its `source`
-holds the settings and, where the split has ground truth, the pseudo-masks' mIoU.
+Output: pseudo-label shards (`wsss.platform.label_shards`: `id` + mode-L PNG `mask` per row,
+at the image shards' relative paths) and a manifest written last; its `source` holds the
+settings and, where the split has ground truth, the pseudo-masks' mIoU.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
-from pyarrow import fs as pafs
 
 from wsss.datasets.augment import decode_image, decode_label_map, multi_hot
-from wsss.datasets.base import DataError
+from wsss.datasets.base import IGNORE_INDEX, DataError
 from wsss.datasets.loader import read_shard, to_numpy
-from wsss.datasets.shards import MANIFEST_NAME, Manifest, check_writable, encode_mask, read_manifest
-from wsss.datasets.storage import canonical, join, resolve
+from wsss.datasets.shards import Manifest, check_writable, encode_mask, read_manifest, verify_checksums
+from wsss.datasets.storage import join, resolve
 from wsss.methods.csrm_pseudo import cam_pseudo_label
 from wsss.platform.cams import FULL_SCALES, image_tensor, normalized_cams
 from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint_dir, load_method
 from wsss.platform.evaluate import crf_prediction
+from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
-
-logger = logging.getLogger(__name__)
 
 MODES = ("crf", "irn")
 DEFAULT_THRESHOLD = 0.25  # crf background score when neither --threshold nor the checkpoint gives one
-IGNORE_INDEX = 255
-LABEL_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("mask", pa.binary(), nullable=False)])
 IMAGE_COLUMNS = ["id", "image", "labels", "height", "width", "mask"]
 ROWS_PER_CALL = 8  # rows the CAM actor emits at a time: small blocks keep the CRF actors busy early
 
@@ -106,108 +97,6 @@ def checkpoint_threshold(checkpoint: str) -> float | None:
         return None
     threshold = info.get("metrics", {}).get("threshold")
     return float(threshold) if isinstance(threshold, (int, float)) else None
-
-
-class LabelShardWriter:
-    """Pseudo-label shards mirroring one split of image shards, published atomically.
-
-    `write(index, ids, masks)` stages the mirror of the split's index-th image shard in a
-    hidden folder; `publish(source)` moves the files into place and writes the manifest
-    last (temp name, then move). Leaving the `with` block unpublished, by an exception
-    (Ctrl-C included) or otherwise, deletes everything staged or placed: a failed job
-    leaves nothing readable and nothing to clean up.
-    """
-
-    def __init__(self, out: str, images: Manifest, split: str, overwrite: bool = False):
-        self.location = canonical(out)
-        if self.location.rstrip("/") == images.location.rstrip("/"):
-            raise DataError(out, "pseudo-labels would overwrite the image shards: choose another --out")
-        images.rows(split)  # DataError naming a missing split
-        check_writable(self.location, overwrite)
-        self.images, self.split, self.overwrite = images, split, overwrite
-        self.expected = images.splits[split]["files"]
-        self.fs, self.root = resolve(self.location)
-        run = uuid.uuid4().hex
-        self.staging, self.temp_manifest = f"{self.root}/.staging-{run}", f"{self.root}/.{MANIFEST_NAME}.{run}.tmp"
-        self.staged: dict[int, dict] = {}
-        self.placed: list[str] = []
-        self.replacing = False
-        self.published = False
-
-    def __enter__(self) -> "LabelShardWriter":
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        if not self.published:
-            self.abort()
-
-    def write(self, index: int, ids: list[str], masks: list[bytes]) -> None:
-        entry = self.expected[index]
-        if len(ids) != entry["rows"] or len(masks) != entry["rows"]:
-            raise DataError(join(self.images.location, entry["path"]),
-                            f"{len(ids)} pseudo-labels for a shard of {entry['rows']} rows")
-        table = pa.Table.from_pydict({"id": ids, "mask": masks}, schema=LABEL_SCHEMA)
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer, row_group_size=32, compression="none", use_dictionary=False)
-        data = buffer.getvalue().to_pybytes()
-        path = f"{self.staging}/{entry['path']}"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(path) as stream:
-            stream.write(data)
-        self.staged[index] = {"path": entry["path"], "rows": len(ids),
-                              "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-    def publish(self, source: dict) -> Manifest:
-        missing = [entry["path"] for index, entry in enumerate(self.expected) if index not in self.staged]
-        if missing:
-            raise DataError(self.location, f"pseudo-labels missing for image shard(s) {', '.join(missing)}")
-        files = [self.staged[index] for index in range(len(self.expected))]
-        images = self.images
-        manifest = Manifest(
-            location=self.location, dataset=images.dataset, classes=list(images.classes),
-            palette=[list(c) for c in images.palette], ignore_index=IGNORE_INDEX,
-            splits={self.split: {"rows": sum(f["rows"] for f in files), "files": files}},
-            skipped={"count": 0, "by_problem": {}, "items": []}, source=source,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        previous = self._previous_files()
-        self.replacing = True
-        self._delete(f"{self.root}/{MANIFEST_NAME}")  # from here on an old output is gone
-        for file in files:
-            target = f"{self.root}/{file['path']}"
-            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            self.fs.move(f"{self.staging}/{file['path']}", target)
-            self.placed.append(target)
-        with self.fs.open_output_stream(self.temp_manifest) as stream:
-            stream.write(json.dumps(manifest.to_json(), indent=1).encode())
-        self.fs.move(self.temp_manifest, f"{self.root}/{MANIFEST_NAME}")
-        self.published = True
-        self._delete_staging()
-        for path in set(previous) - set(self.placed):
-            self._delete(path)
-        return manifest
-
-    def abort(self) -> None:
-        for path in [*([f"{self.root}/{MANIFEST_NAME}"] if self.replacing else []), *self.placed,
-                     self.temp_manifest]:
-            self._delete(path)
-        self._delete_staging()
-
-    def _previous_files(self) -> list[str]:
-        if not self.overwrite:
-            return []
-        try:
-            old = read_manifest(self.location)
-        except DataError:
-            return []
-        return [f"{self.root}/{f['path']}" for entry in old.splits.values() for f in entry["files"]]
-
-    def _delete(self, path: str) -> None:
-        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
-            self.fs.delete_file(path)
-
-    def _delete_staging(self) -> None:
-        if self.fs.get_file_info(self.staging).type != pafs.FileType.NotFound:
-            self.fs.delete_dir(self.staging)
 
 
 class CAMStage:
@@ -298,6 +187,7 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
         threshold = checkpoint_threshold(checkpoint) or DEFAULT_THRESHOLD
     settings = PseudoLabelSettings(mode, threshold, fg_threshold, bg_threshold, tuple(scales), flip)
     images = _open_inputs(checkpoint, data, split, out, overwrite)
+    verify_checksums(images.location, images, split)  # a damaged shard fails here, not half way
     files = images.files(split)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
@@ -314,21 +204,19 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
                .map_batches(CRFStage, batch_size=1, num_cpus=1,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=crf_actors),
                             fn_constructor_kwargs=dict(settings=asdict(settings), num_classes=images.num_classes)))
-    expected = [entry["rows"] for entry in images.splits[split]["files"]]
-    pending: dict[int, dict[int, tuple[str, bytes]]] = {}
+    assembler = RowAssembler([entry["rows"] for entry in images.splits[split]["files"]])
     confusion = np.zeros((images.num_classes + 1) ** 2, np.int64)
     with_mask, ignored, pixels = 0, 0, 0
     with LabelShardWriter(out, images, split, overwrite) as writer:
         for batch in labeled.iter_batches(batch_size=None, batch_format="numpy"):
             for file_index, row, sample_id, png in zip(batch["file"], batch["row"], batch["id"], batch["mask"]):
-                pending.setdefault(int(file_index), {})[int(row)] = (str(sample_id), png)
+                complete = assembler.add(int(file_index), int(row), (str(sample_id), png))
+                if complete:
+                    ids, masks = zip(*complete)
+                    writer.write(int(file_index), list(ids), list(masks))
             confusion += batch["confusion"][batch["has_mask"]].sum(axis=0)
             with_mask += int(batch["has_mask"].sum())
             ignored, pixels = ignored + int(batch["ignored"].sum()), pixels + int(batch["pixels"].sum())
-            for file_index in [f for f, rows in pending.items() if len(rows) == expected[f]]:
-                rows = pending.pop(file_index)
-                ids, masks = zip(*(rows[r] for r in range(len(rows))))
-                writer.write(file_index, list(ids), list(masks))
         source = {"kind": "pseudo-labels", "images": images.location, "split": split, "checkpoint": checkpoint,
                   **asdict(settings), "scales": list(settings.scales), "ignored_fraction": ignored / max(1, pixels),
                   "quality": _quality(confusion, with_mask, images.num_classes + 1)}
@@ -368,13 +256,13 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from wsss.cli import _init_ray
+    from wsss.platform.runtime import ensure_ray
 
     scales = tuple(float(s) for s in args.scales.split(","))
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     PseudoLabelSettings(args.mode, threshold, args.fg, args.bg, scales)  # bad values fail before Ray starts
     _open_inputs(args.checkpoint, args.data, args.split, args.out, args.overwrite)
-    _init_ray()
+    ensure_ray()
     source = generate_pseudo_labels(args.checkpoint, args.data, args.out, split=args.split, mode=args.mode,
                                     threshold=args.threshold, fg_threshold=args.fg, bg_threshold=args.bg,
                                     scales=scales, flip=not args.no_flip, cam_actors=args.cam_actors,

@@ -193,7 +193,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from wsss.cli import _init_ray
+    from wsss.platform.runtime import ensure_ray
 
     scales = tuple(float(s) for s in args.scales.split(","))
     if args.checkpoint:
@@ -202,7 +202,7 @@ def main(args) -> int:
         load_method(args.checkpoint)
         read_manifest(args.data)
         checkpoint, data, split, out = args.checkpoint, args.data, args.split or "val", args.out
-        _init_ray()
+        ensure_ray()
     else:
         config = stage2_config(args.data, args.pseudo_labels, ocr=args.ocr, variant=args.variant,
                                config_file=args.config, overrides=args.overrides)
@@ -214,7 +214,7 @@ def main(args) -> int:
         if not split:
             raise ConfigError("no evaluation split: set --split or val_split")
         images.rows(split)
-        _init_ray()
+        ensure_ray()
         from wsss.platform.train import fit
 
         result = fit(config)
