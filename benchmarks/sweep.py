@@ -25,7 +25,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 from wsss.datasets.prepare import prepare  # noqa: E402
 from wsss.platform.config import TrainConfig  # noqa: E402
 from wsss.platform.train import fit  # noqa: E402
-from wsss.tuning.tune import ensure_ray, run_sweep  # noqa: E402
+from wsss.platform.runtime import ensure_ray  # noqa: E402
+from wsss.tuning.tune import run_sweep  # noqa: E402
 
 
 def trials_of(sweep_dir: Path) -> list[dict]:

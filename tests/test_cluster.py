@@ -78,6 +78,14 @@ def test_dashboard_is_reached_only_through_an_ssh_tunnel(cluster):
 
 # ---- `ray job submit` against a head started by the test -------------------------------
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def local_head(tmp_path_factory):
     """`ray start --head` on 127.0.0.1 with the head's driver resource, stopped by killing
@@ -93,8 +101,6 @@ def local_head(tmp_path_factory):
     import time
     import urllib.error
     import urllib.request
-
-    from wsss.tuning.tune import free_port
 
     port, dashboard, agent, client = (free_port() for _ in range(4))  # defaults may be taken
     # token authentication on, as on a real cluster; the CLI reads the token from ~/.ray

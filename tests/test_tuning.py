@@ -451,3 +451,14 @@ def test_report_errors_name_the_directory(tmp_path):
         with pytest.raises(ConfigError, match=message) as error:
             make_report([str(location)], str(tmp_path / "out"))
         assert str(location) in str(error.value)
+
+
+def test_a_trial_restarted_after_its_last_epoch_reports_its_checkpoint(tmp_path):
+    from wsss.tuning.tune import finished_run_metrics
+
+    run = write_run(tmp_path, "trial", [0.2, 0.3])
+    metrics = finished_run_metrics(str(run), epochs=2)
+    assert metrics["miou"] == 0.3 and metrics["epoch"] == 2
+    assert metrics["checkpoint_path"] == str(sorted(run.glob("checkpoint_*"))[-1])
+    assert finished_run_metrics(str(run), epochs=3) is None  # still has an epoch to train
+    assert finished_run_metrics(str(tmp_path / "never-started"), epochs=1) is None

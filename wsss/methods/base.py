@@ -179,6 +179,11 @@ class Addon(_Part):
         self.num_classes = num_classes
 
 
+def valid_at(valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The batch's bool [B,S,S] `valid` at feature resolution [B,h,w]: cells mostly image."""
+    return F.adaptive_avg_pool2d(valid[:, None].float(), size)[:, 0] > 0.5
+
+
 METHODS: dict[str, type[Method]] = {}
 ADDONS: dict[str, type[Addon]] = {}
 

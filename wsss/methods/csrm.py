@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.methods.backbone import Backbone
-from wsss.methods.base import BackboneConfig, Method, Progress, register_method
+from wsss.methods.base import BackboneConfig, Method, Progress, register_method, valid_at
 from wsss.methods.cam import classification_loss
 from wsss.methods.csrm_bank import NegativeBank
 from wsss.methods.csrm_contrast import negative_candidates, select_queries
@@ -53,7 +53,6 @@ from wsss.methods.csrm_losses import IGNORE_INDEX, classmix, info_nce, mix_like,
 from wsss.methods.csrm_pseudo import CRFPseudoLabeler
 from wsss.methods.csrm_teacher import broadcast_buffers, ema_decay, ema_update
 from wsss.methods.deeplab import DeepLabV3PlusHead, segmentation_loss
-from wsss.methods.fsae import valid_at
 from wsss.methods.ocr import candidate_labels
 from wsss.platform.crf import PRESETS
 

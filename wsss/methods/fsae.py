@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wsss.methods.base import Addon, Progress, register_addon
+from wsss.methods.base import Addon, Progress, register_addon, valid_at
 
 
 @dataclass
@@ -119,11 +119,6 @@ def fsae_loss(target_scores: torch.Tensor, labels: torch.Tensor, mask: torch.Ten
     safe_labels = labels.masked_fill(~mask, 0)
     per_pixel = F.cross_entropy(target_scores.float(), safe_labels, reduction="none")
     return lam * (per_pixel * mask).sum() / (batch * height * width)
-
-
-def valid_at(valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """bool [B,S,S] image-pixel mask -> bool [B,h,w]: cells that are mostly image."""
-    return F.adaptive_avg_pool2d(valid[:, None].float(), size)[:, 0] > 0.5
 
 
 @register_addon

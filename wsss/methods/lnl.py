@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.methods.base import BackboneConfig, Method, register_method
+from wsss.methods.base import BackboneConfig, Method, register_method, valid_at
 from wsss.methods.cam import CAMNetwork, classification_loss
 from wsss.methods.lnl_bank import PrototypeBank, contrastive_loss, subsample_per_class
 
@@ -241,7 +241,7 @@ class LNL(Method):
         terms = {"cls": classification_loss(out["cam_logits"], labels),
                  "cls_expanded": classification_loss(out["cam_logits_expanded"], labels)}
         with torch.no_grad():
-            valid = F.adaptive_avg_pool2d(batch["valid"].float()[:, None], features.shape[-2:])[:, 0] > 0.5
+            valid = valid_at(batch["valid"], features.shape[-2:])
             shrunk = fscm_seeds(features, out["cam_logits"], labels, valid, config.similarity,
                                 config.eta, config.erosion)  # E_s
             expanded = fscm_seeds(out["features_expanded"], out["cam_logits_expanded"], labels, valid,

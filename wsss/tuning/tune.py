@@ -33,6 +33,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from wsss.datasets.shards import read_manifest
 from wsss.datasets.storage import canonical, is_uri, join, resolve
 from wsss.platform.config import ConfigError, TrainConfig, load_config
+from wsss.platform.runtime import ensure_ray
 from wsss.platform.tracking import public_config, resolve_mode
 from wsss.tuning.spaces import SearchSpace, build_space, load_space_file
 
@@ -102,32 +103,6 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
         summary["evaluation"] = full_evaluation(summary["checkpoint"], config)
     write_json(join(sweep_dir, BEST_FILE), summary)
     return summary
-
-
-def ensure_ray() -> None:
-    """Join the cluster of RAY_ADDRESS (`ray job submit` sets it), else start a local Ray.
-
-    A local Ray gets a dashboard port chosen here and RAY_API_SERVER_ADDRESS naming it,
-    inherited by every Ray process: Train's placement-group cleaner asks the dashboard
-    whether a stopped trial's controller is gone, and its auto-detection of the cluster
-    fails on a machine running several Ray instances, leaking the trial's CPUs.
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
-        return
-    port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(include_dashboard=True, dashboard_port=port, configure_logging=False)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_trial(params: dict, base: dict, train_storage: str) -> None:
