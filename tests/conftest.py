@@ -20,23 +20,13 @@ def _wandb_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray (2 CPUs) shared by every test that needs it."""
+    """One real local Ray (2 CPUs) shared by every test that needs it; started like the CLI
+    starts it, so Train's placement-group cleaner finds it beside other Ray instances."""
     import ray
 
-    if not ray.is_initialized():
-        # Ray's state API (used by Train's placement-group cleaner in every worker) must find
-        # this instance's dashboard even while other Ray instances run on the machine.
-        port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, configure_logging=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+    from wsss.platform.runtime import ensure_ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # always a Ray of the tests' own, never a user's cluster
+    ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from wsss.platform.runtime import free_port
+
 from wsss.tuning.tune import HEAD_DRIVER_RESOURCE
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
@@ -77,14 +79,6 @@ def test_dashboard_is_reached_only_through_an_ssh_tunnel(cluster):
 
 
 # ---- `ray job submit` against a head started by the test -------------------------------
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def local_head(tmp_path_factory):

@@ -161,11 +161,11 @@ def fit(config: TrainConfig) -> ray.train.Result:
 
 
 def resolve_use_gpu(device: str) -> bool:
-    if device == "cpu":
-        return False
+    """auto: GPUs when the cluster has some now. device=gpu is trusted without a check, so
+    an autoscaling cluster whose GPU nodes start at zero can bring them up for the run."""
+    if device != "auto":
+        return device == "gpu"
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count()
-    if device == "gpu" and not gpus:
-        raise ConfigError("device=gpu but the Ray cluster has no GPU")
     return gpus > 0
 
 
