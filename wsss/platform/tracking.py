@@ -60,13 +60,6 @@ class Tracker:
             logger.warning("W&B disabled for this run: %s", error)
             self.run = None
 
-    @property
-    def location(self) -> str | None:
-        """Where the run lives: its URL online, its directory offline."""
-        if self.run is None:
-            return None
-        return getattr(self.run, "url", None) or str(Path(self.run.dir).parent)
-
     def log(self, values: dict, step: int) -> None:
         if self.run is None:
             return
