@@ -48,10 +48,10 @@ def train_worker(loop_config: dict) -> None:
 
     # 2. Method: dataset statistics, DDP around the trainable network only, last checkpoint.
     method = build_method(config.method, len(dataset["classes"]) - 1, config.sections,
-                          config.backbone_config).to(device)
+                          config.backbone_config)
     method.on_dataset(DatasetStats(num_images=dataset["num_images"],
                                    image_labels=torch.tensor(loop_config["image_labels"])))
-    method.to(device)
+    method.to(device)  # after on_dataset: it may create buffers (e.g. the ocr co-occurrence prior)
     if context.get_world_size() > 1:
         method.distribute(lambda net: ray.train.torch.prepare_model(
             net, move_to_device=False,
