@@ -342,6 +342,20 @@ def test_report_of_a_real_sweep(tiny_sweep, tmp_path):
     assert len(records) == 3  # header + two trials
 
 
+def test_trials_a_killed_driver_sampled_but_never_saved_are_marked_failed(tmp_path):
+    from wsss.tuning.tune import fail_abandoned_trials
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    done = study.ask()
+    study.tell(done, 0.5)
+    study.ask()  # sampled, then the driver died before Tune saved the trial
+    assert fail_abandoned_trials(storage, "s") == [1]
+    states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert fail_abandoned_trials(storage, "s") == []
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes_and_finishes_the_requested_trials(ray_local, shards, tmp_path):
     """The driver dies (SIGKILL) after the first trial; --resume restores Tune's experiment
@@ -382,7 +396,10 @@ def test_killed_driver_resumes_and_finishes_the_requested_trials(ray_local, shar
     finals = [json.loads(p.read_text().splitlines()[-1]) for p in sweep_dir.glob("trial_*/result.json")]
     assert len(finals) == trials
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * trials
+    # A trial sampled by the killed driver before Tune saved it is FAIL, never left RUNNING.
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == trials
+    assert set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL}
     for done in first:  # finished before the kill: kept, not trained again
         again = next(f for f in finals if f["trial_id"] == done["trial_id"])
         assert again["miou"] == done["miou"]

@@ -98,6 +98,7 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
                                       callbacks=wandb_callbacks(wandb, config, name, dataset),
                                       failure_config=tune.FailureConfig(max_failures=0)))
     results = tuner.fit()
+    fail_abandoned_trials(settings["study_storage"], name)
     summary = summarize(results, name, sweep_dir)
     if evaluate_best and summary.get("checkpoint"):
         summary["evaluation"] = full_evaluation(summary["checkpoint"], config)
@@ -155,6 +156,26 @@ def optuna_search(space: SearchSpace, study_storage: str, study_name: str, seed:
     return OptunaSearch(space=space, metric=OBJECTIVE, mode="max",
                         sampler=optuna.samplers.TPESampler(seed=seed), study_name=study_name,
                         storage=optuna.storages.RDBStorage(study_storage))
+
+
+def fail_abandoned_trials(study_storage: str, study_name: str) -> list[int]:
+    """Marks FAIL the Optuna trials a killed driver sampled but Tune never saved.
+
+    Optuna writes a sampled trial at once; Tune saves its experiment every few seconds.
+    A driver killed in between leaves that trial RUNNING, and the resumed sweep samples
+    a new one in its place. Called once every Tune trial has finished and been told,
+    so any trial still RUNNING belongs to no one. Returns their numbers.
+    """
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=study_storage)
+    abandoned = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    for number in abandoned:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    if abandoned:
+        logger.warning("Optuna trials %s were sampled by a driver that stopped before Tune saved them; "
+                       "marked FAIL", abandoned)
+    return abandoned
 
 
 def asha(epochs: int):
