@@ -7,6 +7,7 @@ table with the trivial all-background prediction as the floor every method must 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +68,31 @@ def run_demo(out: str = "wsss-demo", methods=("cam",), epochs: int | None = None
     ensure_ray()
     runs = []
     for config in configs:
-        print(f"[2/3] training {config.method} (seed {config.seed}) for {config.epochs} epochs on Ray Train")
-        result = fit(config)
-        print(f"[3/3] evaluating {config.method} (multi-scale + flip CAMs, threshold sweep) on Ray Data")
-        results = evaluate_checkpoint(result.checkpoint.path, data, scales=(1.0, 0.5, 1.5), out=None)
+        run_dir = Path(config.storage_path) / config.name
+        results = finished_results(run_dir, config.epochs)
+        if results:
+            print(f"[2/3] {config.method} (seed {config.seed}): already trained and evaluated in {run_dir}")
+        else:
+            print(f"[2/3] training {config.method} (seed {config.seed}) for {config.epochs} epochs on Ray Train")
+            checkpoint = fit(config).checkpoint.path
+            print(f"[3/3] evaluating {config.method} (multi-scale + flip CAMs, threshold sweep) on Ray Data")
+            # beside the checkpoints, where `wsss report` finds it
+            results = evaluate_checkpoint(checkpoint, data, scales=(1.0, 0.5, 1.5), out=str(run_dir))
         runs.append({"method": config.method, "seed": config.seed, "miou": results["miou"],
-                     "threshold": results["threshold"], "checkpoint": result.checkpoint.path,
+                     "threshold": results["threshold"], "checkpoint": results["checkpoint"],
                      "wandb": wandb_dir(config.storage_path, config.name)})
     print(demo_table(runs, all_background_miou(data)))
     return runs
+
+
+def finished_results(run_dir: Path, epochs: int) -> dict | None:
+    """The evaluation a previous demo wrote for this run, if it evaluated the final epoch,
+    so an interrupted multi-seed demo continues where it stopped."""
+    path = run_dir / "results.json"
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("epoch") == epochs else None
 
 
 def demo_table(runs: list[dict], floor: float) -> str:
