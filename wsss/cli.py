@@ -27,27 +27,32 @@ def _prepare(args) -> int:
 
 def _train(args) -> int:
     from wsss.datasets.shards import read_manifest
+    from wsss.datasets.storage import check_bucket
     from wsss.platform.config import load_config
     from wsss.platform.runtime import ensure_ray
-    from wsss.platform.train import fit
+    from wsss.platform.train import fit, result_locations
 
     config = load_config(args.config, args.overrides, method=args.method, data=args.data)
     read_manifest(config.data)  # bad data fails here, before Ray starts
+    check_bucket(config.storage_path)
     ensure_ray()
     result = fit(config)
-    print(json.dumps({"run": result.path, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                      "metrics": _scalars(result.metrics)}, indent=2))
+    run, checkpoint = result_locations(config, result)
+    print(json.dumps({"run": run, "checkpoint": checkpoint, "metrics": _scalars(result.metrics)}, indent=2))
     return 0
 
 
 def _evaluate(args) -> int:
     from wsss.datasets.shards import read_manifest
+    from wsss.datasets.storage import check_bucket
     from wsss.platform.checkpoints import load_method
     from wsss.platform.evaluate import evaluate_checkpoint, results_table
     from wsss.platform.runtime import ensure_ray
 
-    load_method(args.checkpoint)  # a bad checkpoint or data URI fails before Ray starts
+    load_method(args.checkpoint)  # a bad checkpoint, data or output URI fails before Ray starts
     read_manifest(args.data)
+    if args.out:
+        check_bucket(args.out)
     ensure_ray()
     scales = tuple(float(s) for s in args.scales.split(","))
     results = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, scales=scales,

@@ -32,7 +32,7 @@ from PIL import Image
 from pyarrow import fs as pafs
 
 from wsss.datasets.base import DataError, DatasetInfo, DatasetReader, Sample
-from wsss.datasets.storage import canonical, join, resolve
+from wsss.datasets.storage import canonical, check_bucket, join, resolve
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -126,6 +126,7 @@ def read_manifest(uri: str) -> Manifest:
         with fs.open_input_stream(f"{root}/{MANIFEST_NAME}") as stream:
             data = json.loads(stream.read())
     except FileNotFoundError:
+        check_bucket(location)  # a missing bucket reads as a missing file: say which it is
         raise DataError(name, "manifest missing: no prepared dataset here (run `wsss prepare`)") from None
     except (OSError, ValueError) as error:  # ValueError covers bad JSON
         raise DataError(name, f"invalid manifest: {error}") from None
@@ -173,7 +174,9 @@ def verify_checksums(uri: str, manifest: Manifest, split: str) -> None:
 
 
 def check_writable(uri: str, overwrite: bool = False) -> None:
-    """Prepared data is never replaced silently: DataError if `uri` holds a manifest."""
+    """Prepared data is never replaced silently: DataError if `uri` holds a manifest
+    (or is in a bucket that does not exist)."""
+    check_bucket(uri)
     fs, root = resolve(uri)
     if not overwrite and fs.get_file_info(f"{root}/{MANIFEST_NAME}").type != pafs.FileType.NotFound:
         raise DataError(join(uri, MANIFEST_NAME), "manifest exists: the output already holds a prepared "

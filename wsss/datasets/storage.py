@@ -35,6 +35,20 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         raise DataError(location, f"unusable storage URI: {error}") from None
 
 
+def check_bucket(location: str | os.PathLike) -> None:
+    """DataError naming `location` when it is in an S3/GCS bucket that does not exist.
+
+    Asked before expensive work: pyarrow only notices a missing bucket at the first
+    write, and a read reports it as a missing file."""
+    fs, path = resolve(location)
+    if fs.type_name not in ("s3", "gcs"):
+        return
+    bucket = path.split("/", 1)[0]
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        raise DataError(canonical(location), f"bucket {bucket!r} does not exist (or these credentials "
+                                             "cannot see it)")
+
+
 def join(location: str | os.PathLike, *parts: str) -> str:
     """`location` with `parts` appended, keeping its scheme if it has one."""
     location = canonical(location)

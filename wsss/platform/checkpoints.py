@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 import torch
+from pyarrow.fs import FileType
 
+from wsss.datasets.storage import resolve
 from wsss.methods.base import build_method
 
 STATE_FILE = "state.pt"
@@ -65,6 +67,9 @@ def load_method(checkpoint: str, device: torch.device | str = "cpu"):
     if "://" in checkpoint and not checkpoint.startswith("file://"):
         import ray.train  # downloads cloud checkpoints into a local temp dir
 
+        filesystem, path = resolve(checkpoint)
+        if filesystem.get_file_info(path).type == FileType.NotFound:  # Ray's error would not name the URI
+            raise FileNotFoundError(f"{checkpoint}: no such checkpoint or run directory")
         with ray.train.Checkpoint(path=checkpoint).as_directory() as local:
             state = load_state(latest_checkpoint_dir(local))
     else:

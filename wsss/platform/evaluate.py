@@ -9,12 +9,12 @@ mIoU with its threshold and per-class IoU, and optionally dense CRF at that thre
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
+from wsss.datasets.storage import join, write_text
 from wsss.platform.cams import FULL_SCALES, THRESHOLDS, best_threshold, image_tensor, normalized_cams, \
     threshold_confusions
 from wsss.platform.checkpoints import load_method
@@ -128,7 +128,6 @@ def results_table(results: dict) -> str:
 
 
 def write_results(results: dict, out: str) -> None:
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "results.json").write_text(json.dumps(results, indent=2))
-    (directory / "results.md").write_text(results_table(results))
+    """results.json and results.md in `out`, a local directory or a URI (s3://, gs://)."""
+    write_text(join(out, "results.json"), json.dumps(results, indent=2))
+    write_text(join(out, "results.md"), results_table(results))

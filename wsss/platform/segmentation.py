@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from wsss.datasets.base import DataError
 from wsss.datasets.loader import pseudo_label_files
 from wsss.datasets.shards import read_manifest
+from wsss.datasets.storage import join, write_text
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
 from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_overrides
@@ -149,10 +150,8 @@ def evaluate_segmentation(checkpoint: str, data: str, *, split: str = "val", sca
         results["crf"] = {"preset": crf_preset,
                           **_scores(totals["confusion_crf"].reshape(size, size), totals["oc_crf"])}
     if out:
-        directory = Path(out)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "results.json").write_text(json.dumps(results, indent=2))
-        (directory / "results.md").write_text(segmentation_table(results))
+        write_text(join(out, "results.json"), json.dumps(results, indent=2))  # a directory or a URI
+        write_text(join(out, "results.md"), segmentation_table(results))
     return results
 
 
@@ -215,12 +214,12 @@ def main(args) -> int:
             raise ConfigError("no evaluation split: set --split or val_split")
         images.rows(split)
         ensure_ray()
-        from wsss.platform.train import fit
+        from wsss.platform.train import fit, result_locations
 
-        result = fit(config)
-        checkpoint, data = result.checkpoint.path, config.data
-        out = args.out or (str(Path(result.path) / "segmentation") if "://" not in result.path else None)
-        print(f"trained {config.method}: run {result.path}, checkpoint {checkpoint}")
+        run, checkpoint = result_locations(config, fit(config))
+        data = config.data
+        out = args.out or join(run, "segmentation")
+        print(f"trained {config.method}: run {run}, checkpoint {checkpoint}")
     results = evaluate_segmentation(checkpoint, data, split=split, scales=scales, flip=not args.no_flip,
                                     crf=args.crf, crf_preset=args.crf_preset, max_images=args.max_images, out=out)
     print(segmentation_table(results))

@@ -160,6 +160,15 @@ def fit(config: TrainConfig) -> ray.train.Result:
     return result
 
 
+def result_locations(config: TrainConfig, result: ray.train.Result) -> tuple[str, str | None]:
+    """(run, last checkpoint) as paths or URIs that `wsss evaluate` accepts: Ray's own
+    paths drop the URI scheme (`s3://bucket/x` comes back as `bucket/x`)."""
+    run = join(canonical(config.storage_path), result.path.rstrip("/").rsplit("/", 1)[-1])
+    if not result.checkpoint:
+        return run, None
+    return run, join(run, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+
+
 def resolve_use_gpu(device: str) -> bool:
     """auto: GPUs when the cluster has some now. device=gpu is trusted without a check, so
     an autoscaling cluster whose GPU nodes start at zero can bring them up for the run."""

@@ -1,0 +1,150 @@
+"""Shards, training, checkpoints, resume and evaluation on S3: a real S3-compatible server
+(moto's) on loopback, used by the real `wsss` CLI as on a cluster, through the AWS_*
+environment that every process and every Ray worker inherits.
+
+pyarrow 26 reads AWS_ENDPOINT_URL in `FileSystem.from_uri` (what wsss and Ray use for
+every URI) but not in the bare `S3FileSystem()` constructor, hence the explicit
+endpoint where the fixture creates its bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import ray
+from pyarrow import fs as pafs
+
+from wsss.cli import main
+from wsss.platform.runtime import free_port
+
+BUCKET = "wsss-test"
+MISSING = "s3://no-such-bucket"
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server on 127.0.0.1 with one empty bucket, for this module; yields the
+    environment (endpoint, dummy credentials) a process needs to reach it."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # else one log line per request
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing", secret_key="testing",
+                          region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
+        yield env
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_env, monkeypatch):
+    """The bucket's filesystem, seen through the same environment as the CLI's; in-process
+    CLI calls in the test see it too."""
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    return pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
+
+
+def wsss(args: list[str], s3_env: dict, cwd) -> dict | None:
+    """Run `wsss ARGS` in a fresh process, which starts a local Ray of its own (never joins
+    one); returns the JSON object it printed last, if any."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env |= s3_env | {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    done = subprocess.run([sys.executable, "-m", "wsss", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, f"wsss {args[0]} failed ({done.returncode}):\n{done.stderr[-6000:]}"
+    printed = re.search(r"^{", done.stdout, re.MULTILINE)
+    return json.loads(done.stdout[printed.start():]) if printed else None
+
+
+def checkpoint_dirs(filesystem: pafs.FileSystem, run_path: str) -> list[str]:
+    """Bucket paths of the run's checkpoints (folders holding a state.pt), oldest first."""
+    selector = pafs.FileSelector(run_path, recursive=True, allow_not_found=True)
+    return sorted(info.path.rsplit("/", 1)[0] for info in filesystem.get_file_info(selector)
+                  if info.path.endswith("/state.pt"))
+
+
+def read_json(filesystem: pafs.FileSystem, path: str) -> dict:
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read())
+
+
+@pytest.mark.slow
+def test_prepare_train_resume_and_evaluate_on_s3(s3_env, s3, tmp_path, capsys):
+    shards, runs = f"s3://{BUCKET}/shards", f"s3://{BUCKET}/runs"
+    wsss(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards, "--option", "preset=test",
+          "--option", "num_train=16", "--option", "num_val=4"], s3_env, tmp_path)
+    manifest = read_json(s3, f"{BUCKET}/shards/manifest.json")
+    assert manifest["splits"]["train"]["rows"] == 16
+
+    train = ["train", "--method", "cam", "--data", shards, f"storage_path={runs}", "name=s3run",
+             "batch_size=8", "crop_size=64", "backbone=resnet18", "backbone_weights=none",
+             "eval_max_images=4", "wandb=offline"]
+    first = wsss([*train, "epochs=1"], s3_env, tmp_path)
+    assert first["metrics"]["epoch"] == 1 and first["metrics"]["resumed_from_epoch"] == 0
+    assert first["run"] == f"{runs}/s3run" and first["checkpoint"].startswith(f"{runs}/s3run/checkpoint_")
+    epoch_one = checkpoint_dirs(s3, f"{BUCKET}/runs/s3run")
+    assert [f"s3://{path}" for path in epoch_one] == [first["checkpoint"]]
+
+    # The same name and storage_path again, with more epochs: continues from S3.
+    second = wsss([*train, "epochs=2"], s3_env, tmp_path)
+    assert second["metrics"]["epoch"] == 2 and second["metrics"]["resumed_from_epoch"] == 1
+    checkpoints = checkpoint_dirs(s3, f"{BUCKET}/runs/s3run")
+    assert len(checkpoints) == 2 and checkpoints[0] == epoch_one[0]
+    assert f"s3://{checkpoints[1]}" == second["checkpoint"]
+    assert read_json(s3, f"{checkpoints[1]}/checkpoint.json")["epoch"] == 2
+    assert list((tmp_path / "wandb").rglob("offline-run-*")), "W&B writes locally when checkpoints go to S3"
+
+    # An output in a missing bucket is refused before any evaluation (in-process, no Ray).
+    assert main(["evaluate", "--checkpoint", second["checkpoint"], "--data", shards, "--out",
+                 f"{MISSING}/eval"]) == 2
+    assert f"{MISSING}/eval: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+
+    wsss(["evaluate", "--checkpoint", second["checkpoint"], "--data", shards, "--out", f"s3://{BUCKET}/eval",
+          "--scales", "1.0", "--no-flip", "--max-images", "4"], s3_env, tmp_path)
+    results = read_json(s3, f"{BUCKET}/eval/results.json")
+    assert results["checkpoint"] == second["checkpoint"] and results["data"] == shards
+    assert results["epoch"] == 2 and results["method"] == "cam" and results["scales"] == [1.0]
+    assert 0 <= results["miou"] <= 1 and len(results["per_class_iou"]) == len(results["classes"])
+    with s3.open_input_stream(f"{BUCKET}/eval/results.md") as stream:
+        assert stream.read().decode().startswith("# cam on val")
+
+
+def test_prepare_into_a_missing_bucket_fails_before_reading_the_dataset(s3, tmp_path, capsys):
+    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", f"{MISSING}/shards",
+                 "--option", "preset=test"]) == 2
+    assert f"{MISSING}/shards: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "tree").exists(), "the synthetic tree was generated before the check"
+
+
+def test_train_names_a_missing_bucket_before_ray_starts(s3, tmp_path, capsys):
+    ray_was_running = ray.is_initialized()
+    assert main(["train", "--method", "cam", "--data", f"{MISSING}/shards"]) == 2
+    assert f"{MISSING}/shards: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+
+    shards = f"s3://{BUCKET}/tiny"
+    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards, "--option",
+                 "preset=test", "--option", "num_train=2", "--option", "num_val=2"]) == 0
+    assert main(["train", "--method", "cam", "--data", shards, f"storage_path={MISSING}/runs"]) == 2
+    assert f"{MISSING}/runs: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+    assert ray.is_initialized() == ray_was_running
+
+
+def test_evaluate_names_a_missing_checkpoint_uri(s3, capsys):
+    ray_was_running = ray.is_initialized()
+    checkpoint = f"s3://{BUCKET}/runs/never-trained"
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", f"s3://{BUCKET}/shards"]) == 2
+    assert f"{checkpoint}: no such checkpoint or run directory" in capsys.readouterr().err
+    assert ray.is_initialized() == ray_was_running
