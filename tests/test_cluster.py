@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -11,7 +15,6 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from wsss.platform.runtime import free_port
-
 from wsss.tuning.tune import HEAD_DRIVER_RESOURCE
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
@@ -89,10 +92,7 @@ def local_head(tmp_path_factory):
     import os
     import shutil
     import signal
-    import subprocess
-    import sys
     import tempfile
-    import time
     import urllib.error
     import urllib.request
 
@@ -131,30 +131,46 @@ def local_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_ray_job_submit_runs_a_tiny_sweep(local_head, tmp_path):
-    import json
-    import subprocess
-    import sys
-    import time
-
-    from wsss.datasets.prepare import prepare
-
-    prepare("synthetic", tmp_path / "tree", tmp_path / "shards", preset="test")
-    storage = tmp_path / "sweeps"
-    entrypoint = (f"{sys.executable} -m wsss tune --method cam --data {tmp_path / 'shards'} --trials 1 "
-                  f"--storage-path {storage} --name job --no-eval epochs=1 batch_size=8 crop_size=64 "
-                  f"backbone=resnet18 backbone_weights=none eval_max_images=4 wandb=offline")
+def submit_job(head: dict, entrypoint: str) -> None:
+    """`ray job submit` of `entrypoint` from this project's directory, its driver pinned to the
+    head by the head's driver resource as on a real cluster; waits for the job to end."""
     for _ in range(12):  # the head's job agent registers a little after its dashboard is up
         submitted = subprocess.run(
-            [local_head["ray"], "job", "submit", "--address", local_head["address"],
+            [head["ray"], "job", "submit", "--address", head["address"],
              "--working-dir", str(CLUSTER_YAML.parent), "--entrypoint-resources",
              json.dumps({HEAD_DRIVER_RESOURCE: 1}), "--", *entrypoint.split()],
-            env=local_head["env"], capture_output=True, text=True, timeout=800)
+            env=head["env"], capture_output=True, text=True, timeout=800)
         if "No available agent" not in submitted.stderr:
             break
         time.sleep(5)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout
+
+
+TINY_RUN = ("epochs=1 batch_size=8 crop_size=64 backbone=resnet18 backbone_weights=none "
+            "eval_max_images=4 wandb=offline")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_tiny_sweep(local_head, tmp_path):
+    from wsss.datasets.prepare import prepare
+
+    prepare("synthetic", tmp_path / "tree", tmp_path / "shards", preset="test")
+    storage = tmp_path / "sweeps"
+    submit_job(local_head, f"{sys.executable} -m wsss tune --method cam --data {tmp_path / 'shards'} "
+                           f"--trials 1 --storage-path {storage} --name job --no-eval {TINY_RUN}")
     best = json.loads((storage / "job" / "best.json").read_text())
     assert best["finished"] == 1 and 0.0 <= best["miou"] <= 1.0
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_tiny_train(local_head, tmp_path):
+    from wsss.datasets.prepare import prepare
+    from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint_dir
+
+    prepare("synthetic", tmp_path / "tree", tmp_path / "shards", preset="test")
+    storage = tmp_path / "runs"
+    submit_job(local_head, f"{sys.executable} -m wsss train --method cam --data {tmp_path / 'shards'} "
+                           f"storage_path={storage} name=job {TINY_RUN}")
+    info = json.loads((latest_checkpoint_dir(storage / "job") / INFO_FILE).read_text())
+    assert info["epoch"] == 1 and info["method"] == "cam"
