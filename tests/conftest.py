@@ -30,3 +30,14 @@ def ray_local():
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    """The synthetic benchmark's `test` preset (40 train / 20 val images, 64 px) as shards.
+    Read-only: a test that needs to change them works on a copy."""
+    from wsss.datasets.prepare import prepare
+
+    root = tmp_path_factory.mktemp("synthetic")
+    prepare("synthetic", str(root / "tree"), str(root / "shards"), preset="test")
+    return str(root / "shards")

@@ -152,25 +152,20 @@ TINY_RUN = ("epochs=1 batch_size=8 crop_size=64 backbone=resnet18 backbone_weigh
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_a_tiny_sweep(local_head, tmp_path):
-    from wsss.datasets.prepare import prepare
-
-    prepare("synthetic", tmp_path / "tree", tmp_path / "shards", preset="test")
+def test_ray_job_submit_runs_a_tiny_sweep(local_head, shards, tmp_path):
     storage = tmp_path / "sweeps"
-    submit_job(local_head, f"{sys.executable} -m wsss tune --method cam --data {tmp_path / 'shards'} "
+    submit_job(local_head, f"{sys.executable} -m wsss tune --method cam --data {shards} "
                            f"--trials 1 --storage-path {storage} --name job --no-eval {TINY_RUN}")
     best = json.loads((storage / "job" / "best.json").read_text())
     assert best["finished"] == 1 and 0.0 <= best["miou"] <= 1.0
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_a_tiny_train(local_head, tmp_path):
-    from wsss.datasets.prepare import prepare
+def test_ray_job_submit_runs_a_tiny_train(local_head, shards, tmp_path):
     from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint_dir
 
-    prepare("synthetic", tmp_path / "tree", tmp_path / "shards", preset="test")
     storage = tmp_path / "runs"
-    submit_job(local_head, f"{sys.executable} -m wsss train --method cam --data {tmp_path / 'shards'} "
+    submit_job(local_head, f"{sys.executable} -m wsss train --method cam --data {shards} "
                            f"storage_path={storage} name=job {TINY_RUN}")
     info = json.loads((latest_checkpoint_dir(storage / "job") / INFO_FILE).read_text())
     assert info["epoch"] == 1 and info["method"] == "cam"

@@ -28,15 +28,6 @@ from wsss.platform.pseudo_labels import (
 )
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from wsss.datasets.prepare import prepare
-
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare("synthetic", str(root / "tree"), str(root / "shards"), preset="test")
-    return str(root / "shards")
-
-
 def flat_image(height=48, width=48, value=128):
     return np.full((height, width, 3), value, np.uint8)
 

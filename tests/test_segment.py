@@ -87,15 +87,6 @@ def test_table_lists_headline_numbers_and_classes():
 # ---- end to end on Ray -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from wsss.datasets.prepare import prepare
-
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare("synthetic", str(root / "tree"), str(root / "shards"), preset="test")
-    return str(root / "shards")
-
-
-@pytest.fixture(scope="module")
 def pseudo_labels(shards, tmp_path_factory):
     """Label shards made from the ground-truth masks (stage 2 does not care where labels
     come from; `test_pseudo_labels.py` covers the CAM job)."""

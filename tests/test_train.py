@@ -16,15 +16,6 @@ from wsss.platform.config import TrainConfig
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from wsss.datasets.prepare import prepare
-
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare("synthetic", str(root / "tree"), str(root / "shards"), preset="test")
-    return str(root / "shards")
-
-
 def tiny(shards, tmp_path, **overrides) -> TrainConfig:
     values = dict(method="cam", data=shards, name="run", storage_path=str(tmp_path / "runs"), epochs=2,
                   batch_size=8, crop_size=64, backbone="resnet18", output_stride=16, backbone_weights="none",

@@ -192,15 +192,6 @@ def test_space_is_picklable_for_tune_checkpoints():
 
 # ---- sweeps on a real local Ray ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from wsss.datasets.prepare import prepare
-
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare("synthetic", root / "tree", root / "shards", preset="test")
-    return str(root / "shards")
-
-
 def tiny_config(shards: str, storage, method: str = "cam+fsae", **values) -> TrainConfig:
     settings = dict(method=method, data=shards, storage_path=str(storage), epochs=1, batch_size=8,
                     crop_size=64, backbone="resnet18", backbone_weights="none", eval_max_images=4,
