@@ -449,6 +449,22 @@ def test_report_table_over_seeds_from_run_directories(tmp_path):
     assert "W&B is offline" in result["wandb"]
 
 
+def test_wandb_report_page_shows_the_same_table(tmp_path):
+    """The W&B Report is built from table.md and the logged wandb.Table. Saving it needs
+    W&B online, which the tests never are: this checks the page `wsss report` would save."""
+    import wandb_workspaces.reports.v2 as wr
+
+    from wsss.tuning.report import TABLE_KEY, comparison_report
+
+    markdown = "| method | CAM mIoU |\n|---|---|\n| cam | 32.00 ± 2.83 |\n"
+    page = comparison_report(markdown, project="wsss", entity="lab", run_name="comparison-1")
+    assert (page.project, page.entity) == ("wsss", "lab")
+    assert markdown in [block.text for block in page.blocks if isinstance(block, wr.MarkdownBlock)]
+    grid = next(block for block in page.blocks if isinstance(block, wr.PanelGrid))
+    assert [(r.entity, r.project, r.query) for r in grid.runsets] == [("lab", "wsss", "comparison-1")]
+    assert [p.table_name for p in grid.panels] == [TABLE_KEY]
+
+
 def test_report_errors_name_the_directory(tmp_path):
     from wsss.tuning.report import make_report
 

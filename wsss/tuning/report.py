@@ -11,7 +11,8 @@ objective (the single-scale CAM mIoU at the best threshold, final epoch) as mean
 over its seeds, the full-protocol mIoU where one was evaluated, and its hyperparameters.
 Written as table.md, table.html and table.csv, all records as records.csv, plus PNG
 plots: each sweep's optimisation history and objective against every hyperparameter,
-and a contact sheet of CAM overlay images found in each row's best record.
+and a contact sheet of CAM overlay images found in each row's best record. With W&B
+online, the table also goes to W&B as a wandb.Table and a W&B Report page.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import html
 import json
 import statistics
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from wsss.platform.config import ConfigError
 from wsss.tuning.plots import scatter_png, tile_png
 
 OBJECTIVE = "miou"
+TABLE_KEY = "comparison"  # the wandb.Table in the report run
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_OVERLAYS = 8
 # config keys that say where or how a run was logged, not what was trained
@@ -219,21 +222,39 @@ def overlay_images(record: Record) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime)[-MAX_OVERLAYS:]
 
 
-def log_to_wandb(rows: list[dict], plots: list[Path], project: str) -> str:
-    """Online W&B only: the table as a wandb.Table and the plots, in one `report` run."""
+def log_to_wandb(rows: list[dict], plots: list[Path], project: str, markdown: str) -> str:
+    """Online W&B only: the table as a wandb.Table and the plots in one `report` run, and a
+    W&B Report page showing the same comparison. W&B failing never fails the command."""
     from wsss.platform.tracking import resolve_mode
 
     if resolve_mode("auto") != "online":
         return "W&B is offline: nothing uploaded"
     import wandb
 
-    run = wandb.init(project=project, job_type="report", name="comparison")
+    run = wandb.init(project=project, job_type="report", name=f"comparison-{datetime.now():%Y%m%d-%H%M%S}")
     table = wandb.Table(columns=HEADER, data=[table_cells(row) for row in rows])
-    run.log({"comparison": table, **{p.stem: wandb.Image(str(p)) for p in plots}})
-    url = run.url
+    run.log({TABLE_KEY: table, **{p.stem: wandb.Image(str(p)) for p in plots}})
+    url, entity, name = run.url, run.entity, run.name
     run.finish()
-    # A W&B Report (the page) needs the wandb-workspaces package, not a dependency here.
-    return f"logged the comparison table to {url}"
+    try:
+        page = comparison_report(markdown, project=project, entity=entity, run_name=name)
+        page.save()
+        return f"logged the comparison table to {url}; W&B Report: {page.url}"
+    except Exception as error:  # the files on disk are the product; the page is extra
+        return f"logged the comparison table to {url}; the W&B Report failed: {error}"
+
+
+def comparison_report(markdown: str, *, project: str, entity: str, run_name: str):
+    """A W&B Report (not yet saved): the Markdown table of table.md and the wandb.Table
+    logged by the run `run_name`, whose runs the page links."""
+    import wandb_workspaces.reports.v2 as wr
+
+    return wr.Report(
+        project=project, entity=entity, title="WSSS method comparison",
+        description="Written by `wsss report`: the same table as table.md, table.html and table.csv.",
+        blocks=[wr.H1("Methods compared"), wr.MarkdownBlock(text=markdown),
+                wr.PanelGrid(runsets=[wr.Runset(entity=entity, project=project, name="report run", query=run_name)],
+                             panels=[wr.WeavePanelSummaryTable(table_name=TABLE_KEY)])])
 
 
 def make_report(paths: list[str], out: str, wandb_project: str = "wsss") -> dict:
@@ -244,7 +265,8 @@ def make_report(paths: list[str], out: str, wandb_project: str = "wsss") -> dict
     write_tables(rows, records, directory)
     plots = write_plots(sweeps, rows, directory)
     return {"rows": len(rows), "records": len(records), "out": str(directory),
-            "plots": [str(p) for p in plots], "wandb": log_to_wandb(rows, plots, wandb_project)}
+            "plots": [str(p) for p in plots],
+            "wandb": log_to_wandb(rows, plots, wandb_project, (directory / "table.md").read_text())}
 
 
 def _configuration(config: dict) -> dict:
