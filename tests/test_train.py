@@ -46,6 +46,21 @@ def test_train_evaluate_and_resume_same_run_name(ray_local, shards, tmp_path):
     assert offline_runs, "a W&B offline run is written beside the checkpoints"
 
 
+def test_the_same_seed_repeats_a_run(ray_local, tmp_path):
+    """Same seed, same batches, same losses: the reads of many small shard files finish
+    in any order, but Train hands their blocks over in order."""
+    from wsss.datasets.base import build_reader
+    from wsss.datasets.shards import write_shards
+    from wsss.platform.train import fit
+
+    data = str(tmp_path / "shards")
+    write_shards(build_reader("synthetic", str(tmp_path / "tree"), preset="test"), data,
+                 rows_per_file=4, rows_per_group=4)  # 10 train files: 10 read tasks
+    losses = [fit(tiny(data, tmp_path, name=name, epochs=1, eval_every=0, wandb="disabled")).metrics["loss"]
+              for name in ("first", "second")]
+    assert losses[0] == losses[1]
+
+
 def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, tmp_path):
     from ray.util.state import list_actors
 

@@ -133,9 +133,14 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         "run_dir": join(canonical(config.storage_path), name),
         "wandb_dir": wandb_dir(config.storage_path, name),
     }
+    # The same seed repeats a run: by default Ray Data hands out blocks in the order their
+    # tasks finish, so the batches (and the result) would change from run to run.
+    ordered = ray.train.DataConfig.default_ingest_options()
+    ordered.preserve_order = True
     return ray.train.torch.TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
+        dataset_config=ray.train.DataConfig(execution_options={"train": ordered}),
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=name, storage_path=canonical(config.storage_path),
