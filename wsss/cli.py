@@ -43,17 +43,8 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from wsss.datasets.shards import read_manifest
-    from wsss.datasets.storage import check_bucket
-    from wsss.platform.checkpoints import load_method
     from wsss.platform.evaluate import evaluate_checkpoint, results_table
-    from wsss.platform.runtime import ensure_ray
 
-    load_method(args.checkpoint)  # a bad checkpoint, data or output URI fails before Ray starts
-    read_manifest(args.data)
-    if args.out:
-        check_bucket(args.out)
-    ensure_ray()
     scales = tuple(float(s) for s in args.scales.split(","))
     results = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, scales=scales,
                                   flip=not args.no_flip, crf=args.crf, max_images=args.max_images,

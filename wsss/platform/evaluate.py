@@ -14,13 +14,15 @@ import numpy as np
 import ray
 import torch
 
-from wsss.datasets.storage import join, write_text
+from wsss.datasets.shards import read_manifest
+from wsss.datasets.storage import check_bucket, join, write_text
 from wsss.platform.cams import FULL_SCALES, THRESHOLDS, best_threshold, image_tensor, normalized_cams, \
     threshold_confusions
 from wsss.platform.checkpoints import load_method
 from wsss.platform.crf import dense_crf
 from wsss.platform.data import eval_dataset
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
+from wsss.platform.runtime import ensure_ray
 
 
 class CAMScorer:
@@ -83,8 +85,13 @@ def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf
 def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scales=FULL_SCALES,
                         flip: bool = True, crf: bool = False, crf_preset: str = "psa",
                         max_images: int = 0, num_actors: int | None = None, out: str | None = None) -> dict:
-    """Full-protocol evaluation; returns (and writes to `out`) the results dict."""
-    _, state = load_method(checkpoint)  # fail fast on a bad checkpoint, before Ray work
+    """Full-protocol evaluation; returns (and writes to `out`) the results dict. A bad
+    checkpoint, data or output URI fails before Ray starts (joined or started here)."""
+    _, state = load_method(checkpoint)
+    read_manifest(data)
+    if out:
+        check_bucket(out)
+    ensure_ray()
     classes = state["dataset"]["classes"]
     resources = ray.cluster_resources()
     num_actors = num_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)) // 2)

@@ -98,7 +98,8 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
                                       callbacks=wandb_callbacks(wandb, config, name, dataset),
                                       failure_config=tune.FailureConfig(max_failures=0)))
     results = tuner.fit()
-    fail_abandoned_trials(settings["study_storage"], name)
+    if results.num_terminated + results.num_errors == len(results):  # interrupted: trials wait for --resume
+        fail_abandoned_trials(settings["study_storage"], name)
     summary = summarize(results, name, sweep_dir)
     if evaluate_best and summary.get("checkpoint"):
         summary["evaluation"] = full_evaluation(summary["checkpoint"], config)
@@ -163,8 +164,8 @@ def fail_abandoned_trials(study_storage: str, study_name: str) -> list[int]:
 
     Optuna writes a sampled trial at once; Tune saves its experiment every few seconds.
     A driver killed in between leaves that trial RUNNING, and the resumed sweep samples
-    a new one in its place. Called once every Tune trial has finished and been told,
-    so any trial still RUNNING belongs to no one. Returns their numbers.
+    a new one in its place. Call it only when every Tune trial has ended (and been told):
+    then any trial still RUNNING belongs to no one. Returns their numbers.
     """
     import optuna
 
