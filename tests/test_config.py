@@ -1,5 +1,7 @@
 """Config: defaults, files, overrides; unknown keys and bad values are named before Ray starts."""
 
+import os
+
 import pytest
 
 from wsss.platform.config import ConfigError, TrainConfig, load_config
@@ -45,3 +47,14 @@ def test_unknown_method_and_missing_file():
         TrainConfig(method="camm")
     with pytest.raises(ConfigError, match="no such file"):
         load_config("/nonexistent/run.toml")
+
+
+def test_cpu_training_shares_the_nodes_cores_among_its_workers():
+    from wsss.platform.train import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(0, 1) == cores  # Ray alone would give this worker one thread
+    assert cpu_threads(0, cores) == 1 and cpu_threads(0, 4 * cores) == 1
+    assert cpu_threads(3, 1) == 3  # an explicit setting wins
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        TrainConfig(method="cam", data="x", cpu_threads=-1).validate()

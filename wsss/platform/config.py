@@ -48,6 +48,7 @@ class TrainConfig:
     backbone_weights: str = "imagenet"  # none | imagenet | path to a state dict
     num_workers: int = 1  # Ray Train workers (data-parallel replicas)
     device: str = "auto"  # auto (GPU when the cluster has one) | cpu | gpu
+    cpu_threads: int = 0  # torch threads per worker training on CPU (0 = the node's cores shared by its workers)
     amp: bool = True  # mixed precision, on GPU only
     max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
     seed: int = 0
@@ -95,6 +96,7 @@ class TrainConfig:
               "must be resnet18, resnet50 or resnet101")
         check(self.output_stride in (8, 16), "output_stride", "must be 8 or 16")
         check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(self.cpu_threads >= 0, "cpu_threads", "must be >= 0 (0 = the node's cores shared by its workers)")
         check(self.device in ("auto", "cpu", "gpu"), "device", "must be auto, cpu or gpu")
         check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         check(self.eval_every >= 0, "eval_every", "must be >= 0")
