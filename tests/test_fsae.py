@@ -274,6 +274,13 @@ def test_addon_losses_use_source_without_gradient_and_exclude_padding():
     ref_labels, ref_mask = reference_pseudo_labels(src_scores, 0.6, 0.5, 3, valid_at(valid, (4, 4)))
     expected = reference_fsae_loss(reference_class_scores(target.detach(), 0.0), ref_labels, ref_mask, 1.0)
     assert losses["fsae"].item() == pytest.approx(expected, rel=1e-5)
+    # the logged diagnostics: share of image cells labelled, share of those that are foreground
+    cells = int(valid_at(valid, (4, 4)).sum())
+    labelled = sum(bool(ref_mask[b, i, j]) for b in range(2) for i in range(4) for j in range(4))
+    foreground = sum(bool(ref_mask[b, i, j]) and int(ref_labels[b, i, j]) > 0
+                     for b in range(2) for i in range(4) for j in range(4))
+    assert addon.notes["fsae/labelled"].item() == pytest.approx(labelled / cells)
+    assert addon.notes["fsae/labelled_fg"].item() == pytest.approx(foreground / max(labelled, 1))
 
 
 def test_warmup_skips_the_strong_view():

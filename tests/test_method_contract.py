@@ -73,6 +73,8 @@ def train_steps(method, optimizer, spec, steps, start=0, epochs=2):
         loss.backward()
         optimizer.step()
         method.after_step(progress)
+        notes = method.step_notes()
+        assert all(v.dim() == 0 and not v.requires_grad and 0 <= v <= 1 for v in notes.values()), notes
         history.append({k: float(v.detach()) for k, v in terms.items()})
     return history
 
@@ -120,3 +122,45 @@ def test_unknown_parts_are_named():
         build_method("nope", K)
     with pytest.raises(ValueError, match="unknown add-on 'nope'"):
         build_method("cam+nope", K)
+
+
+def test_a_checkpoint_loads_with_other_inference_settings(tmp_path):
+    """`wsss evaluate --set lnl.export=shrink`: same weights, another exported map;
+    anything that is not a setting of the checkpoint's own method is refused by name."""
+    from wsss.platform.checkpoints import load_method
+    from wsss.platform.config import ConfigError
+
+    method, optimizer, config = make("lnl+fsae")
+    save_checkpoint(tmp_path, method, optimizer, epoch=1, step=2, config=config.to_dict(),
+                    dataset={"classes": ["background", "a", "b", "c"]})
+    images = torch.randn(1, 3, SIZE, SIZE)
+    maps = {}
+    for export in ("shrink", "expand", "fusion"):
+        loaded, _ = load_method(str(tmp_path), method_overrides={"lnl.export": export})
+        assert loaded.config.export == export
+        with torch.no_grad():
+            maps[export] = loaded.cam_maps(images)
+    from wsss.methods.lnl import max_normalised
+    want = (max_normalised(maps["shrink"]) + max_normalised(maps["expand"])) / 2
+    assert torch.allclose(maps["fusion"], want, atol=1e-5)
+    assert not torch.allclose(maps["shrink"], maps["expand"])
+    for key, named in (("epochs", "epochs"), ("csrm.tau", "csrm.tau"), ("lnl.export", "export")):
+        with pytest.raises(ConfigError, match=named):
+            load_method(str(tmp_path), method_overrides={key: "bogus"})
+
+
+def test_the_loop_logs_and_averages_the_parts_diagnostics():
+    from wsss.platform.loop import train_epoch
+
+    method, optimizer, config = make("lnl+fsae")
+    generator = torch.Generator().manual_seed(0)
+    batches = [fake_batch("lnl+fsae", generator) for _ in range(2)]
+    logged = []
+    config = config.with_overrides({"log_every": 1})
+    _, stats = train_epoch(method, optimizer, batches, config=config, epoch=0, step=0, steps_per_epoch=2,
+                           device=torch.device("cpu"), log=lambda values, step: logged.append(values))
+    expected = {"lnl/seeds", "lnl/seeds_fg", "lnl/anchors", "fsae/labelled", "fsae/labelled_fg"}
+    assert expected <= set(stats.summary())
+    assert len(logged) == 2 and all(f"train/{key}" in values for values in logged for key in expected)
+    assert "loss/fsae/labelled" not in stats.summary() and stats.summary()["loss"] == pytest.approx(
+        sum(v for k, v in stats.summary().items() if k.startswith("loss/")))

@@ -43,12 +43,13 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from wsss.platform.config import parse_overrides
     from wsss.platform.evaluate import evaluate_checkpoint, results_table
 
     scales = tuple(float(s) for s in args.scales.split(","))
     results = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, scales=scales,
                                   flip=not args.no_flip, crf=args.crf, max_images=args.max_images,
-                                  out=args.out)
+                                  out=args.out, method_overrides=parse_overrides(args.set))
     print(results_table(results))
     if args.out:
         print(f"written to {args.out}/results.json and results.md")
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action="store_true", help="also score dense-CRF-refined CAMs")
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--out", help="directory for results.json and results.md")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="inference setting of the checkpoint's method, e.g. lnl.export=shrink (repeatable)")
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("demo", help="everything on a synthetic dataset with a local Ray")

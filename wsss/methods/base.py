@@ -75,6 +75,15 @@ class _Part(nn.Module):
     Config: ClassVar[type] = NoConfig
     inputs: ClassVar[frozenset[str]] = frozenset()  # extra batch keys the pipeline must produce
 
+    def __init__(self):
+        super().__init__()
+        self.notes: dict[str, torch.Tensor] = {}  # this step's diagnostics, see `note`
+
+    def note(self, **values: torch.Tensor) -> None:
+        """Record scalars about this step (e.g. the share of pixels given a pseudo-label),
+        logged as `<part>/<key>` beside the losses: self-training that degenerates shows here."""
+        self.notes.update({f"{self.name}/{key}": value.detach().float() for key, value in values.items()})
+
     def views(self, batch: dict, progress: Progress) -> dict[str, torch.Tensor]:
         """Images to push through the network this step, by view name."""
         return {}
@@ -124,6 +133,7 @@ class Method(_Part):
         parts = [self, *self.addons]
         views: dict[str, torch.Tensor] = {}
         for part in parts:
+            part.notes.clear()
             views.update(part.views(batch, progress))
         outputs = self.run_network(views)
         losses: dict[str, torch.Tensor] = {}
@@ -133,6 +143,10 @@ class Method(_Part):
                     raise KeyError(f"loss term {key!r} returned twice (by {part.name})")
                 losses[key] = value
         return losses
+
+    def step_notes(self) -> dict[str, torch.Tensor]:
+        """The last training step's diagnostics of every part (see `note`)."""
+        return {key: value for part in (self, *self.addons) for key, value in part.notes.items()}
 
     def run_network(self, views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Runs the (possibly DDP-wrapped) network once on the concatenated views."""

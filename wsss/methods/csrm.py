@@ -287,6 +287,8 @@ class CSRM(Method):
 
         pseudo_labels = step.pseudo_labels.result(batch["image"].device)  # last: the CRF ran meanwhile
         terms["seg"] = segmentation_loss(student["seg_logits"], pseudo_labels)
+        labelled = pseudo_labels != IGNORE_INDEX
+        self.note(crf_labelled_fg=(labelled & (pseudo_labels > 0)).sum() / labelled.sum().clamp_min(1))
         if warming_up:
             zero = terms["cls"].new_zeros(())
             return {**terms, "s2c": zero, "unsup": zero, "contrast": zero}

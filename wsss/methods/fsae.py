@@ -141,5 +141,8 @@ class FSAE(Addon):
         source_scores = class_scores(source.detach(), cfg.background_logit, batch["labels"])
         valid = valid_at(batch["valid"], tuple(source.shape[2:]))
         labels, mask = online_pseudo_labels(source_scores, cfg.tau_fae, cfg.tau_sae, cfg.kernel, valid)
+        labelled = mask.sum()
+        self.note(labelled=labelled / valid.sum().clamp_min(1),
+                  labelled_fg=(mask & (labels > 0)).sum() / labelled.clamp_min(1))
         target_scores = class_scores(outputs["strong"]["cam_logits"], cfg.background_logit)
         return {"fsae": fsae_loss(target_scores, labels, mask, cfg.lam)}

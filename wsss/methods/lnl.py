@@ -246,6 +246,9 @@ class LNL(Method):
                                 config.eta, config.erosion)  # E_s
             expanded = fscm_seeds(out["features_expanded"], out["cam_logits_expanded"], labels, valid,
                                   config.similarity, config.eta, 1)  # E_e
+            seeded, cells = shrunk != IGNORE, valid.sum().clamp_min(1)
+            self.note(seeds=seeded.sum() / cells, seeds_fg=(seeded & (shrunk > 0)).sum() / seeded.sum().clamp_min(1),
+                      anchors=(expanded != IGNORE).sum() / cells)
         if progress.epoch < config.warmup_epochs or config.lam == 0:
             terms["con"] = features.new_zeros((), dtype=torch.float32)
         else:

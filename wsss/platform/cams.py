@@ -22,7 +22,7 @@ _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 def image_tensor(image_hwc: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 [H,W,3] -> ImageNet-normalised float [1,3,H,W] on device."""
-    x = torch.from_numpy(np.ascontiguousarray(image_hwc)).to(device).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(image_hwc, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float() / 255
     return (x - _MEAN.to(device)) / _STD.to(device)
 
 

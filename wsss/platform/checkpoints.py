@@ -62,8 +62,11 @@ def latest_checkpoint_dir(path: str | Path) -> Path:
     return candidates[-1]
 
 
-def load_method(checkpoint: str, device: torch.device | str = "cpu"):
-    """(method in eval mode, state) from a checkpoint dir, run dir or cloud URI."""
+def load_method(checkpoint: str, device: torch.device | str = "cpu", method_overrides: dict | None = None):
+    """(method in eval mode, state) from a checkpoint dir, run dir or cloud URI.
+
+    `method_overrides` ({"lnl.export": "shrink"}) change the method's inference-time
+    settings; only `section.key` of the checkpoint's own method sections are accepted."""
     if "://" in checkpoint and not checkpoint.startswith("file://"):
         import ray.train  # downloads cloud checkpoints into a local temp dir
 
@@ -74,9 +77,15 @@ def load_method(checkpoint: str, device: torch.device | str = "cpu"):
             state = load_state(latest_checkpoint_dir(local))
     else:
         state = load_state(latest_checkpoint_dir(checkpoint.removeprefix("file://")))
-    from wsss.platform.config import TrainConfig
+    from wsss.platform.config import ConfigError, TrainConfig
 
     config = TrainConfig.from_dict(state["config"])
+    if method_overrides:
+        not_method = [key for key in method_overrides if key.split(".", 1)[0] not in config.sections]
+        if not_method:
+            raise ConfigError(f"{not_method[0]}: not a setting of method {config.method!r} "
+                              f"(its sections: {', '.join(config.sections) or 'none'})")
+        config = config.with_overrides(method_overrides)
     method = build_method(config.method, len(state["dataset"]["classes"]) - 1, config.sections,
                           dataclasses.replace(config.backbone_config, weights="none"))
     method.load_state_dict(state["method"])

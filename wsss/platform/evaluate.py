@@ -28,9 +28,10 @@ from wsss.platform.runtime import ensure_ray
 class CAMScorer:
     """Ray Data actor: rows -> per-image confusion matrices [T*C*C] (or [C*C] with CRF)."""
 
-    def __init__(self, checkpoint: str, scales, flip: bool, crf_threshold: float | None, crf_preset: str):
+    def __init__(self, checkpoint: str, scales, flip: bool, crf_threshold: float | None, crf_preset: str,
+                 method_overrides: dict | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.method, state = load_method(checkpoint, self.device)
+        self.method, state = load_method(checkpoint, self.device, method_overrides)
         self.num_classes = len(state["dataset"]["classes"])  # K + 1
         self.scales, self.flip = tuple(scales), flip
         self.crf_threshold, self.crf_preset = crf_threshold, crf_preset
@@ -62,7 +63,7 @@ def crf_prediction(image: np.ndarray, cams: np.ndarray, labels: np.ndarray, thre
 
 
 def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf_preset,
-                       max_images, num_actors) -> np.ndarray:
+                       max_images, num_actors, method_overrides) -> np.ndarray:
     dataset = eval_dataset(data, split)
     if max_images:
         dataset = dataset.limit(max_images)
@@ -72,7 +73,8 @@ def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf
         CAMScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
         num_gpus=1 if use_gpu else 0, num_cpus=1,
         fn_constructor_kwargs=dict(checkpoint=checkpoint, scales=scales, flip=flip,
-                                   crf_threshold=crf_threshold, crf_preset=crf_preset))
+                                   crf_threshold=crf_threshold, crf_preset=crf_preset,
+                                   method_overrides=method_overrides))
     total = None
     for batch in scored.iter_batches(batch_size=64, batch_format="numpy"):
         part = batch["confusion"].sum(axis=0)
@@ -84,10 +86,12 @@ def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf
 
 def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scales=FULL_SCALES,
                         flip: bool = True, crf: bool = False, crf_preset: str = "psa",
-                        max_images: int = 0, num_actors: int | None = None, out: str | None = None) -> dict:
+                        max_images: int = 0, num_actors: int | None = None, out: str | None = None,
+                        method_overrides: dict | None = None) -> dict:
     """Full-protocol evaluation; returns (and writes to `out`) the results dict. A bad
-    checkpoint, data or output URI fails before Ray starts (joined or started here)."""
-    _, state = load_method(checkpoint)
+    checkpoint, data, output URI or method override fails before Ray starts (joined or
+    started here). `method_overrides` change inference settings, e.g. {"lnl.export": "shrink"}."""
+    _, state = load_method(checkpoint, method_overrides=method_overrides)
     read_manifest(data)
     if out:
         check_bucket(out)
@@ -95,17 +99,19 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
     classes = state["dataset"]["classes"]
     resources = ray.cluster_resources()
     num_actors = num_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)) // 2)
-    sweep = _summed_confusions(checkpoint, data, split, scales, flip, None, crf_preset, max_images, num_actors)
+    sweep = _summed_confusions(checkpoint, data, split, scales, flip, None, crf_preset, max_images, num_actors,
+                               method_overrides)
     confusions = sweep.reshape(len(THRESHOLDS), len(classes), len(classes))
     best = best_threshold(confusions)
     best_index = THRESHOLDS.index(best["threshold"])
     fpr, fnr = foreground_error_rates(confusions[best_index])
     results = {"checkpoint": checkpoint, "data": data, "split": split, "method": state["config"]["method"],
-               "epoch": state["epoch"], "scales": list(scales), "flip": flip, "classes": classes,
+               "epoch": state["epoch"], "method_overrides": dict(method_overrides or {}),
+               "scales": list(scales), "flip": flip, "classes": classes,
                **best, "fg_fpr": fpr, "fg_fnr": fnr}
     if crf:
         conf = _summed_confusions(checkpoint, data, split, scales, flip, best["threshold"], crf_preset,
-                                  max_images, num_actors).reshape(len(classes), len(classes))
+                                  max_images, num_actors, method_overrides).reshape(len(classes), len(classes))
         per_class, mean = miou(conf)
         results["crf"] = {"preset": crf_preset, "miou": mean,
                           "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class]}
@@ -116,7 +122,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
 
 def results_table(results: dict) -> str:
     """Readable Markdown table of per-class IoU plus the headline numbers."""
-    lines = [f"# {results['method']} on {results['split']} ({results['data']})", "",
+    settings = "".join(f", {key}={value}" for key, value in results.get("method_overrides", {}).items())
+    lines = [f"# {results['method']}{settings} on {results['split']} ({results['data']})", "",
              f"mIoU **{100 * results['miou']:.2f}** at background threshold {results['threshold']:.2f}"
              f" (scales {results['scales']}, flip {results['flip']}); foreground FPR "
              f"{results['fg_fpr']:.3f}, FNR {results['fg_fnr']:.3f}", ""]

@@ -57,15 +57,19 @@ class EpochStats:
     images: int = 0
     seconds: float = 0.0
     terms: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, float] = field(default_factory=dict)
 
-    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
+    def add(self, terms: dict[str, torch.Tensor], images: int, notes: dict[str, torch.Tensor]) -> None:
         self.steps += 1
         self.images += images
         for key, value in terms.items():
             self.terms[key] = self.terms.get(key, 0.0) + float(value.detach())
+        for key, value in notes.items():
+            self.notes[key] = self.notes.get(key, 0.0) + float(value)
 
     def summary(self) -> dict[str, float]:
         out = {f"loss/{k}": v / max(1, self.steps) for k, v in self.terms.items()}
+        out.update({k: v / max(1, self.steps) for k, v in self.notes.items()})
         out["loss"] = sum(self.terms.values()) / max(1, self.steps)
         out["images_per_s"] = self.images / max(self.seconds, 1e-9)
         out["epoch_time_s"] = self.seconds
@@ -97,10 +101,12 @@ def train_epoch(method: Method, optimizer, batches: Iterable[dict], *, config: T
         optimizer.step()
         method.after_step(progress)
         step += 1
-        stats.add(terms, images=len(batch["image"]))
+        notes = method.step_notes()
+        stats.add(terms, images=len(batch["image"]), notes=notes)
         if step % config.log_every == 0:
             log({"train/loss": float(loss.detach()), "train/lr": lr,
-                 **{f"train/{k}": float(v.detach()) for k, v in terms.items()}}, step)
+                 **{f"train/{k}": float(v.detach()) for k, v in terms.items()},
+                 **{f"train/{k}": float(v) for k, v in notes.items()}}, step)
     stats.seconds = time.perf_counter() - start
     return step, stats
 
