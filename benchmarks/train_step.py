@@ -91,16 +91,16 @@ def in_fresh_process(target, *arguments):
 def ray_vs_plain(args) -> dict:
     """One epoch on the same shards: Ray Train (1 worker) vs the plain loop, after warm-up.
 
-    The Ray Train worker holds one CPU, so Ray gives it OMP_NUM_THREADS=1; the plain loop
-    runs once with one torch thread (same compute: what Ray itself costs) and once with
-    torch's default of every core (what a user of one machine would otherwise get)."""
+    The Ray Train worker trains with `cpu_threads` torch threads (default: every core of the
+    node, as the plain loop's torch default); the plain loop runs with one thread and with
+    torch's default, so both the equal-threads ratio and the one-thread baseline show."""
     import ray
     import torch
 
     from wsss.datasets.prepare import prepare
     from wsss.platform.config import TrainConfig
     from wsss.platform.plain import train_plain
-    from wsss.platform.train import fit
+    from wsss.platform.train import cpu_threads, fit
 
     work = tempfile.mkdtemp(prefix="wsss-bench-")
     prepare("synthetic", f"{work}/tree", f"{work}/shards", num_train=args.images, num_val=8, size=args.size)
@@ -114,7 +114,7 @@ def ray_vs_plain(args) -> dict:
         plain[threads] = history[-1]["epoch_time_s"]  # the second epoch: start-up excluded
     ray.init(num_cpus=os.cpu_count(), configure_logging=False, log_to_driver=False)
     ray_epoch = fit(TrainConfig(name="bench", **common)).metrics["epoch_time_s"]
-    return {"ray_epoch_s": ray_epoch, "plain_epoch_s": plain}
+    return {"ray_epoch_s": ray_epoch, "ray_threads": cpu_threads(0, 1), "plain_epoch_s": plain}
 
 
 def main() -> None:
@@ -146,7 +146,8 @@ def main() -> None:
     if args.ray_vs_plain:
         timing = ray_vs_plain(args)
         ray_epoch = timing["ray_epoch_s"]
-        print(f"epoch time after start-up: Ray Train (1 worker, 1 torch thread) {ray_epoch:.1f} s")
+        print(f"epoch time after start-up: Ray Train (1 worker, {timing['ray_threads']} torch thread(s)) "
+              f"{ray_epoch:.1f} s")
         for threads, plain in timing["plain_epoch_s"].items():
             print(f"  plain loop, {threads} torch thread(s): {plain:.1f} s -> Ray / plain {ray_epoch / plain:.2f}")
 
