@@ -6,16 +6,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ray.util.state import list_actors
 
 from wsss.datasets.base import DataError
 from wsss.datasets.loader import pseudo_label_files, read_shard
-from wsss.datasets.shards import decode_mask, read_manifest
+from wsss.datasets.shards import decode_mask, read_manifest, verify_checksums
 from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.pseudo_labels import (
     DEFAULT_THRESHOLD,
@@ -146,7 +149,7 @@ def test_writer_leaves_nothing_when_the_job_fails(shards, tmp_path):
         with LabelShardWriter(str(out), images, "train") as writer:
             writer.write(0, *ground_truth_rows(images.files("train")[0]))
             raise RuntimeError("CRF worker died")
-    assert not out.exists() or not any(out.rglob("*"))
+    assert not out.exists()  # the job created it, so it goes too
 
 
 def test_writer_refuses_bad_output(shards, tmp_path):
@@ -163,7 +166,25 @@ def test_writer_refuses_bad_output(shards, tmp_path):
         writer.write(0, ids, masks)
         with pytest.raises(DataError, match="missing for image shard.*part-00001"):
             writer.publish({})
-    assert not any(Path(out).rglob("*"))  # the failed publish left nothing
+    assert not Path(out).exists()  # the failed publish left nothing
+
+
+def test_a_new_writer_sweeps_what_a_killed_job_left(shards, tmp_path):
+    images = read_manifest(shards)
+    out = tmp_path / "labels"
+    for overwrite in (False, True):
+        if overwrite:  # what a job killed outright leaves: its staging folder and temp manifest
+            run = uuid.uuid4().hex
+            (out / f".staging-{run}" / "train").mkdir(parents=True)
+            (out / f".staging-{run}" / "train" / "part-00000.parquet").write_bytes(b"half a shard")
+            (out / f".manifest.json.{run}.tmp").write_text("{")
+            (out / ".staging-mine").mkdir()  # not of the exact form a writer uses: kept
+        with LabelShardWriter(str(out), images, "train", overwrite) as writer:
+            for index, uri in enumerate(images.files("train")):
+                writer.write(index, *ground_truth_rows(uri))
+            writer.publish({})
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".staging-mine"]
+    verify_checksums(str(out), read_manifest(str(out)), "train")
 
 
 # ---- the Ray Data job end to end -----------------------------------------------------------
@@ -234,6 +255,11 @@ def test_failed_job_leaves_no_output_and_a_rerun_works(ray_local, shards, checkp
     with pytest.raises(Exception, match="cannot be decoded"):
         generate_pseudo_labels(checkpoint, broken, str(out), scales=(1.0,), flip=False)
     assert not out.exists() or not any(out.rglob("*")), "a failed job leaves nothing, not even staging"
+    # While the caller still holds the error, the failed job's actors must give their CPUs back.
+    deadline = time.time() + 120
+    while [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "CAMStage" in (a.repr_name or "")]:
+        assert time.time() < deadline, "the failed job's CAM actor still holds a CPU"
+        time.sleep(1)
 
     generate_pseudo_labels(checkpoint, shards, str(out), scales=(1.0,), flip=False)
     first = read_manifest(str(out))

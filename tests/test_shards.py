@@ -1,5 +1,6 @@
-"""Shards and manifest: written and read back equal to the source, atomic on failure,
-checksums, skip counting, storage URIs, and `prepare` as the single entry point."""
+"""Shards and manifest: written and read back equal to the source, atomic on failure (a
+killed writer's leftovers swept by the next), checksums, skip counting, storage URIs, and
+`prepare` as the single entry point."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import hashlib
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +68,22 @@ class ListReader:
 def tiny_reader(**failure) -> ListReader:
     return ListReader({"train": [tiny_sample(i) for i in range(5)],
                        "val": [tiny_sample(10 + i, with_mask=i != 1) for i in range(3)]}, **failure)
+
+
+class BlockingReader(ListReader):
+    """`tiny_reader`'s samples, except that after `block_after` of a split it touches the
+    file `ready` and blocks: a writer to kill mid-write."""
+
+    def __init__(self, ready: str, block_after: int):
+        super().__init__(tiny_reader().by_split)
+        self.ready, self.block_after = Path(ready), block_after
+
+    def samples(self, split):
+        for i, sample in enumerate(super().samples(split)):
+            if i == self.block_after:
+                self.ready.touch()
+                time.sleep(600)
+            yield sample
 
 
 def files_under(path) -> list[str]:
@@ -169,12 +191,60 @@ def test_checksum_mismatch_and_missing_shard_name_the_shard(tmp_path):
                                    DataError("x.jpg", "corrupt or truncated image: boom")])
 @pytest.mark.parametrize("fail_split, fail_after", [("train", 3), ("val", 2)])
 def test_failure_mid_write_leaves_no_manifest_and_no_files(tmp_path, error, fail_split, fail_after):
+    out = tmp_path / "new" / "out"
     with pytest.raises(type(error)):
-        write_shards(tiny_reader(fail_split=fail_split, fail_after=fail_after, error=error), str(tmp_path / "out"),
-                     rows_per_file=2)
-    assert files_under(tmp_path / "out") == []
+        write_shards(tiny_reader(fail_split=fail_split, fail_after=fail_after, error=error), str(out), rows_per_file=2)
+    assert os.listdir(tmp_path) == []  # the run created `new/out`, so both go too
     with pytest.raises(DataError, match="manifest missing"):
-        read_manifest(str(tmp_path / "out"))
+        read_manifest(str(out))
+
+
+def test_failed_prepare_into_an_existing_folder_leaves_its_files_alone(tmp_path):
+    root = write_coco_tree(tmp_path / "coco")  # has an image without labels: fails without skip_invalid
+    out, empty = tmp_path / "out", tmp_path / "empty"
+    (out / "keep").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "keep" / "part-00000.parquet").write_bytes(b"not ours")
+    (out / ".staging-backup").mkdir()  # look like our hidden names, but are not of their exact form
+    (out / ".staging-backup" / "a.txt").write_text("mine")
+    (out / ".manifest.json.tmp").write_text("mine")
+    before = {name: (out / name).read_bytes() for name in files_under(out)}
+    empty.mkdir()
+    for folder in (out, empty):
+        with pytest.raises(DataError, match="no labels"):
+            prepare("coco", root, folder)
+    assert {name: (out / name).read_bytes() for name in files_under(out)} == before
+    assert empty.is_dir() and files_under(empty) == []
+
+
+def test_a_killed_writer_leaves_staging_that_the_next_write_sweeps(tmp_path):
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    script = ("import sys; from tests.test_shards import BlockingReader, write_shards; "
+              "write_shards(BlockingReader(sys.argv[2], block_after=3), sys.argv[1], rows_per_file=2, rows_per_group=1)")
+    writer = subprocess.Popen([sys.executable, "-c", script, str(out), str(ready)], cwd=Path(__file__).parents[1],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert writer.poll() is None, f"the writer exited early:\n{writer.stderr.read()}"
+            assert time.monotonic() < deadline, "the writer never reached its third sample"
+            time.sleep(0.05)
+    finally:
+        writer.kill()  # SIGKILL: no rollback runs
+        writer.wait()
+        writer.stderr.close()
+    assert writer.returncode == -signal.SIGKILL
+    staging = [name for name in os.listdir(out) if name.startswith(".staging-")]
+    assert len(staging) == 1 and "train/part-00000.parquet" in files_under(out / staging[0])
+    # A kill between writing the temp manifest and moving it leaves this one too.
+    (out / f".manifest.json.{'0' * 32}.tmp").write_text("{")
+
+    manifest = write_shards(tiny_reader(), str(out))
+    assert [name for name in os.listdir(out) if name.startswith(".")] == []
+    assert files_under(out) == sorted(["manifest.json", *(entry["path"] for split in manifest.splits.values()
+                                                          for entry in split["files"])])
+    for split in manifest.splits:
+        verify_checksums(str(out), manifest, split)
 
 
 def test_existing_manifest_needs_overwrite_and_stale_shards_go(tmp_path):
@@ -303,7 +373,7 @@ def test_prepare_coco_counts_skipped_and_passes_options(tmp_path):
     assert manifest.source["options"] == {"skip_invalid": True, "year": 2014}
     with pytest.raises(DataError, match="no labels"):
         prepare("coco", root, tmp_path / "out2")
-    assert not (tmp_path / "out2").exists() or files_under(tmp_path / "out2") == []
+    assert not (tmp_path / "out2").exists()
 
 
 def test_prepare_checks_arguments_before_any_work(tmp_path):

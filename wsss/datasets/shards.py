@@ -1,11 +1,12 @@
 """Parquet shards plus a manifest: the one on-disk form every dataset is trained from.
 
 OUT/manifest.json lists every shard with its row count, byte size and sha256; readers open
-only the files it lists, never a glob. `write_shards` writes every shard under a hidden
-staging folder, moves the shards into place and writes the manifest last (temp name, then
-move). Any failure or interrupt deletes what was staged or moved and leaves no manifest, so
-a half-written dataset is never readable. An existing manifest is only replaced with
-`overwrite=True`; the old dataset stays intact until the new one is fully staged.
+only the files it lists, never a glob. `write_shards` (and the pseudo-label writer) publish
+through `DatasetPublisher`: every shard is written under a hidden staging folder, moved into
+place, and the manifest is written last (temp name, then move). Any failure or interrupt
+deletes what was staged or moved and leaves no manifest, so a half-written dataset is never
+readable. An existing manifest is only replaced with `overwrite=True`; the old dataset stays
+intact until the new one is fully staged.
 
 One row per image: `id` string, `image` binary (the original encoded bytes), `mask` binary
 or null (PNG, mode L, pixel = class index, 255 = void), `labels` list<int16> (sorted
@@ -19,6 +20,7 @@ import hashlib
 import io
 import itertools
 import json
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -183,6 +185,91 @@ def check_writable(uri: str, overwrite: bool = False) -> None:
                                                   "dataset; pass overwrite=True (--overwrite) to replace it")
 
 
+# What a run names `staging` and its temp manifest (a uuid4 hex each): the only names swept.
+_STAGING_NAME = re.compile(r"\.staging-[0-9a-f]{32}")
+_TEMP_MANIFEST_NAME = re.compile(rf"\.{re.escape(MANIFEST_NAME)}\.[0-9a-f]{{32}}\.tmp")
+
+
+class DatasetPublisher:
+    """Publishes one dataset folder (shards plus manifest) atomically.
+
+    Callers write files under `staging`, a hidden folder in the output, then call
+    `publish(manifest)`: it moves the files the manifest lists into place, writes the
+    manifest last (temp name, then move) and, with `overwrite`, deletes the previous
+    dataset's files that the new one does not reuse. Leaving the `with` block unpublished,
+    by an exception (Ctrl-C included) or otherwise, deletes everything staged or placed,
+    and the output folder too (with any parent folder) if this publisher created it and it
+    holds no file.
+
+    A run killed outright (SIGKILL, OOM, power loss) cannot roll back; the next publisher
+    into the same output deletes that run's staging folder and temp manifest (only names
+    of exactly the form used here) when it starts. Two jobs writing the same output at
+    once are therefore not supported (they never were): each takes the other's staging
+    for a leftover.
+    """
+
+    def __init__(self, location: str, overwrite: bool = False):
+        self.location, self.overwrite = canonical(location), overwrite
+        check_writable(self.location, overwrite)
+        self.fs, self.root = resolve(self.location)
+        self._created = _outermost_missing(self.fs, self.root)  # what `abort` may remove
+        if self.fs.get_file_info(self.root).type == pafs.FileType.Directory:
+            self._delete_leftovers()
+        run = uuid.uuid4().hex
+        self.staging, self._temp_manifest = f"{self.root}/.staging-{run}", f"{self.root}/.{MANIFEST_NAME}.{run}.tmp"
+        self._placed: list[str] = []
+        self._replacing = False  # set once the old manifest is deleted: any manifest after that is ours
+        self.published = False
+
+    def __enter__(self) -> "DatasetPublisher":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.abort()
+
+    def publish(self, manifest: Manifest) -> None:
+        """Move the staged files `manifest` lists into place, then write the manifest."""
+        previous = _listed_files(self.location) if self.overwrite else []
+        self._replacing = True
+        _delete_file(self.fs, f"{self.root}/{MANIFEST_NAME}")  # from here on the old dataset is gone
+        for entry in manifest.splits.values():
+            for file in entry["files"]:
+                target = f"{self.root}/{file['path']}"
+                self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                self.fs.move(f"{self.staging}/{file['path']}", target)
+                self._placed.append(target)
+        with self.fs.open_output_stream(self._temp_manifest) as stream:
+            stream.write(json.dumps(manifest.to_json(), indent=1).encode())
+        self.fs.move(self._temp_manifest, f"{self.root}/{MANIFEST_NAME}")
+        self.published = True
+        _delete_dir(self.fs, self.staging)
+        for path in set(previous) - set(self._placed):
+            _delete_file(self.fs, path)
+
+    def abort(self) -> None:
+        """Delete everything this run staged or placed; nothing once published."""
+        if self.published:
+            return
+        for path in [*([f"{self.root}/{MANIFEST_NAME}"] if self._replacing else []), *self._placed,
+                     self._temp_manifest]:
+            _delete_file(self.fs, path)
+        _delete_dir(self.fs, self.staging)
+        if self._created is None:
+            return
+        # Empty folders under one we created (a split folder; on object stores the markers
+        # pyarrow leaves) are ours.
+        everything = self.fs.get_file_info(pafs.FileSelector(self._created, recursive=True, allow_not_found=True))
+        if not any(info.type == pafs.FileType.File for info in everything):
+            _delete_dir(self.fs, self._created)
+
+    def _delete_leftovers(self) -> None:
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root)):
+            if info.type == pafs.FileType.Directory and _STAGING_NAME.fullmatch(info.base_name):
+                self.fs.delete_dir(info.path)
+            elif info.type == pafs.FileType.File and _TEMP_MANIFEST_NAME.fullmatch(info.base_name):
+                self.fs.delete_file(info.path)
+
+
 def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | None = None,
                  rows_per_file: int = 256, rows_per_group: int = 32, overwrite: bool = False,
                  source: dict | None = None) -> Manifest:
@@ -196,46 +283,20 @@ def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | No
     unknown = [split for split in splits if split not in known]
     if unknown:
         raise ValueError(f"unknown split {unknown[0]!r} for dataset {reader.info.name!r}; known: {', '.join(known)}")
-    location = canonical(out_uri)
-    check_writable(location, overwrite)
-    fs, root = resolve(location)
-    run = uuid.uuid4().hex
-    staging, temp_manifest = f"{root}/.staging-{run}", f"{root}/.{MANIFEST_NAME}.{run}.tmp"
-    placed: list[str] = []
-    replacing = False  # set once the old manifest is deleted: any manifest after that is ours
-    try:
+    with DatasetPublisher(out_uri, overwrite) as publisher:
         entries = {}
         for split in splits:
-            entries[split] = _stage_split(fs, staging, split, reader.samples(split), rows_per_file, rows_per_group)
+            entries[split] = _stage_split(publisher.fs, publisher.staging, split, reader.samples(split),
+                                          rows_per_file, rows_per_group)
             if not entries[split]["rows"]:
                 raise DataError(f"{reader.info.name} split {split!r}", "no samples: nothing valid to write")
         info = reader.info
         manifest = Manifest(
-            location=location, dataset=info.name, classes=list(info.classes),
+            location=publisher.location, dataset=info.name, classes=list(info.classes),
             palette=[list(rgb) for rgb in info.palette], ignore_index=info.ignore_index, splits=entries,
             skipped=_skip_summary(reader), source=dict(source or {}),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        previous = _listed_files(location) if overwrite else []
-        replacing = True
-        _delete_file(fs, f"{root}/{MANIFEST_NAME}")  # from here on the old dataset is gone
-        for entry in entries.values():
-            for file in entry["files"]:
-                target = f"{root}/{file['path']}"
-                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-                fs.move(f"{staging}/{file['path']}", target)
-                placed.append(target)
-        with fs.open_output_stream(temp_manifest) as stream:
-            stream.write(json.dumps(manifest.to_json(), indent=1).encode())
-        fs.move(temp_manifest, f"{root}/{MANIFEST_NAME}")
-    except BaseException:  # KeyboardInterrupt too: nothing half-written may stay behind
-        for path in [*([f"{root}/{MANIFEST_NAME}"] if replacing else []), *placed, temp_manifest]:
-            _delete_file(fs, path)
-        raise
-    finally:
-        if fs.get_file_info(staging).type != pafs.FileType.NotFound:
-            fs.delete_dir(staging)
-    for path in set(previous) - set(placed):
-        _delete_file(fs, path)
+        publisher.publish(manifest)
     return manifest
 
 
@@ -308,3 +369,17 @@ def _listed_files(location: str) -> list[str]:
 def _delete_file(fs: pafs.FileSystem, path: str) -> None:
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_file(path)
+
+
+def _outermost_missing(fs: pafs.FileSystem, path: str) -> str | None:
+    """The outermost folder of `path`, itself included, that does not exist (on object
+    stores: holds no object); None if `path` exists. Stops below the bucket or top folder."""
+    missing = None
+    while "/" in path.strip("/") and fs.get_file_info(path).type == pafs.FileType.NotFound:
+        missing, path = path, path.rsplit("/", 1)[0]
+    return missing
+
+
+def _delete_dir(fs: pafs.FileSystem, path: str) -> None:
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
