@@ -23,7 +23,7 @@ import torch
 from wsss.datasets.loader import eval_rows
 from wsss.methods.fsae import class_scores, online_pseudo_labels
 from wsss.methods.lnl import Config as LNLConfig
-from wsss.methods.lnl import class_maps_with_background, consistency_scores, feature_similarity, fscm_seeds
+from wsss.methods.lnl import class_maps_with_background, consistency_scores, feature_similarity, seed_labels
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
 
@@ -54,7 +54,9 @@ class Tally:
         self.fg_right += int((right & (labels > 0)).sum())
 
     def summary(self) -> dict:
-        share = lambda part, whole: part / whole if whole else float("nan")  # noqa: E731
+        def share(part: int, whole: int) -> float:
+            return part / whole if whole else float("nan")
+
         return {"coverage": share(self.bg + self.fg, self.cells),
                 "precision": share(self.bg_right + self.fg_right, self.bg + self.fg),
                 "bg_coverage": share(self.bg, self.cells), "bg_precision": share(self.bg_right, self.bg),
@@ -75,11 +77,11 @@ def measure(checkpoint: str, data: str, split: str, images: int) -> dict:
             features, logits = out["features"], out["cam_logits"]
             labels = torch.from_numpy(np.asarray(row["labels"], np.float32))[None]
             truth = cell_labels(row["mask"], tuple(logits.shape[2:]))[None]
-            valid = torch.ones_like(truth, dtype=torch.bool)
-            for kind in ("cosine", "softmax"):
-                seeds = fscm_seeds(features, logits, labels, valid, kind, lnl.eta, lnl.erosion)
-                tallies[f"fscm {kind}"].add(seeds, truth)
-                best_scores[kind].append(_best_consistency(features, logits, labels, valid, kind))
+            class_maps = class_maps_with_background(logits, labels)
+            for kind in ("cosine", "softmax"):  # FSCM as in training (a whole image: no padding)
+                scores = consistency_scores(feature_similarity(features, kind), class_maps)
+                tallies[f"fscm {kind}"].add(seed_labels(scores, lnl.eta, lnl.erosion), truth)
+                best_scores[kind].append(scores.amax(dim=1).flatten().numpy())  # what η is compared with
             pseudo, confident = online_pseudo_labels(class_scores(logits, 0.0, labels), tau_fae, tau_sae, kernel)
             tallies["fsae"].add(pseudo.masked_fill(~confident, IGNORE), truth)
     report = {name: tally.summary() for name, tally in tallies.items()}
@@ -88,12 +90,6 @@ def measure(checkpoint: str, data: str, split: str, images: int) -> dict:
     return {"checkpoint": checkpoint, "method": state["config"]["method"], "images": images,
             "eta": lnl.eta, "erosion": lnl.erosion, "tau_fae": tau_fae, "tau_sae": tau_sae, "kernel": kernel,
             "labels": report}
-
-
-def _best_consistency(features, logits, labels, valid, kind) -> np.ndarray:
-    """Each cell's highest Eq. 2 score: what η is compared with."""
-    scores = consistency_scores(feature_similarity(features, kind), class_maps_with_background(logits, labels))
-    return scores.amax(dim=1).flatten().numpy()
 
 
 def main() -> None:

@@ -81,7 +81,8 @@ def load_method(checkpoint: str, device: torch.device | str = "cpu", method_over
 
     config = TrainConfig.from_dict(state["config"])
     if method_overrides:
-        not_method = [key for key in method_overrides if key.split(".", 1)[0] not in config.sections]
+        not_method = [key for key in method_overrides if key.partition(".")[0] not in config.sections
+                      or "." not in key]
         if not_method:
             raise ConfigError(f"{not_method[0]}: not a setting of method {config.method!r} "
                               f"(its sections: {', '.join(config.sections) or 'none'})")
