@@ -22,7 +22,7 @@ from wsss.platform.checkpoints import load_method
 from wsss.platform.crf import dense_crf
 from wsss.platform.data import eval_dataset
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
-from wsss.platform.runtime import ensure_ray
+from wsss.platform.runtime import ensure_ray, job_batches
 
 
 class CAMScorer:
@@ -69,14 +69,13 @@ def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf
         dataset = dataset.limit(max_images)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     # An autoscaling pool: a fixed-size pool that took every CPU would starve the read tasks.
-    scored = dataset.map_batches(
-        CAMScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
-        num_gpus=1 if use_gpu else 0, num_cpus=1,
-        fn_constructor_kwargs=dict(checkpoint=checkpoint, scales=scales, flip=flip,
-                                   crf_threshold=crf_threshold, crf_preset=crf_preset,
-                                   method_overrides=method_overrides))
+    scorer_args = dict(compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors), batch_size=1,
+                       num_gpus=1 if use_gpu else 0, num_cpus=1,
+                       fn_constructor_kwargs=dict(checkpoint=checkpoint, scales=scales, flip=flip,
+                                                  crf_threshold=crf_threshold, crf_preset=crf_preset,
+                                                  method_overrides=method_overrides))
     total = None
-    for batch in scored.iter_batches(batch_size=64, batch_format="numpy"):
+    for batch in job_batches(dataset.map_batches(CAMScorer, **scorer_args), batch_size=64, batch_format="numpy"):
         part = batch["confusion"].sum(axis=0)
         total = part if total is None else total + part
     if total is None:

@@ -39,6 +39,7 @@ from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint_dir, load_met
 from wsss.platform.evaluate import crf_prediction
 from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
+from wsss.platform.runtime import job_batches
 
 MODES = ("crf", "irn")
 DEFAULT_THRESHOLD = 0.25  # crf background score when neither --threshold nor the checkpoint gives one
@@ -195,20 +196,12 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
     # whichever has work queued into the free CPUs (fixed pools would starve one another).
     cam_actors = cam_actors or gpus or max(1, cpus - 1)
     crf_actors = crf_actors or max(1, cpus - (gpus or 1))
-    labeled = (ray.data.from_items([{"file": i, "uri": uri} for i, uri in enumerate(files)],
-                                   override_num_blocks=len(files))
-               .map_batches(CAMStage, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cam_actors),
-                            fn_constructor_kwargs=dict(checkpoint=checkpoint, num_classes=images.num_classes,
-                                                       scales=settings.scales, flip=settings.flip))
-               .map_batches(CRFStage, batch_size=1, num_cpus=1,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=crf_actors),
-                            fn_constructor_kwargs=dict(settings=asdict(settings), num_classes=images.num_classes)))
     assembler = RowAssembler([entry["rows"] for entry in images.splits[split]["files"]])
     confusion = np.zeros((images.num_classes + 1) ** 2, np.int64)
     with_mask, ignored, pixels = 0, 0, 0
     with LabelShardWriter(out, images, split, overwrite) as writer:
-        for batch in labeled.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in job_batches(_label_job(checkpoint, files, images.num_classes, settings, gpus, cam_actors,
+                                            crf_actors), batch_size=None, batch_format="numpy"):
             for file_index, row, sample_id, png in zip(batch["file"], batch["row"], batch["id"], batch["mask"]):
                 complete = assembler.add(int(file_index), int(row), (str(sample_id), png))
                 if complete:
@@ -222,6 +215,19 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
                   "quality": _quality(confusion, with_mask, images.num_classes + 1)}
         writer.publish(source)
     return source
+
+
+def _label_job(checkpoint: str, files: list[str], num_classes: int, settings: PseudoLabelSettings, gpus: int,
+               cam_actors: int, crf_actors: int) -> ray.data.Dataset:
+    return (ray.data.from_items([{"file": i, "uri": uri} for i, uri in enumerate(files)],
+                                override_num_blocks=len(files))
+            .map_batches(CAMStage, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cam_actors),
+                         fn_constructor_kwargs=dict(checkpoint=checkpoint, num_classes=num_classes,
+                                                    scales=settings.scales, flip=settings.flip))
+            .map_batches(CRFStage, batch_size=1, num_cpus=1,
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=crf_actors),
+                         fn_constructor_kwargs=dict(settings=asdict(settings), num_classes=num_classes)))
 
 
 def _quality(confusion: np.ndarray, images: int, classes: int) -> dict | None:

@@ -1,9 +1,11 @@
-"""Starting or joining Ray, the same way for every command."""
+"""Starting or joining Ray, and running Ray Data jobs, the same way for every command."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+from collections.abc import Iterator
 
 import ray
 
@@ -30,3 +32,46 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def job_batches(dataset: ray.data.Dataset, **iter_batches_args) -> Iterator:
+    """`dataset.iter_batches(...)` that gives a failed job's actors back at once.
+
+    Ray Data shuts a failed job down without killing its actor pools: each actor keeps its
+    CPU or GPU while anything holds the error, whose traceback frames reach the executor
+    and the dataset (a caller keeping the exception, a notebook's last error, a log
+    handler's records), so a rerun in the same process can wait forever for resources.
+    Pass the dataset inline (`job_batches(ds.map_batches(...))`): a caller's variable
+    would keep it alive.
+    """
+    try:
+        yield from dataset.iter_batches(**iter_batches_args)
+    except BaseException as error:
+        del dataset
+        _clear_frames(error)
+        gc.collect()  # the executor is garbage in reference cycles now: free its actors
+        raise
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the locals of every finished frame the error, its causes and contexts reach:
+    their tracebacks' frames and those frames' callers (an error raised in Ray Data's
+    scheduling thread reaches the thread's frames, which hold the executor, that way)."""
+    errors, seen_errors, seen_frames = [error], set(), set()
+    while errors:
+        error = errors.pop()
+        if error is None or id(error) in seen_errors:
+            continue
+        seen_errors.add(id(error))
+        errors += [error.__cause__, error.__context__]
+        tb = error.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            while frame is not None and id(frame) not in seen_frames:
+                seen_frames.add(id(frame))
+                try:
+                    frame.clear()
+                except RuntimeError:  # still executing: the caller's own frames
+                    pass
+                frame = frame.f_back
+            tb = tb.tb_next

@@ -33,6 +33,7 @@ from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_ov
 from wsss.platform.crf import PRESETS, dense_crf
 from wsss.platform.data import eval_dataset
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou, out_of_candidate_counts
+from wsss.platform.runtime import job_batches
 
 SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 # Below the config file and the command line. DeepLab fine-tunes at a low lr (the head
@@ -131,13 +132,13 @@ def evaluate_segmentation(checkpoint: str, data: str, *, split: str = "val", sca
     use_gpu = resources.get("GPU", 0) > 0
     num_actors = num_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)) // 2)
     # An autoscaling pool: a fixed-size pool that took every CPU would starve the read tasks.
-    scored = dataset.map_batches(
-        SegmentationScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
-        num_gpus=1 if use_gpu else 0, num_cpus=1,
-        fn_constructor_kwargs=dict(checkpoint=checkpoint, scales=scales, flip=flip,
-                                   crf_preset=crf_preset if crf else None))
+    scorer_args = dict(compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors), batch_size=1,
+                       num_gpus=1 if use_gpu else 0, num_cpus=1,
+                       fn_constructor_kwargs=dict(checkpoint=checkpoint, scales=scales, flip=flip,
+                                                  crf_preset=crf_preset if crf else None))
     totals: dict[str, np.ndarray] = {}
-    for batch in scored.iter_batches(batch_size=64, batch_format="numpy"):
+    for batch in job_batches(dataset.map_batches(SegmentationScorer, **scorer_args),
+                             batch_size=64, batch_format="numpy"):
         for key, value in batch.items():
             totals[key] = totals.get(key, 0) + value.sum(axis=0)
     if not totals:
