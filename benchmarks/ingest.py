@@ -7,6 +7,8 @@ documented shard schema), then measures images/s of the same decode + augment
 (`wsss.datasets.augment.TrainTransform`) through
 
   ray        `wsss.platform.data.train_dataset` → `iter_torch_batches`, Ray with --cpus CPUs
+  ray-reserve  the same with Ray Data's per-operator CPU reservation (its default)
+  rayX       the same with X CPUs per decode task (--map-cpus 0.5 adds ray0.5)
   loader     torch DataLoader over `wsss.datasets.loader.ShardIterable`, --cpus workers
   bare×n     --cpus plain processes, each reading + transforming every n-th shard in a loop:
              the machine's limit for this work on these CPUs (no framework, no batches moved)
@@ -28,6 +30,7 @@ share the machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import multiprocessing
 import os
@@ -111,6 +114,10 @@ def count_rows(batches) -> int:
     return sum(len(batch["labels"]) for batch in batches)
 
 
+def ray_epoch(dataset, batch_size: int, epoch: int) -> int:
+    return count_rows(dataset.iter_torch_batches(batch_size=batch_size))
+
+
 def bare_augment(files, columns, batch_size, augment, num_classes, epoch) -> int:
     """Read + decode + augment in a plain loop; the work itself, no framework."""
     transform = TrainTransform(augment, num_classes)
@@ -145,6 +152,7 @@ def main() -> None:
     parser.add_argument("--views", default="", help="optional views, comma-separated (e.g. strong,raw)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--map-batch", type=int, default=16, help="rows per Ray Data map_batches call")
+    parser.add_argument("--map-cpus", default="", help="also CPUs per Ray Data decode task, comma-separated")
     parser.add_argument("--data", default="", help="reuse shards here (written if absent)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -168,9 +176,14 @@ def main() -> None:
     import ray
 
     from wsss.platform.data import train_dataset
+    from wsss.platform.runtime import ensure_ray
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray_data = train_dataset(data, "train", augment, num_classes=num_classes, map_batch_size=args.map_batch)
+    os.environ.pop("RAY_ADDRESS", None)
+    ensure_ray(num_cpus=args.cpus)  # as every wsss command starts a local Ray
+    variants = {"ray": {}, "ray-reserve": {"reserve_cpus": True}}  # the product; Ray Data's CPU reservation
+    variants.update({f"ray{c:g}": {"map_cpus": float(c)} for c in args.map_cpus.split(",") if c})
+    ray_data = {name: train_dataset(data, "train", augment, num_classes=num_classes, map_batch_size=args.map_batch,
+                                    **options) for name, options in variants.items()}
     loader_data = ShardIterable(files, TrainTransform(augment, num_classes), columns, args.batch, seed=augment.seed)
 
     def loader(epoch):
@@ -181,14 +194,15 @@ def main() -> None:
         jobs = [(part, columns, args.batch, augment, num_classes, epoch) for part in parts]
         return sum(pool.starmap(bare_augment, jobs))
 
+    rays = {name: functools.partial(ray_epoch, dataset, args.batch) for name, dataset in ray_data.items()}
     pipelines = {
-        "ray": lambda epoch: count_rows(ray_data.iter_torch_batches(batch_size=args.batch)),
+        **rays,
         "loader": loader,
         "bare×n": parallel,
         "bare": lambda epoch: bare_augment(files, columns, args.batch, augment, num_classes, epoch),
         "decode": lambda epoch: bare_decode(files, args.batch),
     }
-    for name in ("ray", "bare×n"):  # start Ray's workers and the pool, import everything once
+    for name in (*rays, "bare×n"):  # start Ray's workers and the pool, import everything once
         pipelines[name](0)
     wall = {name: 0.0 for name in pipelines}  # best images/s
     cpu = {name: 0.0 for name in pipelines}  # best images per CPU-second
@@ -209,12 +223,13 @@ def main() -> None:
           f"views {sorted(views) or 'none'}, batch {args.batch}, map_batches {args.map_batch}")
     print(f"best of {args.rounds} rounds, images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in wall.items()))
     print("               images per CPU-second: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
-    print(f"ray / loader (wall)                    = {wall['ray'] / wall['loader']:.2f}x  (goal >= 1.0)")
-    print(f"ray / bare×n, same CPUs (wall)         = {wall['ray'] / wall['bare×n']:.2f}x  (goal >= 0.7)")
-    print(f"ray per CPU / bare on 1 CPU (wall)     = {wall['ray'] / args.cpus / wall['bare']:.2f}x")
-    print(f"ray / bare, images per CPU-second      = {cpu['ray'] / cpu['bare']:.2f}x")
-    print(f"loader / bare, images per CPU-second   = {cpu['loader'] / cpu['bare']:.2f}x")
-    print(f"ray per CPU / decode only (wall)       = {wall['ray'] / args.cpus / wall['decode']:.2f}x")
+    for name in rays:
+        print(f"{name:<7} / loader (wall)                 = {wall[name] / wall['loader']:.2f}x  (goal >= 1.0)")
+        print(f"{name:<7} / bare×n, same CPUs (wall)      = {wall[name] / wall['bare×n']:.2f}x  (goal >= 0.7)")
+        print(f"{name:<7} per CPU / bare on 1 CPU (wall)  = {wall[name] / args.cpus / wall['bare']:.2f}x")
+        print(f"{name:<7} per CPU / decode only (wall)    = {wall[name] / args.cpus / wall['decode']:.2f}x")
+        print(f"{name:<7} / bare, images per CPU-second   = {cpu[name] / cpu['bare']:.2f}x")
+    print(f"loader  / bare, images per CPU-second   = {cpu['loader'] / cpu['bare']:.2f}x")
 
 
 if __name__ == "__main__":

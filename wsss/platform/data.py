@@ -105,12 +105,14 @@ def _open(data_uri: str, split: str, verify: bool) -> Manifest:
 
 def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_classes: int,
                   label_uri: str | None = None, verify: bool = True,
-                  map_batch_size: int = MAP_BATCH_SIZE) -> ray.data.Dataset:
+                  map_batch_size: int = MAP_BATCH_SIZE, map_cpus: float = 1.0,
+                  reserve_cpus: bool = False) -> ray.data.Dataset:
     """Augmented training batches (keys of `wsss.methods.base`) streamed from shards.
 
     `label_uri`: pseudo-label shards mirroring the image shards file for file and row
     for row (columns id, mask); their masks become `target`. `verify`: check every
-    shard's sha256 against its manifest first (reads all bytes once)."""
+    shard's sha256 against its manifest first (reads all bytes once). `map_cpus` and
+    `reserve_cpus` exist for benchmarks/ingest.py, which measured the defaults best."""
     manifest = _open(data_uri, split, verify)
     if num_classes != manifest.num_classes:
         raise DataError(manifest.location, f"num_classes={num_classes}, but the manifest lists "
@@ -120,7 +122,12 @@ def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_clas
     source = ShardDatasource(manifest, split, config.columns(), label_files=targets, seed=config.seed)
     rows = ray.data.read_datasource(source, num_cpus=READ_CPUS)
     transform = _EpochTransform(TrainTransform(config, num_classes))
-    return rows.map_batches(transform, batch_format="numpy", batch_size=map_batch_size)
+    batches = rows.map_batches(transform, batch_format="numpy", batch_size=map_batch_size, num_cpus=map_cpus)
+    # Ray Data reserves a share of the CPUs for each operator, which on a few CPUs leaves
+    # decoding about one (benchmarks/ingest.py); the reads are light, so let decoding
+    # take whatever they leave.
+    batches.context.op_resource_reservation_enabled = reserve_cpus
+    return batches
 
 
 def eval_dataset(data_uri: str, split: str, *, with_mask: bool = True, verify: bool = True) -> ray.data.Dataset:

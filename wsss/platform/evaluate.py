@@ -39,7 +39,7 @@ class CAMScorer:
     def __call__(self, batch: dict) -> dict:
         out = []
         for image, mask, labels in zip(batch["image"], batch["mask"], batch["labels"]):
-            labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+            labels = torch.tensor(np.asarray(labels), dtype=torch.float32)  # a copy: Ray batches are read-only
             cams = normalized_cams(self.method, image_tensor(image, self.device), labels, self.scales, self.flip)
             gt = torch.as_tensor(np.asarray(mask), dtype=torch.int64)
             if self.crf_threshold is None:

@@ -122,7 +122,7 @@ def evaluate_rows(method: Method, rows: Iterable[dict], *, num_classes: int, dev
     for index, row in enumerate(rows):
         if max_images and index >= max_images:
             break
-        labels = torch.as_tensor(np.asarray(row["labels"]), dtype=torch.float32)
+        labels = torch.tensor(np.asarray(row["labels"]), dtype=torch.float32)  # a copy: Ray rows are read-only
         cams = normalized_cams(method, image_tensor(row["image"], device), labels)
         gt = torch.as_tensor(np.asarray(row["mask"]), dtype=torch.int64, device=device)
         confusions = threshold_confusions(cams, gt, num_classes + 1)

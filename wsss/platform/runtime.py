@@ -10,6 +10,15 @@ from collections.abc import Iterator
 import ray
 
 
+
+def workers_soft_limit(cpus: int) -> int:
+    """Idle worker processes a Ray node keeps. Ray's default, one per CPU, kills the extra
+    workers of a streaming Ray Data job (read tasks beside decode tasks) after 1 s idle,
+    and each restart re-imports torch: on 2 CPUs the training input ran at a third of its
+    speed (benchmarks/ingest.py, docs/benchmarks.md). cluster.yaml's nodes use the same rule."""
+    return 4 * cpus + 8
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster of RAY_ADDRESS (`ray job submit` sets it), else start a local Ray.
 
@@ -17,6 +26,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     it, inherited by every Ray process: Train V2's placement-group cleaner asks the
     dashboard whether a finished run's controller is gone, and its own detection of the
     cluster fails on a machine running several Ray instances, leaking the run's CPUs.
+    A local Ray also keeps more idle workers than Ray's default (`workers_soft_limit`).
     """
     if ray.is_initialized():
         return
@@ -25,6 +35,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    cpus = num_cpus or os.cpu_count() or 1
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(workers_soft_limit(cpus)))
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, configure_logging=False)
 
 
