@@ -10,12 +10,11 @@ from collections.abc import Iterator
 import ray
 
 
-
 def workers_soft_limit(cpus: int) -> int:
     """Idle worker processes a Ray node keeps. Ray's default, one per CPU, kills the extra
     workers of a streaming Ray Data job (read tasks beside decode tasks) after 1 s idle,
-    and each restart re-imports torch: on 2 CPUs the training input ran at a third of its
-    speed (benchmarks/ingest.py, docs/benchmarks.md). cluster.yaml's nodes use the same rule."""
+    and each restart re-imports torch: on 2 CPUs the training input ran at down to a third
+    of its speed (benchmarks/ingest.py, docs/benchmarks.md). cluster.yaml's nodes use the same rule."""
     return 4 * cpus + 8
 
 
