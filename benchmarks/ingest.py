@@ -46,7 +46,8 @@ from PIL import Image  # noqa: E402
 
 from wsss.datasets.augment import AugmentConfig, TrainTransform  # noqa: E402
 from wsss.datasets.base import DatasetInfo, Sample  # noqa: E402
-from wsss.datasets.loader import ShardIterable, iter_shard_batches  # noqa: E402
+from wsss.datasets.loader import ShardIterable  # noqa: E402
+from wsss.datasets.reading import iter_shard_batches  # noqa: E402
 from wsss.datasets.shards import read_manifest, write_shards  # noqa: E402
 
 CLASSES = ("background", "a", "b", "c", "d")

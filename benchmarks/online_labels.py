@@ -20,7 +20,7 @@ import json
 import numpy as np
 import torch
 
-from wsss.datasets.loader import eval_rows
+from wsss.datasets.reading import eval_rows
 from wsss.methods.fsae import class_scores, online_pseudo_labels
 from wsss.methods.lnl import Config as LNLConfig
 from wsss.methods.lnl import class_maps_with_background, consistency_scores, feature_similarity, seed_labels

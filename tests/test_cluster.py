@@ -89,7 +89,9 @@ def local_head(tmp_path_factory):
     its own process group (never `ray stop`, which would stop every Ray on the machine).
     Its own temp dir keeps it out of /tmp/ray/ray_current_cluster, which every later
     `ray.init()` on the machine would otherwise try to join."""
+    import contextlib
     import os
+    import secrets
     import shutil
     import signal
     import tempfile
@@ -97,10 +99,13 @@ def local_head(tmp_path_factory):
     import urllib.request
 
     port, dashboard, agent, client = (free_port() for _ in range(4))  # defaults may be taken
-    # token authentication on, as on a real cluster; the CLI reads the token from ~/.ray
-    env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "token"}
+    # token authentication on, as on a real cluster; a token of the test's own, so neither a
+    # fresh machine's missing ~/.ray/auth_token nor a user's token is involved
+    env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    log_path = tmp_path_factory.mktemp("head") / "head.log"
+    log = open(log_path, "w")
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray puts sockets in it
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", f"--temp-dir={temp_dir}", f"--port={port}",
@@ -119,15 +124,18 @@ def local_head(tmp_path_factory):
                 break
             except OSError:
                 if head.poll() is not None or time.monotonic() > deadline:
-                    raise TimeoutError("the Ray head's dashboard did not come up") from None
+                    raise TimeoutError("the Ray head's dashboard did not come up:\n"
+                                       + log_path.read_text()[-2000:]) from None
                 time.sleep(2)
         yield {"address": address, "env": env, "ray": ray_cli}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a head that failed to start is gone
+            os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

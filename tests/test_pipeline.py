@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from wsss.datasets.augment import AugmentConfig
 from wsss.datasets.base import DataError, DatasetInfo, Sample
-from wsss.datasets.loader import ShardIterable, eval_rows, iter_shard_batches, train_loader
+from wsss.datasets.loader import ShardIterable, train_loader
+from wsss.datasets.reading import eval_rows, iter_shard_batches
 from wsss.datasets.shards import read_manifest, write_shards
 
 CLASSES = ("background", "cat", "dog", "boat")

@@ -16,7 +16,7 @@ import pytest
 
 from tests.test_runtime import alive_actors, all_cpus_free
 from wsss.datasets.base import DataError
-from wsss.datasets.loader import pseudo_label_files, read_shard
+from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import decode_mask, read_manifest, verify_checksums
 from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.pseudo_labels import (

@@ -31,8 +31,11 @@ def job(ray, fail: bool):
                 raise ValueError("row 3 is bad")
             return batch
 
+    # One actor: with two, the other one's task in flight when the job fails can keep it
+    # alive (Ray Data's metadata fetcher holds that task, whose done-callback holds the
+    # actor), which job_batches cannot reach; see issue 5's notes.
     return ray.data.range(6, override_num_blocks=6).map_batches(
-        FailsOnThree, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
+        FailsOnThree, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1))
 
 
 def test_a_failed_job_frees_its_actors_while_its_error_is_kept(ray_local):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss.datasets.loader import read_shard
+from wsss.datasets.reading import read_shard
 from wsss.datasets.shards import read_manifest
 from wsss.methods.base import BackboneConfig, build_method
 from wsss.methods.deeplab import DeepLabConfig

@@ -1,9 +1,8 @@
-"""Shards without Ray: pyarrow reads, the numpy transforms, and a torch DataLoader.
+"""Shards without Ray: a torch DataLoader over the numpy transforms.
 
-The plain (non-Ray) training loop and the ingest benchmark read through here; the Ray
-Data pipeline in `wsss.platform.data` reads each shard with `read_shard` too and applies
-the same transforms. Files are the unit of parallelism here: DataLoader workers (and
-data-parallel ranks) each take every n-th file of the split.
+The plain (non-Ray) training loop and the ingest benchmark read through here. Files are
+the unit of parallelism: DataLoader workers (and data-parallel ranks) each take every
+n-th file of the split.
 """
 
 from __future__ import annotations
@@ -11,90 +10,12 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from wsss.datasets.augment import AugmentConfig, EvalTransform, TrainTransform
-from wsss.datasets.base import DataError
-from wsss.datasets.shards import Manifest, read_manifest
-from wsss.datasets.storage import resolve
-
-NumpyBatch = dict[str, np.ndarray]
-
-
-def pseudo_label_files(manifest: Manifest, labels: Manifest, split: str) -> list[str]:
-    """The pseudo-label shards mirroring `split` of the image shards, file for file and
-    row for row; DataError naming the pseudo-label manifest when they do not."""
-    manifest.rows(split), labels.rows(split)  # DataErrors naming a missing split
-    counts = [[file["rows"] for file in m.splits[split]["files"]] for m in (manifest, labels)]
-    if counts[0] != counts[1]:
-        raise DataError(labels.location, f"pseudo-label shards of split {split!r} do not mirror the image "
-                                         f"shards: rows per file {counts[1]}, images {counts[0]}")
-    return labels.files(split)
-
-
-def read_shard(uri: str, columns: Sequence[str], label_uri: str | None = None) -> pa.Table:
-    """One shard's `columns`; with `label_uri`, its pseudo-label mirror's mask joined as
-    `target` after checking that the ids match row for row."""
-    fs, path = resolve(uri)
-    try:
-        table = pq.read_table(path, columns=list(columns), filesystem=fs)
-    except (OSError, pa.ArrowException) as error:
-        raise DataError(uri, f"shard unreadable: {error}") from None
-    if label_uri is None:
-        return table
-    label_fs, label_path = resolve(label_uri)
-    try:
-        labels = pq.read_table(label_path, columns=["id", "mask"], filesystem=label_fs)
-    except (OSError, pa.ArrowException) as error:
-        raise DataError(label_uri, f"pseudo-label shard unreadable: {error}") from None
-    if len(labels) != len(table) or not labels.column("id").equals(table.column("id")):
-        ids, label_ids = table.column("id").to_pylist(), labels.column("id").to_pylist()
-        where = next((i for i, (a, b) in enumerate(zip(ids, label_ids)) if a != b), min(len(ids), len(label_ids)))
-        found = label_ids[where] if where < len(label_ids) else "end of file"
-        expected = ids[where] if where < len(ids) else "end of file"
-        raise DataError(label_uri, f"pseudo-labels do not match the image shard {uri} row for row: "
-                                   f"row {where} is {found!r}, the image shard has {expected!r}")
-    return table.append_column("target", labels.column("mask"))
-
-
-def to_numpy(table: pa.Table) -> NumpyBatch:
-    """Arrow columns as numpy, in the form Ray Data's numpy batches take: strings and
-    bytes as object arrays, list columns as object arrays of arrays."""
-    return {name: column.to_numpy(zero_copy_only=False) for name, column in zip(table.column_names, table.columns)}
-
-
-def iter_shard_batches(files: Sequence[str], columns: Sequence[str], batch_size: int, *,
-                       label_files: Sequence[str] | None = None, shuffle: bool = False, seed: int = 0,
-                       epoch: int = 0, drop_last: bool = False) -> Iterator[NumpyBatch]:
-    """Numpy batches of exactly `batch_size` rows (the last may be short unless
-    `drop_last`) over `files` in order, or in a (seed, epoch)-shuffled order of files and
-    of rows within each file."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    if label_files is not None and len(label_files) != len(files):
-        raise ValueError(f"{len(label_files)} pseudo-label shards for {len(files)} image shards")
-    rng = np.random.default_rng([int(epoch), int(seed)])
-    order = rng.permutation(len(files)) if shuffle else range(len(files))
-    pending: list[pa.Table] = []
-    pending_rows = 0
-    for index in order:
-        table = read_shard(files[index], columns, label_files[index] if label_files is not None else None)
-        if shuffle:
-            table = table.take(rng.permutation(len(table)))
-        pending.append(table)
-        pending_rows += len(table)
-        if pending_rows < batch_size:
-            continue
-        merged = pa.concat_tables(pending)
-        full = pending_rows // batch_size * batch_size
-        for start in range(0, full, batch_size):
-            yield to_numpy(merged.slice(start, batch_size))
-        pending, pending_rows = [merged.slice(full)], pending_rows - full
-    if pending_rows and not drop_last:
-        yield to_numpy(pa.concat_tables(pending))
+from wsss.datasets.augment import AugmentConfig, TrainTransform
+from wsss.datasets.reading import NumpyBatch, iter_shard_batches, pseudo_label_files
+from wsss.datasets.shards import read_manifest
 
 
 def to_torch(batch: NumpyBatch) -> dict[str, torch.Tensor]:
@@ -146,13 +67,3 @@ def train_loader(data_uri: str, split: str, augment: AugmentConfig, *, batch_siz
                             label_files=targets, seed=augment.seed, drop_last=drop_last,
                             rank=rank, world_size=world_size)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
-
-
-def eval_rows(data_uri: str, split: str, *, with_mask: bool = True, batch_size: int = 16) -> Iterator[dict]:
-    """Original-size rows {id, image uint8 HWC, mask uint8 HW, labels float32 [K]}."""
-    manifest = read_manifest(data_uri)
-    transform = EvalTransform(manifest.num_classes, with_mask=with_mask)
-    for batch in iter_shard_batches(manifest.files(split), transform.columns(), batch_size):
-        out = transform(batch)
-        for row in range(len(out["id"])):
-            yield {key: value[row] for key, value in out.items()}

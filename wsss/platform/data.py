@@ -29,7 +29,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from wsss.datasets.augment import AugmentConfig, EvalTransform, TrainTransform
 from wsss.datasets.base import DataError
-from wsss.datasets.loader import pseudo_label_files, read_shard
+from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import Manifest, read_manifest, verify_checksums
 
 # Rows per decode/augment call: small enough that a block of float32 crops stays a few

@@ -3,7 +3,7 @@
 A pseudo-label shard holds, for every row of its image shard and in the same order, the
 `id` and a `mask` (mode-L PNG, 255 = ignore); it sits at the image shard's relative path
 under its own folder, listed by a manifest in the shard format (`wsss.datasets.shards`).
-`wsss.datasets.loader.pseudo_label_files` and `read_shard` are the reading side.
+`wsss.datasets.reading.pseudo_label_files` and `read_shard` are the reading side.
 """
 
 from __future__ import annotations

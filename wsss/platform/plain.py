@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from wsss.datasets.loader import eval_rows, train_loader
+from wsss.datasets.loader import train_loader
+from wsss.datasets.reading import eval_rows
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.methods.base import DatasetStats, Method, build_method
 from wsss.platform.config import TrainConfig

@@ -30,7 +30,7 @@ import torch
 
 from wsss.datasets.augment import decode_image, decode_label_map, multi_hot
 from wsss.datasets.base import IGNORE_INDEX, DataError
-from wsss.datasets.loader import read_shard, to_numpy
+from wsss.datasets.reading import read_shard, to_numpy
 from wsss.datasets.shards import Manifest, check_writable, encode_mask, read_manifest, verify_checksums
 from wsss.datasets.storage import join, resolve
 from wsss.methods.csrm_pseudo import cam_pseudo_label

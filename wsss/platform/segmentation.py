@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss.datasets.base import DataError
-from wsss.datasets.loader import pseudo_label_files
+from wsss.datasets.reading import pseudo_label_files
 from wsss.datasets.shards import read_manifest
 from wsss.datasets.storage import join, write_text
 from wsss.platform.cams import image_tensor
