@@ -71,7 +71,7 @@ def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, t
 
     from wsss.platform.train import fit
 
-    config = tiny(shards, tmp_path, epochs=12, max_failures=1, eval_every=0, batch_size=2)
+    config = tiny(shards, tmp_path, epochs=6, max_failures=1, eval_every=0, batch_size=2)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=fit(config)), daemon=True)
     thread.start()
@@ -89,5 +89,5 @@ def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, t
     assert thread.is_alive(), "training ended before the worker was killed: make it longer"
     thread.join(timeout=600)
     result = outcome["result"]
-    assert result.metrics["epoch"] == 12
+    assert result.metrics["epoch"] == 6
     assert result.metrics["resumed_from_epoch"] >= 1, "the restarted worker resumed from a checkpoint"
