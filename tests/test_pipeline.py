@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -80,6 +82,14 @@ def source_by_id(split: str) -> dict[str, Sample]:
 
 def ids_of(batch) -> list[int]:
     return [int(str(i).split("_")[1]) for i in batch["id"]]
+
+
+def test_ray_data_workers_never_import_torch():
+    """A new Ray Data worker imports the pipeline's module to read and decode; torch would
+    cost it seconds (docs/benchmarks.md, start-up of a Ray Train run)."""
+    code = "import sys, wsss.platform.data; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_shard_batches_have_exact_size_and_cover_every_row(shards):
