@@ -26,8 +26,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     dashboard whether a finished run's controller is gone, and its own detection of the
     cluster fails on a machine running several Ray instances, leaking the run's CPUs.
     A local Ray also keeps more idle workers than Ray's default (`workers_soft_limit`),
-    and its Train runs start no preemption watcher: one machine has no spot nodes to
-    drain, and the watcher's actor cost every run ~4 s of start-up on 2 CPUs.
+    and its Train runs start no preemption watcher, one actor process fewer per run: one
+    machine has no spot nodes to drain.
     """
     if ray.is_initialized():
         return
