@@ -32,6 +32,26 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _ray_left_free(request):
+    """Fails a test that leaves the shared Ray's CPUs held (a leaked actor), and gives
+    the next tests a fresh Ray: on the old one each would wait for those CPUs forever."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    import ray
+
+    from tests.ray_state import alive_actors, all_cpus_free
+    from wsss.platform.runtime import ensure_ray
+
+    if all_cpus_free(ray, within_s=60):
+        return
+    actors = alive_actors()
+    ray.shutdown()
+    ensure_ray(num_cpus=2)
+    pytest.fail(f"CPUs still held 60 s after the test (alive actors: {actors}); Ray restarted for the next tests")
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> str:
     """The synthetic benchmark's `test` preset (40 train / 20 val images, 64 px) as shards.

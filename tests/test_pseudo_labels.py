@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_runtime import alive_actors, all_cpus_free
+from tests.ray_state import alive_actors, all_cpus_free
 from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import decode_mask, read_manifest, verify_checksums

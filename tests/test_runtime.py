@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
+from tests.ray_state import alive_actors, all_cpus_free
 from wsss.platform.runtime import job_batches
-
-
-def all_cpus_free(ray, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"]:
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def alive_actors() -> list[str]:
-    from ray.util.state import list_actors
-
-    return [actor.class_name for actor in list_actors(filters=[("state", "=", "ALIVE")])]
 
 
 def job(ray, fail: bool):
@@ -31,11 +15,9 @@ def job(ray, fail: bool):
                 raise ValueError("row 3 is bad")
             return batch
 
-    # One actor: with two, the other one's task in flight when the job fails can keep it
-    # alive (Ray Data's metadata fetcher holds that task, whose done-callback holds the
-    # actor), which job_batches cannot reach; see issue 5's notes.
+    # Two actors beside the read tasks on 2 CPUs; each actor holds a share of a CPU while it lives
     return ray.data.range(6, override_num_blocks=6).map_batches(
-        FailsOnThree, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1))
+        FailsOnThree, batch_size=1, num_cpus=0.5, compute=ray.data.ActorPoolStrategy(size=2))
 
 
 def test_a_failed_job_frees_its_actors_while_its_error_is_kept(ray_local):
@@ -44,7 +26,7 @@ def test_a_failed_job_frees_its_actors_while_its_error_is_kept(ray_local):
     with pytest.raises(Exception, match="row 3 is bad") as kept:
         for _ in job_batches(job(ray, fail=True), batch_size=1):
             pass
-    # Ray Data alone keeps a failed actor alive (holding its CPU) as long as `kept` lives
+    # Ray Data alone can keep a failed job's actor alive (holding its CPU) while `kept` lives
     assert all_cpus_free(ray, 60), f"CPUs still held by {alive_actors()}"
     assert kept.value is not None
     rows = [int(x) for batch in job_batches(job(ray, fail=False), batch_size=2) for x in batch["id"]]
