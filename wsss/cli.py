@@ -59,8 +59,10 @@ def _evaluate(args) -> int:
 def _demo(args) -> int:
     from wsss.platform.demo import run_demo
 
+    from wsss.platform.config import parse_overrides
+
     run_demo(out=args.out, methods=args.methods.split(","), epochs=args.epochs, preset=args.preset,
-             seeds=args.seeds)
+             seeds=args.seeds, overrides=parse_overrides(args.overrides))
     return 0
 
 
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--preset", default="demo", choices=["demo", "test"])
     p.add_argument("--seeds", type=int, default=1, help="seeds per method (table shows mean ± std)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="for every run, e.g. output_stride=8")
     p.set_defaults(run=_demo)
 
     # Commands whose arguments live beside their implementation.
