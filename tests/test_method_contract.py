@@ -164,3 +164,30 @@ def test_the_loop_logs_and_averages_the_parts_diagnostics():
     assert len(logged) == 2 and all(f"train/{key}" in values for values in logged for key in expected)
     assert "loss/fsae/labelled" not in stats.summary() and stats.summary()["loss"] == pytest.approx(
         sum(v for k, v in stats.summary().items() if k.startswith("loss/")))
+
+
+def test_a_run_continues_only_with_the_model_it_was_trained_with(tmp_path):
+    import json
+
+    from wsss.platform.checkpoints import INFO_FILE, check_resumable
+    from wsss.platform.config import ConfigError
+
+    method, optimizer, config = make("cam")
+    run = tmp_path / "run"
+    check_resumable(str(run), config.to_dict())  # nothing trained yet
+    for name in ("checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02"):
+        (run / name).mkdir(parents=True)
+        save_checkpoint(run / name, method, optimizer, epoch=1, step=2, config=config.to_dict(), dataset={})
+    (run / "checkpoint_2026-01-01_00-00-03").mkdir()  # an upload cut short: no checkpoint.json
+    check_resumable(str(run), config.with_overrides({"epochs": "9", "lr": "0.5"}).to_dict())
+    check_resumable(f"file://{run}", config.to_dict())
+    for key, value in (("output_stride", "8"), ("backbone", "resnet50"), ("method", "lnl")):
+        recorded = config.to_dict()[key]
+        with pytest.raises(ConfigError, match=f"{key}='?{value}'?: run .* was trained with {key}='?{recorded}'?"):
+            check_resumable(str(run), config.with_overrides({key: value}).to_dict())
+
+    newest = run / "checkpoint_2026-01-01_00-00-02" / INFO_FILE
+    info = json.loads(newest.read_text())
+    del info["output_stride"], info["backbone"]  # written before they were recorded
+    newest.write_text(json.dumps(info))
+    check_resumable(str(run), config.with_overrides({"output_stride": "8"}).to_dict())

@@ -13,12 +13,15 @@ import json
 from pathlib import Path
 
 import torch
-from pyarrow.fs import FileType
+from pyarrow.fs import FileSelector, FileType
 
 from wsss.datasets.storage import resolve
+from wsss.platform.config import ConfigError
 from wsss.methods.base import build_method
 
 STATE_FILE = "state.pt"
+# What makes a checkpoint's model: a run resumes only with the same values (checkpoint.json).
+MODEL_KEYS = ("method", "backbone", "output_stride")
 INFO_FILE = "checkpoint.json"
 
 
@@ -30,7 +33,8 @@ def save_checkpoint(directory: str | Path, method, optimizer, *, epoch: int, ste
                 "epoch": epoch, "step": step, "config": config, "dataset": dataset,
                 "torch_rng": torch.get_rng_state()},
                directory / STATE_FILE)
-    info = {"epoch": epoch, "step": step, "method": config["method"], "metrics": metrics or {}}
+    info = {"epoch": epoch, "step": step, "metrics": metrics or {},
+            **{key: config[key] for key in MODEL_KEYS}}
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2, default=float))
 
 
@@ -62,6 +66,27 @@ def latest_checkpoint_dir(path: str | Path) -> Path:
     return candidates[-1]
 
 
+def check_resumable(run: str, config: dict) -> None:
+    """Refuse to continue the run at `run` (a path or URI) with another model: Ray Train
+    would restore its latest checkpoint into whatever `config` builds, and a changed output
+    stride loads without an error. Checkpoints from before MODEL_KEYS were recorded pass."""
+    filesystem, path = resolve(run)
+    found = filesystem.get_file_info(FileSelector(path, allow_not_found=True))
+    names = sorted(info.base_name for info in found
+                   if info.type == FileType.Directory and info.base_name.startswith("checkpoint_"))
+    for name in reversed(names):
+        try:
+            with filesystem.open_input_stream(f"{path}/{name}/{INFO_FILE}") as stream:
+                recorded = json.loads(stream.read())
+        except FileNotFoundError:
+            continue  # an upload cut short; Train resumes from an earlier one
+        for key in MODEL_KEYS:
+            if key in recorded and recorded[key] != config[key]:
+                raise ConfigError(f"{key}={config[key]!r}: run {run} was trained with {key}={recorded[key]!r} "
+                                  f"({name}); keep it to continue that run, or give a new name")
+        return
+
+
 def load_method(checkpoint: str, device: torch.device | str = "cpu", method_overrides: dict | None = None):
     """(method in eval mode, state) from a checkpoint dir, run dir or cloud URI.
 
@@ -77,7 +102,7 @@ def load_method(checkpoint: str, device: torch.device | str = "cpu", method_over
             state = load_state(latest_checkpoint_dir(local))
     else:
         state = load_state(latest_checkpoint_dir(checkpoint.removeprefix("file://")))
-    from wsss.platform.config import ConfigError, TrainConfig
+    from wsss.platform.config import TrainConfig
 
     config = TrainConfig.from_dict(state["config"])
     if method_overrides:

@@ -23,7 +23,7 @@ import torch
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import canonical, delete_file, join, read_text, write_text
 from wsss.methods.base import DatasetStats, build_method
-from wsss.platform.checkpoints import load_state, restore, save_checkpoint
+from wsss.platform.checkpoints import check_resumable, load_state, restore, save_checkpoint
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.data import eval_dataset, train_dataset
 from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, make_optimizer,
@@ -156,6 +156,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
 def fit(config: TrainConfig) -> ray.train.Result:
     """Train to the end (or resume); raises NonFiniteLossError if the loss diverged."""
     trainer = make_trainer(config)
+    check_resumable(trainer.train_loop_config["run_dir"], config.to_dict())
     diverged = join(trainer.train_loop_config["run_dir"], DIVERGED_FILE)
     delete_file(diverged)  # a note left by an earlier attempt of this run
     started = time.perf_counter()
