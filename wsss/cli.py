@@ -57,9 +57,8 @@ def _evaluate(args) -> int:
 
 
 def _demo(args) -> int:
-    from wsss.platform.demo import run_demo
-
     from wsss.platform.config import parse_overrides
+    from wsss.platform.demo import run_demo
 
     run_demo(out=args.out, methods=args.methods.split(","), epochs=args.epochs, preset=args.preset,
              seeds=args.seeds, overrides=parse_overrides(args.overrides))

@@ -16,8 +16,8 @@ import torch
 from pyarrow.fs import FileSelector, FileType
 
 from wsss.datasets.storage import resolve
-from wsss.platform.config import ConfigError
 from wsss.methods.base import build_method
+from wsss.platform.config import ConfigError
 
 STATE_FILE = "state.pt"
 # What makes a checkpoint's model: a run resumes only with the same values (checkpoint.json).

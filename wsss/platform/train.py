@@ -114,6 +114,8 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
     for split in filter(None, (config.train_split, config.val_split)):
         manifest.rows(split)  # raises a DataError naming a missing split
     name = config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = join(canonical(config.storage_path), name)
+    check_resumable(run_dir, config.to_dict())  # before the shards' labels are read
     use_gpu = resolve_use_gpu(config.device)
     datasets = {"train": train_dataset(config.data, config.train_split, augment_config(config),
                                        num_classes=manifest.num_classes,
@@ -133,7 +135,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         "steps_per_epoch": steps_per_epoch,
         "has_val": bool(config.val_split),
         "run_name": name,
-        "run_dir": join(canonical(config.storage_path), name),
+        "run_dir": run_dir,
         "wandb_dir": wandb_dir(config.storage_path, name),
     }
     # The same seed repeats a run: by default Ray Data hands out blocks in the order their
@@ -156,7 +158,6 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
 def fit(config: TrainConfig) -> ray.train.Result:
     """Train to the end (or resume); raises NonFiniteLossError if the loss diverged."""
     trainer = make_trainer(config)
-    check_resumable(trainer.train_loop_config["run_dir"], config.to_dict())
     diverged = join(trainer.train_loop_config["run_dir"], DIVERGED_FILE)
     delete_file(diverged)  # a note left by an earlier attempt of this run
     started = time.perf_counter()
