@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import ray
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 from wsss.cli import main
 
@@ -20,13 +23,11 @@ def test_prepare_then_bad_train_arguments_fail_before_ray(tmp_path, capsys):
     assert "[lnl] is not a part of method 'cam'" in capsys.readouterr().err
     assert main(["train", "--method", "cam", "--data", str(tmp_path / "nothing")]) == 2
     assert "manifest missing" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_evaluate_names_a_bad_checkpoint(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "neither a checkpoint nor a run directory" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_demo_names_a_bad_override_before_generating_data(tmp_path, capsys):
@@ -35,7 +36,40 @@ def test_demo_names_a_bad_override_before_generating_data(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "output_stride"]) == 2
     assert "override 'output_stride' is not key=value" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
-    assert not ray.is_initialized()
+
+
+def trained_run(storage: Path, name: str, output_stride: int) -> None:
+    """The model record a finished checkpoint of run `name` carries (checkpoint.json)."""
+    checkpoint = storage / name / "checkpoint_2026-01-01_00-00-00"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "checkpoint.json").write_text(json.dumps(
+        {"method": "cam", "backbone": "resnet18", "output_stride": output_stride}))
+
+
+def test_train_refuses_to_continue_a_run_with_another_model(shards, tmp_path, capsys):
+    trained_run(tmp_path / "runs", "r", output_stride=16)
+    assert main(["train", "--method", "cam", "--data", shards, "name=r", f"storage_path={tmp_path / 'runs'}",
+                 "backbone=resnet18", "output_stride=8"]) == 2
+    assert "output_stride=8: run " in capsys.readouterr().err
+
+
+def test_user_errors_exit_before_ray_starts(shards, tmp_path):
+    """In a fresh interpreter, so that a Ray another test started cannot hide a start."""
+    trained_run(tmp_path / "runs", "r", output_stride=16)
+    script = f"""
+import sys
+from wsss.cli import main
+codes = [main(["train", "--method", "cam", "--data", {str(tmp_path)!r}, "epochs=zero"]),
+         main(["train", "--method", "cam", "--data", {shards!r}, "name=r", "backbone=resnet18",
+               "storage_path={tmp_path / 'runs'}", "output_stride=8"]),
+         main(["train", "--method", "cam", "--data", {str(tmp_path / "nothing")!r}]),
+         main(["evaluate", "--checkpoint", {str(tmp_path)!r}, "--data", {str(tmp_path)!r}]),
+         main(["demo", "--out", {str(tmp_path / "demo")!r}, "output_stride=7"])]
+ray = sys.modules.get("ray")
+print(codes, ray is not None and ray.is_initialized())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2] False", done.stderr
 
 
 def test_demo_overrides_reach_every_run():

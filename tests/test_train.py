@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from wsss.platform.config import TrainConfig
+from wsss.platform.config import ConfigError, TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,8 @@ def test_train_evaluate_resume_and_stop_on_divergence(ray_local, shards, tmp_pat
 
     resumed = fit(tiny(shards, tmp_path, epochs=3))  # same name + storage_path: continues
     assert resumed.metrics["epoch"] == 3 and resumed.metrics["resumed_from_epoch"] == 2
+    with pytest.raises(ConfigError, match="output_stride=8: run .* was trained with output_stride=16"):
+        fit(tiny(shards, tmp_path, epochs=4, output_stride=8))  # another model: refused, not loaded
 
     offline_runs = list((tmp_path / "runs" / "run").rglob("offline-run-*"))
     assert offline_runs, "a W&B offline run is written beside the checkpoints"
