@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsss.datasets.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, EvalTransform, TrainTransform
+from wsss.datasets.augment import AugmentConfig, EvalTransform, TrainTransform
 from wsss.datasets.base import DataError
 from wsss.datasets.photometric import RANDAUGMENT_OPS, color_jitter, gaussian_blur
 from wsss.datasets.shards import encode_mask
@@ -71,9 +71,9 @@ ALL_VIEWS = frozenset({"strong", "raw", "mask", "target"})
 def test_shapes_dtypes_and_labels():
     batch = make_batch()
     out = TrainTransform(AugmentConfig(crop_size=48, views=ALL_VIEWS), K)(batch)
-    expected = {"image": (np.float32, (3, 3, 48, 48)), "strong": (np.float32, (3, 3, 48, 48)),
+    expected = {"image": (np.uint8, (3, 3, 48, 48)), "strong": (np.uint8, (3, 3, 48, 48)),
                 "raw": (np.uint8, (3, 48, 48, 3)), "valid": (np.bool_, (3, 48, 48)),
-                "mask": (np.int64, (3, 48, 48)), "target": (np.int64, (3, 48, 48)),
+                "mask": (np.uint8, (3, 48, 48)), "target": (np.uint8, (3, 48, 48)),
                 "labels": (np.float32, (3, K))}
     assert {key: (value.dtype.type, value.shape) for key, value in out.items()} == expected
     for row, labels in enumerate(batch["labels"]):
@@ -233,12 +233,23 @@ def test_hue_rotation_keeps_grey():
     np.testing.assert_array_equal(np.asarray(rotated), grey)
 
 
-def test_normalisation_matches_imagenet_statistics():
-    config = AugmentConfig(crop_size=32, views={"raw"})
+def test_model_inputs_normalise_with_imagenet_statistics_and_zero_padding():
+    import torch
+
+    from wsss.platform.loop import model_inputs
+
+    config = AugmentConfig(crop_size=80, views={"raw", "strong", "mask"})  # larger than the images: padding
     out = TrainTransform(config, K)(make_batch())
+    np.testing.assert_array_equal(out["image"].transpose(0, 2, 3, 1), out["raw"])
+    inputs = model_inputs({key: torch.from_numpy(value) for key, value in out.items()}, torch.device("cpu"))
     valid = out["valid"]
-    expected = (out["raw"].astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
-    np.testing.assert_allclose(out["image"].transpose(0, 2, 3, 1)[valid], expected[valid], rtol=1e-6, atol=1e-6)
+    mean, std = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
+    expected = (out["raw"].astype(np.float64) - mean) / std
+    image = inputs["image"].numpy().transpose(0, 2, 3, 1)
+    assert inputs["image"].dtype == torch.float32 and (~valid).any()
+    np.testing.assert_allclose(image[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    assert (image[~valid] == 0).all() and (inputs["strong"].numpy().transpose(0, 2, 3, 1)[~valid] == 0).all()
+    assert inputs["mask"].dtype == torch.int64 and torch.equal(inputs["mask"], torch.from_numpy(out["mask"]).long())
 
 
 def test_deterministic_per_sample_seed_and_epoch():

@@ -47,6 +47,16 @@ def fake_batch(spec: str, generator: torch.Generator, batch: int = 2) -> dict:
     return out
 
 
+def pipeline_batch(batch: dict) -> dict:
+    """`batch` in the types the input pipeline delivers: uint8 images and label maps."""
+    out = dict(batch)
+    for key in {"image", "strong"} & set(batch):
+        out[key] = (batch[key] * 60 + 128).clamp(0, 255).to(torch.uint8)
+    for key in {"mask", "target"} & set(batch):
+        out[key] = batch[key].to(torch.uint8)
+    return out
+
+
 def stats() -> DatasetStats:
     labels = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
     return DatasetStats(num_images=3, image_labels=labels)
@@ -154,7 +164,7 @@ def test_the_loop_logs_and_averages_the_parts_diagnostics():
 
     method, optimizer, config = make("lnl+fsae")
     generator = torch.Generator().manual_seed(0)
-    batches = [fake_batch("lnl+fsae", generator) for _ in range(2)]
+    batches = [pipeline_batch(fake_batch("lnl+fsae", generator)) for _ in range(2)]
     logged = []
     config = config.with_overrides({"log_every": 1})
     _, stats = train_epoch(method, optimizer, batches, config=config, epoch=0, step=0, steps_per_epoch=2,

@@ -126,9 +126,9 @@ def test_train_loader_joins_pseudo_labels(shards):
     batches = list(loader)
     assert len(batches) == ROWS // 4  # drop_last
     for batch in batches:
-        assert batch["image"].dtype == torch.float32 and batch["image"].shape == (4, 3, 32, 32)
-        assert batch["target"].dtype == torch.int64
-        assert torch.equal(batch["target"], torch.from_numpy(pseudo_label(batch["mask"].numpy().astype(np.uint8))))
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, 32, 32)
+        assert batch["target"].dtype == torch.uint8
+        assert torch.equal(batch["target"], torch.from_numpy(pseudo_label(batch["mask"].numpy())))
 
 
 def test_eval_rows_match_the_source(shards):
@@ -184,8 +184,8 @@ def epoch_totals(iterators, epochs: int, batch_size: int = 4) -> list[list[float
     def work(worker, iterator):
         for epoch in range(epochs):
             for batch in iterator.iter_torch_batches(batch_size=batch_size, drop_last=True):
-                assert batch["image"].dtype == torch.float32 and batch["image"].shape == (batch_size, 3, 32, 32)
-                assert batch["valid"].dtype == torch.bool and batch["mask"].dtype == torch.int64
+                assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (batch_size, 3, 32, 32)
+                assert batch["valid"].dtype == torch.bool and batch["mask"].dtype == torch.uint8
                 assert batch["strong"].shape == batch["image"].shape and batch["labels"].shape == (batch_size, K)
                 totals[worker][epoch] += float(batch["raw"].double().sum())
                 counts[worker][epoch] += batch_size

@@ -2,15 +2,17 @@
 
 A transform takes a numpy batch of shard columns (`id`, `image` bytes, `mask` bytes or
 None, `labels`, `height`, `width`, and `target` bytes when pseudo-labels are joined) and
-returns the batch keys of `wsss.methods.base`:
+returns the batch keys of `wsss.methods.base`, in the compact types that cross process
+boundaries (`wsss.platform.loop.model_inputs` makes the float and int64 tensors the
+methods take, on the training device):
 
-  image  float32 [B,3,S,S]  weak view, ImageNet-normalised, 0 on padding
+  image  uint8   [B,3,S,S]  weak view, 0 on padding
   labels float32 [B,K]      multi-hot over foreground classes 1..K
   valid  bool    [B,S,S]    True where the crop holds image, False on padding
-  strong float32 [B,3,S,S]  weak view + colour-only RandAugment + blur  (view "strong")
-  raw    uint8   [B,S,S,3]  weak view before normalisation             (view "raw")
-  mask   int64   [B,S,S]    ground truth, 255 on void and padding       (view "mask")
-  target int64   [B,S,S]    pseudo-label, 255 on ignore and padding     (view "target")
+  strong uint8   [B,3,S,S]  weak view + colour-only RandAugment + blur  (view "strong")
+  raw    uint8   [B,S,S,3]  the weak view, channels last, for CPU CRF   (view "raw")
+  mask   uint8   [B,S,S]    ground truth, 255 on void and padding       (view "mask")
+  target uint8   [B,S,S]    pseudo-label, 255 on ignore and padding     (view "target")
 
 Geometry (random rescale of the whole image by a factor in `scale_range`, horizontal
 flip, random crop of S×S placed at a random offset when the image is smaller) is drawn
@@ -34,8 +36,6 @@ from wsss.datasets.base import IGNORE_INDEX, DataError
 from wsss.datasets.photometric import color_jitter, strong_photometric
 from wsss.datasets.shards import decode_mask
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 OPTIONAL_VIEWS = frozenset({"strong", "raw", "mask", "target"})
 
 
@@ -129,10 +129,6 @@ def multi_hot(labels: Iterable, num_classes: int, sample_id: str) -> np.ndarray:
     return vector
 
 
-# uint8 value -> normalised float32, per channel: one table lookup per pixel.
-NORMALIZE_TABLE = ((np.arange(256, dtype=np.float32)[None, :] - IMAGENET_MEAN[:, None]) / IMAGENET_STD[:, None])
-
-
 @dataclass(frozen=True)
 class Geometry:
     """One sample's geometric transform: scale to `size`, optional flip, then the box
@@ -176,11 +172,9 @@ class Geometry:
         x, y = self.offset
         return slice(y, y + content.shape[0]), slice(x, x + content.shape[1])
 
-    def place_normalized(self, content: np.ndarray, canvas: np.ndarray) -> None:
-        """uint8 [h,w,3] content -> ImageNet-normalised into float32 canvas [3,S,S]."""
-        rows, columns = self.window(content)
-        for channel in range(3):
-            canvas[channel, rows, columns] = NORMALIZE_TABLE[channel][content[..., channel]]
+    def place(self, content: np.ndarray, canvas: np.ndarray) -> None:
+        """uint8 [h,w,3] content -> its window of the uint8 canvas [3,S,S]."""
+        canvas[(slice(None), *self.window(content))] = content.transpose(2, 0, 1)
 
 
 class TrainTransform:
@@ -198,11 +192,11 @@ class TrainTransform:
             if column not in batch:
                 raise DataError(column, f"column missing from the batch (have {sorted(batch)})")
         count = len(batch["id"])
-        image_out = np.zeros((count, 3, size, size), dtype=np.float32)  # 0 = padding once normalised
+        image_out = np.zeros((count, 3, size, size), dtype=np.uint8)
         valid = np.zeros((count, size, size), dtype=bool)
         raw = np.zeros((count, size, size, 3), dtype=np.uint8) if "raw" in views else None
         strong = np.zeros_like(image_out) if "strong" in views else None
-        maps = {name: np.full((count, size, size), IGNORE_INDEX, dtype=np.int64)
+        maps = {name: np.full((count, size, size), IGNORE_INDEX, dtype=np.uint8)
                 for name in ("mask", "target") if name in views}
         labels = np.zeros((count, self.num_classes), dtype=np.float32)
         for row in range(count):
@@ -216,12 +210,12 @@ class TrainTransform:
             weak = np.asarray(weak_image)
             window = geometry.window(weak)
             valid[row][window] = True
-            geometry.place_normalized(weak, image_out[row])
+            geometry.place(weak, image_out[row])
             if raw is not None:
                 raw[row][window] = weak
             if strong is not None:
                 extra = strong_photometric(weak_image, rng, self.config.strong_ops, self.config.blur_sigma)
-                geometry.place_normalized(np.asarray(extra), strong[row])
+                geometry.place(np.asarray(extra), strong[row])
             for name, canvas in maps.items():
                 array = decode_label_map(batch[name][row], sample_id, name, (image.height, image.width))
                 content = np.asarray(geometry.apply(Image.fromarray(array, "L"), Image.Resampling.NEAREST))

@@ -9,7 +9,8 @@ Composition: `build_method("lnl+fsae", ...)` builds the base method `lnl` and at
 the add-on `fsae`. Add-ons contribute views (extra images in the same forward pass) and
 loss terms computed from the network outputs, so `lnl+fsae` needs no special case.
 
-Batch keys (made by the data pipeline, see `wsss.datasets.augment`):
+Batch keys (made by the data pipeline, see `wsss.datasets.augment`, and turned into
+these types on the device by `wsss.platform.loop.model_inputs`):
   image  float [B,3,S,S]  normalised weak view        labels float [B,K] multi-hot
   valid  bool  [B,S,S]    pixels that are image, not padding
   strong float [B,3,S,S]  strong view, same geometry  (if a method lists it in `inputs`)

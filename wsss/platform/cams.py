@@ -20,10 +20,14 @@ _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> ImageNet-normalised float32 on the same device."""
+    return (images.float() / 255 - _MEAN.to(images.device)) / _STD.to(images.device)
+
+
 def image_tensor(image_hwc: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 [H,W,3] -> ImageNet-normalised float [1,3,H,W] on device."""
-    x = torch.from_numpy(np.array(image_hwc, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float() / 255
-    return (x - _MEAN.to(device)) / _STD.to(device)
+    return normalize_images(torch.from_numpy(np.array(image_hwc, dtype=np.uint8)).to(device).permute(2, 0, 1)[None])
 
 
 @torch.no_grad()

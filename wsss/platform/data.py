@@ -32,8 +32,9 @@ from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import Manifest, read_manifest, verify_checksums
 
-# Rows per decode/augment call: small enough that a block of float32 crops stays a few
-# tens of MB, large enough that per-call overhead is negligible next to JPEG decoding.
+# Rows per decode/augment call: small enough that a block of crops stays a few MB (uint8:
+# the training worker normalises), large enough that per-call overhead is negligible next
+# to JPEG decoding.
 MAP_BATCH_SIZE = 16
 # Reading a shard is light I/O next to decoding its images. A fractional CPU keeps read
 # tasks from fusing with the decode tasks, so decoding spreads over every CPU however

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from wsss.datasets.augment import AugmentConfig
 from wsss.methods.base import Method, Progress, required_inputs
-from wsss.platform.cams import THRESHOLDS, best_threshold, image_tensor, normalized_cams, threshold_confusions
+from wsss.platform.cams import (THRESHOLDS, best_threshold, image_tensor, normalize_images, normalized_cams,
+                               threshold_confusions)
 from wsss.platform.config import TrainConfig
 
 
@@ -76,10 +77,25 @@ class EpochStats:
         return out
 
 
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """A pipeline batch (uint8 images and label maps, `wsss.datasets.augment`) -> the
+    tensors methods take, on `device`: images ImageNet-normalised with 0 on padding, label
+    maps int64. Converting after the copy moves a quarter of the bytes through Ray's object
+    store and to the GPU (benchmarks/ingest.py)."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for key in ("image", "strong"):
+        if key in out:
+            out[key] = normalize_images(out[key]) * out["valid"][:, None]
+    for key in ("mask", "target"):
+        if key in out:
+            out[key] = out[key].long()
+    return out
+
+
 def train_epoch(method: Method, optimizer, batches: Iterable[dict], *, config: TrainConfig,
                 epoch: int, step: int, steps_per_epoch: int, device: torch.device,
                 log: Callable[[dict, int], None]) -> tuple[int, EpochStats]:
-    """One pass over `batches`; returns the global step after it and the epoch's stats.
+    """One pass over pipeline `batches` (`model_inputs`); returns the global step after it and the epoch's stats.
     AMP is bfloat16 autocast on GPU: no loss scaling needed, unlike float16."""
     method.train()
     stats = EpochStats()
@@ -87,7 +103,7 @@ def train_epoch(method: Method, optimizer, batches: Iterable[dict], *, config: T
     total_steps = steps_per_epoch * config.epochs
     start = time.perf_counter()
     for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = model_inputs(batch, device)
         progress = Progress(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, epochs=config.epochs)
         lr = set_poly_lr(optimizer, config, step, total_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
