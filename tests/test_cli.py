@@ -10,7 +10,7 @@ from pathlib import Path
 from wsss.cli import main
 
 
-def test_prepare_then_bad_train_arguments_fail_before_ray(tmp_path, capsys):
+def test_prepare_then_bad_train_arguments_are_named(tmp_path, capsys):
     out = tmp_path / "shards"
     assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", str(out),
                  "--option", "preset=test", "--option", "num_val=4"]) == 0

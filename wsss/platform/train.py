@@ -115,7 +115,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         manifest.rows(split)  # raises a DataError naming a missing split
     name = config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     run_dir = join(canonical(config.storage_path), name)
-    check_named_run(config)  # before the shards' labels are read
+    check_resumable(run_dir, config.to_dict())  # before the shards' labels are read
     use_gpu = resolve_use_gpu(config.device)
     datasets = {"train": train_dataset(config.data, config.train_split, augment_config(config),
                                        num_classes=manifest.num_classes,
@@ -157,7 +157,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
 
 def check_named_run(config: TrainConfig) -> None:
     """A named run may exist already: refuse to continue it with another model. Needs no
-    Ray, so `wsss train` calls it before starting one."""
+    Ray, so `wsss train` calls it before starting one (`make_trainer` checks again)."""
     if config.name:
         check_resumable(join(canonical(config.storage_path), config.name), config.to_dict())
 
