@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=500)
     parser.add_argument("--crop", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--views", default="", help="optional views, comma-separated (e.g. strong,raw)")
+    parser.add_argument("--views", default="", help="optional views, comma-separated (e.g. strong,mask)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--map-batch", type=int, default=16, help="rows per Ray Data map_batches call")
     parser.add_argument("--map-cpus", default="", help="also CPUs per Ray Data decode task, comma-separated")

@@ -6,7 +6,9 @@
 
 Every method is measured in its own fresh process (peak memory: CUDA max allocated on
 GPU, else the process's peak RSS above its level after building the model), on the same
-random batch, so the printed ratios come from one run on one machine. Goals (issues 3, 4):
+random batch, so the printed ratios come from one run on one machine. GFLOP counts the
+torch operations of one more step (forward and backward, not work in CRF processes): the
+time ratio a compute-bound machine cannot beat. Goals (issues 3, 4):
 lnl ≤ 1.5× time and memory of cam, fsae ≤ 2.2× time; Ray Train ≤ 1.1× plain after start-up.
 """
 
@@ -17,6 +19,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue as queue_module
 import resource
 import statistics
 import sys
@@ -26,6 +29,7 @@ import time
 
 def measure_step(spec: str, args: dict, queue) -> None:
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method, required_inputs
     from wsss.platform.config import TrainConfig
@@ -52,15 +56,12 @@ def measure_step(spec: str, args: dict, queue) -> None:
     inputs = required_inputs(spec)
     if "strong" in inputs:
         data["strong"] = data["image"].flip(1)
-    if "raw" in inputs:
-        data["raw"] = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
+    data["raw"] = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
     data = {key: value.to(device) for key, value in data.items()}
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args["warmup"] + args["steps"]):
-        start = time.perf_counter()
+    def train_step(step: int) -> None:
         progress = Progress(epoch=5, step=100 + step, steps_per_epoch=100, epochs=10)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = sum(method.training_step(data, progress).values())
@@ -70,13 +71,21 @@ def measure_step(spec: str, args: dict, queue) -> None:
         method.after_step(progress)
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    times = []
+    for step in range(args["warmup"] + args["steps"]):
+        start = time.perf_counter()
+        train_step(step)
         if step >= args["warmup"]:
             times.append(time.perf_counter() - start)
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    queue.put({"method": spec, "os": args["os"], "step_s": statistics.median(times), "peak_mb": peak_mb})
+    with FlopCounterMode(display=False) as counter:  # one more step, counted: a machine-independent cost
+        train_step(args["warmup"] + args["steps"])
+    queue.put({"method": spec, "os": args["os"], "step_s": statistics.median(times), "peak_mb": peak_mb,
+               "gflop": counter.get_total_flops() / 1e9})
 
 
 def in_fresh_process(target, *arguments):
@@ -84,7 +93,13 @@ def in_fresh_process(target, *arguments):
     queue = context.Queue()
     process = context.Process(target=target, args=(*arguments, queue))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():  # died before reporting: fail rather than wait forever
+                raise RuntimeError(f"measuring process exited with code {process.exitcode}") from None
     process.join()
     return result
 
@@ -144,11 +159,12 @@ def main() -> None:
                 for _ in range(args.rounds) for spec, run_settings in runs]
     rows = [min((r for r in measured if (r["method"], r["os"]) == (spec, run_settings["os"])),
                 key=lambda r: r["step_s"]) for spec, run_settings in runs]
-    print("| method | OS | step s | × cam | peak MB | × cam |\n|---|---|---|---|---|---|")
+    print("| method | OS | step s | × cam | peak MB | × cam | GFLOP | × cam |\n|---|---|---|---|---|---|---|---|")
     for row in rows:
         ref = next(r for r in rows if r["method"] == "cam" and r["os"] == row["os"])
         print(f"| {row['method']} | {row['os']} | {row['step_s']:.3f} | {row['step_s'] / ref['step_s']:.2f} | "
-              f"{row['peak_mb']:.0f} | {row['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} |")
+              f"{row['peak_mb']:.0f} | {row['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} | "
+              f"{row['gflop']:.1f} | {row['gflop'] / ref['gflop']:.2f} |")
     if args.ray_vs_plain:
         timing = ray_vs_plain(args)
         ray_epoch = timing["ray_epoch_s"]

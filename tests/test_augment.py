@@ -65,14 +65,14 @@ def subset(batch: dict, rows: list[int]) -> dict:
     return {key: value[rows] for key, value in batch.items()}
 
 
-ALL_VIEWS = frozenset({"strong", "raw", "mask", "target"})
+ALL_VIEWS = frozenset({"strong", "mask", "target"})
 
 
 def test_shapes_dtypes_and_labels():
     batch = make_batch()
     out = TrainTransform(AugmentConfig(crop_size=48, views=ALL_VIEWS), K)(batch)
     expected = {"image": (np.uint8, (3, 3, 48, 48)), "strong": (np.uint8, (3, 3, 48, 48)),
-                "raw": (np.uint8, (3, 48, 48, 3)), "valid": (np.bool_, (3, 48, 48)),
+                "valid": (np.bool_, (3, 48, 48)),
                 "mask": (np.uint8, (3, 48, 48)), "target": (np.uint8, (3, 48, 48)),
                 "labels": (np.float32, (3, K))}
     assert {key: (value.dtype.type, value.shape) for key, value in out.items()} == expected
@@ -97,7 +97,6 @@ def test_padding_is_invalid_zero_and_ignored():
         assert valid[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
         for key in ("image", "strong"):
             assert (out[key][row][:, ~valid] == 0).all()
-        assert (out["raw"][row][~valid] == 0).all()
         assert (out["mask"][row][~valid] == 255).all()
         assert (out["target"][row][~valid] == 255).all()
 
@@ -117,7 +116,7 @@ def test_image_and_masks_share_geometry_under_random_scale_flip_crop():
         batch = make_batch(colour_coded=True, seed=seed)
         out = TrainTransform(config, K)(batch, epoch=seed)
         for row in range(3):
-            mask, raw = out["mask"][row], out["raw"][row].astype(int)
+            mask, image = out["mask"][row], out["image"][row].transpose(1, 2, 0).astype(int)
             interior = np.ones_like(mask, dtype=bool)
             for dy in (-1, 0, 1):  # same class in the 3x3 neighbourhood, and not void
                 for dx in (-1, 0, 1):
@@ -125,7 +124,7 @@ def test_image_and_masks_share_geometry_under_random_scale_flip_crop():
             interior &= (mask != 255) & out["valid"][row]
             interior[[0, -1], :] = interior[:, [0, -1]] = False
             colours = PALETTE[mask[interior]].astype(int)
-            assert np.abs(raw[interior] - colours).max() <= 2
+            assert np.abs(image[interior] - colours).max() <= 2
             target = out["target"][row]
             assert (target[interior] == (mask[interior] + 1) % (K + 1)).all()
             checked += interior.sum()
@@ -151,7 +150,7 @@ def test_strong_equals_weak_without_its_extra_ops():
 
 
 def test_strong_view_differs_in_colour_only():
-    config = AugmentConfig(crop_size=40, views={"strong", "raw"})
+    config = AugmentConfig(crop_size=40, views={"strong"})
     out = TrainTransform(config, K)(make_batch(fmt="JPEG"))
     assert not np.array_equal(out["strong"], out["image"])
     for row in range(3):
@@ -233,18 +232,19 @@ def test_hue_rotation_keeps_grey():
     np.testing.assert_array_equal(np.asarray(rotated), grey)
 
 
-def test_model_inputs_normalise_with_imagenet_statistics_and_zero_padding():
+def test_model_inputs_normalise_with_imagenet_statistics_zero_padding_and_keep_raw():
     import torch
 
     from wsss.platform.loop import model_inputs
 
-    config = AugmentConfig(crop_size=80, views={"raw", "strong", "mask"})  # larger than the images: padding
+    config = AugmentConfig(crop_size=80, views={"strong", "mask"})  # larger than the images: padding
     out = TrainTransform(config, K)(make_batch())
-    np.testing.assert_array_equal(out["image"].transpose(0, 2, 3, 1), out["raw"])
     inputs = model_inputs({key: torch.from_numpy(value) for key, value in out.items()}, torch.device("cpu"))
+    raw = out["image"].transpose(0, 2, 3, 1)  # channels last, un-normalised (csrm's CRF input)
+    assert inputs["raw"].dtype == torch.uint8 and np.array_equal(inputs["raw"].numpy(), raw)
     valid = out["valid"]
     mean, std = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
-    expected = (out["raw"].astype(np.float64) - mean) / std
+    expected = (raw.astype(np.float64) - mean) / std
     image = inputs["image"].numpy().transpose(0, 2, 3, 1)
     assert inputs["image"].dtype == torch.float32 and (~valid).any()
     np.testing.assert_allclose(image[valid], expected[valid], rtol=1e-5, atol=1e-5)
@@ -264,8 +264,8 @@ def test_deterministic_per_sample_seed_and_epoch():
         np.testing.assert_array_equal(first[key][2:3], alone[key])
     other_epoch = TrainTransform(config, K)(batch, epoch=3)
     other_seed = TrainTransform(AugmentConfig(crop_size=40, views=ALL_VIEWS, seed=8), K)(batch, epoch=2)
-    assert not np.array_equal(first["raw"], other_epoch["raw"])
-    assert not np.array_equal(first["raw"], other_seed["raw"])
+    assert not np.array_equal(first["image"], other_epoch["image"])
+    assert not np.array_equal(first["image"], other_seed["image"])
 
 
 def test_flip_and_scale_vary_across_epochs():

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method
 from wsss.methods.csrm import CSRM, CSRMConfig
@@ -385,9 +386,11 @@ def train(method: CSRM, steps: int, steps_per_epoch: int = 1, epochs: int = 3, s
 def test_trains_in_a_plain_loop_with_every_term_after_warmup():
     method = make_method()
     calls = []
-    method.network.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    method.network.register_forward_hook(
+        lambda module, args, out: calls.append((args[0].shape[0], out["representation"].shape[0])))
     history = train(method, steps=3)  # step 0: warm-up; steps 1-2: every term
-    assert calls == [2, 4, 4], "one student forward per step: weak view, then weak + mixed views"
+    assert calls == [(2, 2), (4, 2), (4, 2)], \
+        "one student forward per step: weak view, then weak + mixed views; the representation of the weak view only"
     for terms in history:
         assert set(terms) == {"cls", "seg", "s2c", "unsup", "contrast"}
         assert all(math.isfinite(v) for v in terms.values()), terms
@@ -398,6 +401,35 @@ def test_trains_in_a_plain_loop_with_every_term_after_warmup():
     teacher, student = dict(method.teacher.named_parameters()), dict(method.network.named_parameters())
     assert not all(torch.equal(teacher[k], student[k]) for k in student), "after warm-up the teacher is an EMA"
     assert not any(p.requires_grad for p in method.teacher.parameters())
+
+
+def test_representation_branch_reads_the_segmentation_decoders_input_for_the_rows_asked():
+    network = make_method().network.eval()
+    assert not any(isinstance(m, ASPP) for m in network.representation_head.modules()), "the ASPP is shared"
+    images = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        full, first = network(images), network(images, representation_rows=1)
+        features = network.backbone(images)
+        by_hand = network.representation_head(
+            network.segmentation_head.decoder_input(features["high"], features["low"]))
+    assert full["representation"].shape == (3, CSRMConfig().representation_dim, SIZE // 4, SIZE // 4)
+    assert torch.allclose(full["representation"], by_hand)
+    assert torch.allclose(first["representation"], full["representation"][:1], atol=1e-5)
+    assert torch.equal(first["seg_logits"], full["seg_logits"])
+
+
+def test_trains_from_real_shards_with_the_crf_reading_the_pipelines_uint8_image(shards):
+    """The pipeline ships no separate CRF input: `model_inputs` hands csrm the uint8 image."""
+    from wsss.platform.config import TrainConfig
+    from wsss.platform.plain import train_plain
+
+    config = TrainConfig(method="csrm", data=shards, epochs=1, batch_size=4, crop_size=64, backbone="resnet18",
+                         output_stride=16, backbone_weights="none", lr=0.01, eval_every=0, wandb="disabled")
+    _, history = train_plain(config.with_overrides({"csrm.warmup_epochs": 0.5, "csrm.crf_workers": 0}))
+    losses = {key: value for key, value in history[0].items() if key.startswith("loss/")}
+    assert set(losses) == {"loss/cls", "loss/seg", "loss/s2c", "loss/unsup", "loss/contrast"}
+    assert all(math.isfinite(value) and value > 0 for value in losses.values()), losses
+    assert 0 < history[0]["csrm/crf_labelled_fg"] < 1
 
 
 def test_teacher_and_bank_survive_a_state_dict_round_trip():

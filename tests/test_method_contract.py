@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wsss.methods.base import ADDONS, METHODS, BackboneConfig, DatasetStats, Progress, build_method, \
-    required_inputs
+    required_inputs, split_views
 from wsss.platform.checkpoints import load_state, restore, save_checkpoint
 from wsss.platform.config import TrainConfig
 from wsss.platform.loop import make_optimizer
@@ -29,7 +29,7 @@ def compositions() -> list[str]:
 
 
 def fake_batch(spec: str, generator: torch.Generator, batch: int = 2) -> dict:
-    """A batch with every key the method asks the pipeline for."""
+    """A batch with every key the method asks the pipeline for, and `raw` (`model_inputs` adds it)."""
     labels = torch.zeros(batch, K)
     labels[0, 0] = labels[0, 2] = labels[1, 1] = 1
     out = {"image": torch.randn(batch, 3, SIZE, SIZE, generator=generator), "labels": labels,
@@ -38,8 +38,7 @@ def fake_batch(spec: str, generator: torch.Generator, batch: int = 2) -> dict:
     inputs = required_inputs(spec)
     if "strong" in inputs:
         out["strong"] = out["image"] * 0.8 + 0.1 * torch.randn(out["image"].shape, generator=generator)
-    if "raw" in inputs:
-        out["raw"] = torch.randint(0, 256, (batch, SIZE, SIZE, 3), generator=generator, dtype=torch.uint8)
+    out["raw"] = torch.randint(0, 256, (batch, SIZE, SIZE, 3), generator=generator, dtype=torch.uint8)
     for key in {"target", "mask"} & inputs:
         target = torch.randint(0, K + 1, (batch, SIZE, SIZE), generator=generator)
         target[:, :4] = 255
@@ -125,6 +124,16 @@ def test_method_state_dict_holds_all_state_without_the_ddp_wrapper(spec):
     method.distribute(lambda net: copy.deepcopy(net))  # any wrapper: keys must not change
     assert set(method.state_dict()) == keys
     assert all(not key.startswith("_distributed") for key in keys)
+
+
+def test_outputs_split_back_by_view_and_first_view_only_outputs_go_to_it():
+    views = {"image": torch.zeros(2, 3, 4, 4), "mixed": torch.zeros(3, 3, 4, 4)}
+    out = {"cam_logits": torch.arange(5.0), "representation": torch.arange(2.0)}
+    split = split_views(out, views)
+    assert split["image"]["cam_logits"].tolist() == [0, 1] and split["mixed"]["cam_logits"].tolist() == [2, 3, 4]
+    assert split["image"]["representation"].tolist() == [0, 1] and "representation" not in split["mixed"]
+    with pytest.raises(ValueError, match="'representation' has 4 rows"):
+        split_views({"representation": torch.arange(4.0)}, views)
 
 
 def test_unknown_parts_are_named():

@@ -120,7 +120,7 @@ def test_dataloader_workers_and_ranks_read_disjoint_files(shards):
 
 
 def test_train_loader_joins_pseudo_labels(shards):
-    augment = AugmentConfig(crop_size=32, views={"mask", "raw"})
+    augment = AugmentConfig(crop_size=32, views={"mask"})
     loader = train_loader(str(shards / "images"), "train", augment, batch_size=4,
                           label_uri=str(shards / "pseudo"))
     batches = list(loader)
@@ -177,7 +177,7 @@ def test_ray_eval_dataset_is_pixel_exact(ray_local, shards):
 
 def epoch_totals(iterators, epochs: int, batch_size: int = 4) -> list[list[float]]:
     """Iterate like Ray Train workers (one thread per worker, every epoch in step);
-    per worker and epoch, the sum of all raw pixels (order-independent)."""
+    per worker and epoch, the sum of all image pixels (order-independent)."""
     totals = [[0.0] * epochs for _ in iterators]
     counts = [[0] * epochs for _ in iterators]
 
@@ -187,7 +187,7 @@ def epoch_totals(iterators, epochs: int, batch_size: int = 4) -> list[list[float
                 assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (batch_size, 3, 32, 32)
                 assert batch["valid"].dtype == torch.bool and batch["mask"].dtype == torch.uint8
                 assert batch["strong"].shape == batch["image"].shape and batch["labels"].shape == (batch_size, K)
-                totals[worker][epoch] += float(batch["raw"].double().sum())
+                totals[worker][epoch] += float(batch["image"].double().sum())
                 counts[worker][epoch] += batch_size
 
     threads = [threading.Thread(target=work, args=(w, it)) for w, it in enumerate(iterators)]
@@ -200,7 +200,7 @@ def epoch_totals(iterators, epochs: int, batch_size: int = 4) -> list[list[float
 def test_ray_train_dataset_streams_to_workers(ray_local, shards):
     from wsss.platform.data import train_dataset
 
-    augment = AugmentConfig(crop_size=32, views={"strong", "raw", "mask"}, seed=3)
+    augment = AugmentConfig(crop_size=32, views={"strong", "mask"}, seed=3)
     dataset = train_dataset(str(shards / "images"), "train", augment, num_classes=K)
     totals = epoch_totals(dataset.streaming_split(2, equal=True), epochs=2)
     assert all(worker[0] != worker[1] for worker in totals)  # every epoch is augmented anew
@@ -209,11 +209,11 @@ def test_ray_train_dataset_streams_to_workers(ray_local, shards):
 def test_ray_train_dataset_is_reproducible(ray_local, shards):
     from wsss.platform.data import train_dataset
 
-    augment = AugmentConfig(crop_size=32, views={"raw"}, seed=5)
+    augment = AugmentConfig(crop_size=32, seed=5)
 
     def totals():
         dataset = train_dataset(str(shards / "images"), "train", augment, num_classes=K, verify=False)
-        return [sum(float(b["raw"].double().sum()) for b in dataset.iter_torch_batches(batch_size=ROWS))
+        return [sum(float(b["image"].double().sum()) for b in dataset.iter_torch_batches(batch_size=ROWS))
                 for _ in range(2)]
 
     first, second = totals(), totals()
@@ -275,11 +275,11 @@ def test_ray_train_worker_gets_new_augmentation_each_epoch(ray_local, shards):
 
     def worker(config):
         shard = ray.train.get_dataset_shard("train")
-        totals = [sum(float(b["raw"].double().sum()) for b in shard.iter_torch_batches(batch_size=4))
+        totals = [sum(float(b["image"].double().sum()) for b in shard.iter_torch_batches(batch_size=4))
                   for _ in range(2)]
         assert totals[0] > 0 and totals[0] != totals[1], totals
 
-    dataset = train_dataset(str(shards / "images"), "train", AugmentConfig(crop_size=32, views={"raw"}),
+    dataset = train_dataset(str(shards / "images"), "train", AugmentConfig(crop_size=32),
                             num_classes=K)
     trainer = TorchTrainer(worker, scaling_config=ray.train.ScalingConfig(num_workers=1),
                            run_config=ray.train.RunConfig(storage_path=str(shards / "runs")),

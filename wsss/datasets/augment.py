@@ -10,7 +10,6 @@ methods take, on the training device):
   labels float32 [B,K]      multi-hot over foreground classes 1..K
   valid  bool    [B,S,S]    True where the crop holds image, False on padding
   strong uint8   [B,3,S,S]  weak view + colour-only RandAugment + blur  (view "strong")
-  raw    uint8   [B,S,S,3]  the weak view, channels last, for CPU CRF   (view "raw")
   mask   uint8   [B,S,S]    ground truth, 255 on void and padding       (view "mask")
   target uint8   [B,S,S]    pseudo-label, 255 on ignore and padding     (view "target")
 
@@ -36,7 +35,7 @@ from wsss.datasets.base import IGNORE_INDEX, DataError
 from wsss.datasets.photometric import color_jitter, strong_photometric
 from wsss.datasets.shards import decode_mask
 
-OPTIONAL_VIEWS = frozenset({"strong", "raw", "mask", "target"})
+OPTIONAL_VIEWS = frozenset({"strong", "mask", "target"})
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,6 @@ class TrainTransform:
         count = len(batch["id"])
         image_out = np.zeros((count, 3, size, size), dtype=np.uint8)
         valid = np.zeros((count, size, size), dtype=bool)
-        raw = np.zeros((count, size, size, 3), dtype=np.uint8) if "raw" in views else None
         strong = np.zeros_like(image_out) if "strong" in views else None
         maps = {name: np.full((count, size, size), IGNORE_INDEX, dtype=np.uint8)
                 for name in ("mask", "target") if name in views}
@@ -211,8 +209,6 @@ class TrainTransform:
             window = geometry.window(weak)
             valid[row][window] = True
             geometry.place(weak, image_out[row])
-            if raw is not None:
-                raw[row][window] = weak
             if strong is not None:
                 extra = strong_photometric(weak_image, rng, self.config.strong_ops, self.config.blur_sigma)
                 geometry.place(np.asarray(extra), strong[row])
@@ -223,8 +219,6 @@ class TrainTransform:
         out = {"image": image_out, "labels": labels, "valid": valid, **maps}
         if strong is not None:
             out["strong"] = strong
-        if raw is not None:
-            out["raw"] = raw
         return out
 
 

@@ -14,7 +14,8 @@ these types on the device by `wsss.platform.loop.model_inputs`):
   image  float [B,3,S,S]  normalised weak view        labels float [B,K] multi-hot
   valid  bool  [B,S,S]    pixels that are image, not padding
   strong float [B,3,S,S]  strong view, same geometry  (if a method lists it in `inputs`)
-  raw    uint8 [B,S,S,3]  un-normalised weak view     (if listed, e.g. for CRF)
+  raw    uint8 [B,S,S,3]  un-normalised weak view, channels last (e.g. for CRF): a view of
+                          the pipeline's uint8 image, added by `model_inputs`
   target long  [B,S,S]    pseudo-label, 255 = ignore  (if listed, stage-2 training)
 """
 
@@ -151,12 +152,8 @@ class Method(_Part):
 
     def run_network(self, views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Runs the (possibly DDP-wrapped) network once on the concatenated views."""
-        names = list(views)
-        sizes = [views[n].shape[0] for n in names]
         network = self._distributed_network or self.network
-        out = network(torch.cat([views[n] for n in names]))
-        split = {k: torch.split(v, sizes) for k, v in out.items()}
-        return {n: {k: split[k][i] for k in split} for i, n in enumerate(names)}
+        return split_views(network(torch.cat(list(views.values()))), views)
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Wrap only the trainable network (e.g. in DDP); state_dict keys stay unchanged."""
@@ -192,6 +189,22 @@ class Addon(_Part):
         super().__init__()
         self.config = config
         self.num_classes = num_classes
+
+
+def split_views(out: dict[str, torch.Tensor], views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A forward's outputs over the concatenated `views`, back by view: `out[key]` has a row
+    per image of every view, or only the first view's rows (a branch no other view needs)."""
+    sizes = [view.shape[0] for view in views.values()]
+    split: dict[str, list[torch.Tensor]] = {}
+    for key, value in out.items():
+        if value.shape[0] == sum(sizes):
+            split[key] = list(torch.split(value, sizes))
+        elif value.shape[0] == sizes[0]:
+            split[key] = [value]
+        else:
+            raise ValueError(f"network output {key!r} has {value.shape[0]} rows; views {dict(zip(views, sizes))}")
+    return {name: {key: parts[i] for key, parts in split.items() if i < len(parts)}
+            for i, name in enumerate(views)}
 
 
 def valid_at(valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from wsss.methods.base import BackboneConfig, Method, register_method
 
 IGNORE_INDEX = 255
 VARIANTS = ("v2", "v3plus")
+DECODER_INPUT_CHANNELS = 256 + 48  # DeepLabV3+: ASPP output ⊕ projected low-level features
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -38,7 +39,8 @@ class DeepLabV3PlusHead(nn.Module):
 
     high [B,in_channels,h,w] → ASPP (torchvision: 1×1 + dilated 3×3 branches + image pooling,
     then a 1×1 projection to 256) → bilinear upsample to low's size → concat with low projected
-    to 48 channels → two 3×3 conv-BN-ReLU → 1×1 to `num_outputs` at low's resolution.
+    to 48 channels (`decoder_input`) → two 3×3 conv-BN-ReLU → 1×1 to `num_outputs` at low's
+    resolution (`decode`).
 
     ASPP's image-pooling branch has BatchNorm on a 1×1 map, so training needs batch size ≥ 2.
     """
@@ -48,22 +50,39 @@ class DeepLabV3PlusHead(nn.Module):
         super().__init__()
         self.aspp = ASPP(in_channels, list(aspp_rates), out_channels=256)
         self.low_projection = _conv_bn_relu(low_channels, 48, 1)
-        self.fuse = nn.Sequential(_conv_bn_relu(256 + 48, 256, 3), _conv_bn_relu(256, 256, 3))
+        self.fuse = fuse_layers()
         self.classifier = nn.Conv2d(256, num_outputs, 1)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_new_layers(self)
 
-    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    def decoder_input(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """[B, DECODER_INPUT_CHANNELS, *low's size]: what `decode` (and CSRM's representation
+        branch) reads."""
         context = self.aspp(high)
         context = F.interpolate(context, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        fused = self.fuse(torch.cat([context, self.low_projection(low)], dim=1))
-        return self.classifier(fused)
+        return torch.cat([context, self.low_projection(low)], dim=1)
+
+    def decode(self, decoder_input: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.fuse(decoder_input))
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.decoder_input(high, low))
+
+
+def fuse_layers() -> nn.Sequential:
+    """The decoder's two 3×3 conv-BN-ReLU on its input, to 256 channels."""
+    return nn.Sequential(_conv_bn_relu(DECODER_INPUT_CHANNELS, 256, 3), _conv_bn_relu(256, 256, 3))
+
+
+def init_new_layers(module: nn.Module) -> None:
+    """Kaiming-normal convolutions with zero bias, BatchNorm at identity."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
 
 class DeepLabV2Head(nn.Module):

@@ -80,9 +80,11 @@ class EpochStats:
 def model_inputs(batch: dict, device: torch.device) -> dict:
     """A pipeline batch (uint8 images and label maps, `wsss.datasets.augment`) -> the
     tensors methods take, on `device`: images ImageNet-normalised with 0 on padding, label
-    maps int64. Converting after the copy moves a quarter of the bytes through Ray's object
-    store and to the GPU (benchmarks/ingest.py)."""
+    maps int64, and `raw`, the uint8 weak view channels last (a view, not a copy). Converting
+    after the copy moves a quarter of the bytes through Ray's object store and to the GPU
+    (benchmarks/ingest.py)."""
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    out["raw"] = out["image"].permute(0, 2, 3, 1)
     for key in ("image", "strong"):
         if key in out:
             out[key] = normalize_images(out[key]) * out["valid"][:, None]
