@@ -55,7 +55,7 @@ def make_rows(count: int, size: int) -> list[dict]:
         cams = np.clip(cams + rng.normal(0, 0.05, cams.shape), 0, None).astype(np.float32)
         cams /= cams.reshape(len(cams), -1).max(axis=1).clip(min=1e-5)[:, None, None]
         rows.append({"file": 0, "row": index, "id": f"bench-{index}", "image": buffer.getvalue(),
-                     "height": size, "width": size, "labels": labels, "mask": b"", "cams": cams.tobytes()})
+                     "height": size, "width": size, "labels": labels, "mask": b"", "scores": cams.tobytes()})
     return rows
 
 

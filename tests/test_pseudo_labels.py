@@ -71,9 +71,18 @@ def test_irn_mode_ignores_pixels_between_the_two_thresholds():
     assert label[24, 24] == 3 and label[10, 10] == 255 and label[2, 2] == 0
 
 
+def test_segmentation_mode_is_the_argmax_over_background_and_the_image_classes():
+    probs = np.random.default_rng(0).random((3, 6, 7)).astype(np.float32)  # background, class 2, class 4
+    label = pseudo_label(flat_image(6, 7), probs, np.array([2, 4]), PseudoLabelSettings("segmentation"))
+    for y in range(6):
+        for x in range(7):
+            best = max(range(3), key=lambda channel: probs[channel, y, x])
+            assert label[y, x] == [0, 2, 4][best]
+
+
 def test_an_image_without_classes_is_all_background():
-    for mode in ("crf", "irn"):
-        label = pseudo_label(flat_image(), np.zeros((0, 48, 48), np.float32), np.array([], int),
+    for mode, channels in (("crf", 0), ("irn", 0), ("segmentation", 1)):
+        label = pseudo_label(flat_image(), np.zeros((channels, 48, 48), np.float32), np.array([], int),
                              PseudoLabelSettings(mode))
         assert (label == 0).all()
 
@@ -199,6 +208,56 @@ def checkpoint(ray_local, shards, tmp_path_factory):
                          crop_size=64, backbone="resnet18", output_stride=16, backbone_weights="none", lr=0.02,
                          eval_max_images=4, wandb="disabled")
     return fit(config).checkpoint.path
+
+
+def untrained_checkpoint(spec: str, shards: str, directory: Path) -> str:
+    """An untrained checkpoint of `spec` (ResNet-18) for the shards' classes."""
+    import torch
+
+    from wsss.methods.base import build_method
+    from wsss.platform.checkpoints import save_checkpoint
+    from wsss.platform.config import TrainConfig
+
+    manifest = read_manifest(shards)
+    config = TrainConfig(method=spec, data=shards, backbone="resnet18", output_stride=16, backbone_weights="none")
+    torch.manual_seed(0)
+    method = build_method(spec, manifest.num_classes, config.sections, config.backbone_config)
+    directory.mkdir()
+    save_checkpoint(directory, method, torch.optim.SGD(method.parameters(), lr=0.1), epoch=1, step=1,
+                    config=config.to_dict(), dataset={"classes": manifest.classes})
+    return str(directory)
+
+
+def test_segmentation_mode_needs_a_segmentation_branch_and_says_so_before_any_work(shards, tmp_path):
+    cam = untrained_checkpoint("cam", shards, tmp_path / "cam")
+    with pytest.raises(ValueError, match="segmentation needs a method with a segmentation branch.*'cam' has none"):
+        generate_pseudo_labels(cam, shards, str(tmp_path / "labels"), mode="segmentation")
+    assert not (tmp_path / "labels").exists()
+
+
+@pytest.mark.slow
+def test_segmentation_mode_labels_csrm_images_with_its_segmentation_branch(ray_local, shards, tmp_path):
+    import torch
+
+    from wsss.datasets.augment import decode_image
+    from wsss.platform.cams import image_tensor
+    from wsss.platform.checkpoints import load_method
+    from wsss.platform.segmentation import segmentation_probs
+
+    checkpoint = untrained_checkpoint("csrm", shards, tmp_path / "csrm")
+    out = tmp_path / "labels"
+    source = generate_pseudo_labels(checkpoint, shards, str(out), mode="segmentation", scales=(1.0, 0.5))
+    assert source["mode"] == "segmentation" and source["ignored_fraction"] == 0
+    method, _ = load_method(checkpoint)
+    images = read_manifest(shards)
+    image_table = read_shard(images.files("train")[0], ["id", "image", "height", "width", "labels"]).to_pylist()
+    label_table = read_shard(pseudo_label_files(images, read_manifest(str(out)), "train")[0], ["id", "mask"])
+    for row, mask in zip(image_table[:4], label_table.column("mask").to_pylist()):
+        image = np.asarray(decode_image(row["image"], row["id"], row["height"], row["width"]))
+        probs = segmentation_probs(method, image_tensor(image, torch.device("cpu")), (1.0, 0.5)).numpy()
+        classes = [0, *row["labels"]]
+        expected = np.asarray(classes)[probs[classes].argmax(axis=0)]
+        assert np.array_equal(decode_mask(mask), expected), row["id"]
 
 
 def corrupted_copy(shards: str, target: Path) -> str:

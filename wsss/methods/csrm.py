@@ -90,7 +90,7 @@ class CSRMConfig:
     representation_dim: int = 256  # output channels of the representation branch (Eq. 4)
     ema_max_decay: float = 0.99  # cap of the teacher's EMA decay
     restrict_to_image_labels: bool = True  # teacher targets of L_s2c/L_u only over bg + image classes (authors' code)
-    export: str = "segmentation"  # segmentation: `segmentation_logits` gives stage 2 its labels; cam: CAMs only
+    export: str = "segmentation"  # segmentation: stage 2 labels from `segmentation_logits` (pseudo-labels --mode segmentation); cam: CAMs only
     infer_with: str = "teacher"  # network used for inference: teacher (EMA) or student
     init_checkpoint: str = ""  # stage-1 checkpoint (dir or run dir) to start backbone + classifier from
 

@@ -5,10 +5,14 @@ classes outside the image labels zeroed), then one of
   crf  dense CRF (PSA preset) on [background score = threshold | the present classes' CAMs];
   irn  IRN's double threshold: argmax of [δ_fg | CAMs] and of [δ_bg | CAMs], each refined by
        IRN's label CRF; a pixel is its class where the δ_fg map says foreground, background
-       where both say background, 255 where only the δ_bg map says foreground.
-The job: one block per image shard file -> CAM actors (a GPU each when the cluster has
-GPUs) read the file and emit its rows with their CAMs -> CRF actors on CPUs (add CPU nodes
-to go faster) -> the driver collects the label PNGs by (file, row) and writes the mirror of
+       where both say background, 255 where only the δ_bg map says foreground;
+or, for methods with a segmentation branch (`csrm`), instead of CAMs:
+  segmentation  the argmax over background and the image's classes of the segmentation
+       branch's softmax, averaged over scales and flips (`segmentation.segmentation_probs`);
+       CSRM's pseudo-labels come from its segmentation branch directly.
+The job: one block per image shard file -> model actors (a GPU each when the cluster has
+GPUs) read the file and emit its rows with their scores (CAMs or probabilities) -> label
+actors on CPUs (add CPU nodes to go faster) -> the driver collects the label PNGs by (file, row) and writes the mirror of
 each image shard as soon as all its rows are in. Rows are keyed, not ordered, so the output
 mirrors the input file for file and row for row whatever order the actors finish in.
 
@@ -40,8 +44,9 @@ from wsss.platform.evaluate import crf_prediction
 from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
 from wsss.platform.runtime import job_batches
+from wsss.platform.segmentation import segmentation_probs
 
-MODES = ("crf", "irn")
+MODES = ("crf", "irn", "segmentation")
 DEFAULT_THRESHOLD = 0.25  # crf background score when neither --threshold nor the checkpoint gives one
 IMAGE_COLUMNS = ["id", "image", "labels", "height", "width", "mask"]
 ROWS_PER_CALL = 8  # rows the CAM actor emits at a time: small blocks keep the CRF actors busy early
@@ -68,19 +73,23 @@ class PseudoLabelSettings:
             raise ValueError(f"scales={self.scales}: need at least one scale, all > 0")
 
 
-def pseudo_label(image: np.ndarray, cams: np.ndarray, class_ids: np.ndarray,
+def pseudo_label(image: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
                  settings: PseudoLabelSettings) -> np.ndarray:
     """One image's pseudo-label uint8 [H,W] (0 = background, 1..K, 255 = ignore).
 
-    image uint8 [H,W,3]; cams float32 [n,H,W] normalised CAMs of the image's n classes
-    `class_ids` (1..K). An image without classes is all background."""
+    image uint8 [H,W,3]; scores float32 [n,H,W], normalised CAMs of the image's n classes
+    `class_ids` (1..K), or in segmentation mode [1+n,H,W], the segmentation probabilities
+    of background and those classes. An image without classes is all background."""
+    lookup = np.concatenate([[0], class_ids]).astype(np.uint8)
+    if settings.mode == "segmentation":
+        return lookup[scores.argmax(axis=0)]
+    cams = scores
     if len(class_ids) == 0:
         return np.zeros(image.shape[:2], np.uint8)
     if settings.mode == "irn":
         everywhere = np.ones(image.shape[:2], bool)
         return cam_pseudo_label(image, cams, class_ids, everywhere, settings.fg_threshold,
                                 settings.bg_threshold, preset="irn")
-    lookup = np.concatenate([[0], class_ids]).astype(np.uint8)
     return lookup[crf_prediction(image, cams, np.ones(len(class_ids)), settings.threshold, "psa")]
 
 
@@ -101,13 +110,14 @@ def checkpoint_threshold(checkpoint: str) -> float | None:
 
 
 class CAMStage:
-    """Ray Data actor: image-shard files -> their rows with the present classes' CAMs
-    (float32 bytes [n,H,W]); images stay encoded on the way to the CRF actors."""
+    """Ray Data actor: image-shard files -> their rows with the `pseudo_label` scores of
+    the present classes (float32 bytes: CAMs [n,H,W], or in segmentation mode probabilities
+    [1+n,H,W]); images stay encoded on the way to the CRF actors."""
 
-    def __init__(self, checkpoint: str, num_classes: int, scales, flip: bool):
+    def __init__(self, checkpoint: str, num_classes: int, scales, flip: bool, mode: str):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.method, _ = load_method(checkpoint, self.device)
-        self.num_classes, self.scales, self.flip = num_classes, tuple(scales), flip
+        self.num_classes, self.scales, self.flip, self.mode = num_classes, tuple(scales), flip, mode
 
     def __call__(self, batch: dict):
         for file_index, uri in zip(batch["file"], batch["uri"]):
@@ -118,19 +128,25 @@ class CAMStage:
                 count = len(rows["id"])
                 labels = np.stack([multi_hot(rows["labels"][i], self.num_classes, str(rows["id"][i]))
                                    for i in range(count)])
-                cams = [self._cams(rows, i, labels[i]) for i in range(count)]
+                scores = [self._scores(rows, i, labels[i]) for i in range(count)]
                 yield {"file": np.full(count, int(file_index)), "row": np.arange(first_row, first_row + count),
                        "id": np.asarray([str(x) for x in rows["id"]], dtype=object), "image": rows["image"],
                        "height": rows["height"], "width": rows["width"], "labels": labels,
                        "mask": np.asarray([m if m is not None else b"" for m in rows["mask"]], dtype=object),
-                       "cams": np.asarray(cams, dtype=object)}
+                       "scores": np.asarray(scores, dtype=object)}
                 first_row += count
 
-    def _cams(self, rows: dict, i: int, labels: np.ndarray) -> bytes:
+    def _scores(self, rows: dict, i: int, labels: np.ndarray) -> bytes:
         image = np.asarray(decode_image(rows["image"][i], str(rows["id"][i]), rows["height"][i], rows["width"][i]))
-        cams = normalized_cams(self.method, image_tensor(image, self.device), torch.from_numpy(labels),
-                               self.scales, self.flip)
-        return cams[torch.from_numpy(labels > 0.5).to(cams.device)].cpu().numpy().astype(np.float32).tobytes()
+        present = torch.from_numpy(labels > 0.5).to(self.device)
+        if self.mode == "segmentation":
+            probs = segmentation_probs(self.method, image_tensor(image, self.device), self.scales, self.flip)
+            scores = probs[torch.cat([present.new_ones(1), present])]  # background and the image's classes
+        else:
+            cams = normalized_cams(self.method, image_tensor(image, self.device), torch.from_numpy(labels),
+                                   self.scales, self.flip)
+            scores = cams[present]
+        return scores.cpu().numpy().astype(np.float32).tobytes()
 
 
 class CRFStage:
@@ -148,8 +164,9 @@ class CRFStage:
             # writable copies: pydensecrf refuses read-only buffers (PIL's and frombuffer's are)
             image = np.array(decode_image(batch["image"][i], sample_id, batch["height"][i], batch["width"][i]))
             class_ids = np.flatnonzero(batch["labels"][i] > 0.5) + 1
-            cams = np.frombuffer(batch["cams"][i], np.float32).reshape(len(class_ids), *image.shape[:2]).copy()
-            label = pseudo_label(image, cams, class_ids, self.settings)
+            channels = len(class_ids) + (self.settings.mode == "segmentation")  # + background
+            scores = np.frombuffer(batch["scores"][i], np.float32).reshape(channels, *image.shape[:2]).copy()
+            label = pseudo_label(image, scores, class_ids, self.settings)
             pngs.append(encode_mask(label))
             ignored.append(int((label == IGNORE_INDEX).sum()))
             mask = batch["mask"][i]
@@ -167,9 +184,16 @@ class CRFStage:
                 "pixels": batch["height"].astype(np.int64) * batch["width"]}
 
 
-def _open_inputs(checkpoint: str, data: str, split: str, out: str, overwrite: bool) -> Manifest:
-    """Fail fast, before any Ray work: checkpoint, data split, matching classes, writable out."""
-    _, state = load_method(checkpoint)
+def _open_inputs(checkpoint: str, data: str, split: str, out: str, overwrite: bool, mode: str) -> Manifest:
+    """Fail fast, before any Ray work: checkpoint (with a segmentation branch for that
+    mode), data split, matching classes, writable out."""
+    method, state = load_method(checkpoint)
+    if mode == "segmentation":
+        with torch.no_grad():
+            branch = method.segmentation_logits(torch.zeros(1, 3, 64, 64))
+        if branch is None:
+            raise ValueError(f"{checkpoint}: --mode segmentation needs a method with a segmentation branch "
+                             f"(e.g. csrm); {state['config']['method']!r} has none: use crf or irn")
     images = read_manifest(data)
     images.rows(split)
     if list(state["dataset"]["classes"]) != list(images.classes):
@@ -187,7 +211,7 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
     if threshold is None:
         threshold = checkpoint_threshold(checkpoint) or DEFAULT_THRESHOLD
     settings = PseudoLabelSettings(mode, threshold, fg_threshold, bg_threshold, tuple(scales), flip)
-    images = _open_inputs(checkpoint, data, split, out, overwrite)
+    images = _open_inputs(checkpoint, data, split, out, overwrite, mode)
     verify_checksums(images.location, images, split)  # a damaged shard fails here, not half way
     files = images.files(split)
     resources = ray.cluster_resources()
@@ -224,7 +248,8 @@ def _label_job(checkpoint: str, files: list[str], num_classes: int, settings: Ps
             .map_batches(CAMStage, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cam_actors),
                          fn_constructor_kwargs=dict(checkpoint=checkpoint, num_classes=num_classes,
-                                                    scales=settings.scales, flip=settings.flip))
+                                                    scales=settings.scales, flip=settings.flip,
+                                                    mode=settings.mode))
             .map_batches(CRFStage, batch_size=1, num_cpus=1,
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=crf_actors),
                          fn_constructor_kwargs=dict(settings=asdict(settings), num_classes=num_classes)))
@@ -248,7 +273,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="directory or URI for the pseudo-label shards")
     parser.add_argument("--split", default="train")
     parser.add_argument("--mode", default="crf", choices=MODES,
-                        help="crf: dense CRF on the CAMs; irn: IRN double threshold (255 between)")
+                        help="crf: dense CRF on the CAMs; irn: IRN double threshold (255 between); "
+                             "segmentation: argmax of the segmentation branch (e.g. csrm) over "
+                             "background and the image's classes")
     parser.add_argument("--threshold", type=float, default=None,
                         help=f"crf background score (default: the checkpoint's, else {DEFAULT_THRESHOLD})")
     parser.add_argument("--fg", type=float, default=0.30, help="irn foreground threshold δ_fg")
@@ -267,7 +294,7 @@ def main(args) -> int:
     scales = tuple(float(s) for s in args.scales.split(","))
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     PseudoLabelSettings(args.mode, threshold, args.fg, args.bg, scales)  # bad values fail before Ray starts
-    _open_inputs(args.checkpoint, args.data, args.split, args.out, args.overwrite)
+    _open_inputs(args.checkpoint, args.data, args.split, args.out, args.overwrite, args.mode)
     ensure_ray()
     source = generate_pseudo_labels(args.checkpoint, args.data, args.out, split=args.split, mode=args.mode,
                                     threshold=args.threshold, fg_threshold=args.fg, bg_threshold=args.bg,
