@@ -12,9 +12,10 @@ or, for methods with a segmentation branch (`csrm`), instead of CAMs:
        CSRM's pseudo-labels come from its segmentation branch directly.
 The job: one block per image shard file -> model actors (a GPU each when the cluster has
 GPUs) read the file and emit its rows with their scores (CAMs or probabilities) -> label
-actors on CPUs (add CPU nodes to go faster) -> the driver collects the label PNGs by (file, row) and writes the mirror of
-each image shard as soon as all its rows are in. Rows are keyed, not ordered, so the output
-mirrors the input file for file and row for row whatever order the actors finish in.
+actors on CPUs (add CPU nodes to go faster) -> the driver collects the label PNGs by (file,
+row) and writes the mirror of each image shard as soon as all its rows are in. Rows are
+keyed, not ordered, so the output mirrors the input file for file and row for row whatever
+order the actors finish in.
 
 Output: pseudo-label shards (`wsss.platform.label_shards`: `id` + mode-L PNG `mask` per row,
 at the image shards' relative paths) and a manifest written last; its `source` holds the
