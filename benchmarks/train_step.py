@@ -61,6 +61,7 @@ def measure_step(spec: str, args: dict, queue) -> None:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
     def train_step(step: int) -> None:
         progress = Progress(epoch=5, step=100 + step, steps_per_epoch=100, epochs=10)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -84,14 +84,13 @@ def pseudo_label(image: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
     lookup = np.concatenate([[0], class_ids]).astype(np.uint8)
     if settings.mode == "segmentation":
         return lookup[scores.argmax(axis=0)]
-    cams = scores
     if len(class_ids) == 0:
         return np.zeros(image.shape[:2], np.uint8)
     if settings.mode == "irn":
         everywhere = np.ones(image.shape[:2], bool)
-        return cam_pseudo_label(image, cams, class_ids, everywhere, settings.fg_threshold,
+        return cam_pseudo_label(image, scores, class_ids, everywhere, settings.fg_threshold,
                                 settings.bg_threshold, preset="irn")
-    return lookup[crf_prediction(image, cams, np.ones(len(class_ids)), settings.threshold, "psa")]
+    return lookup[crf_prediction(image, scores, np.ones(len(class_ids)), settings.threshold, "psa")]
 
 
 def checkpoint_threshold(checkpoint: str) -> float | None:
