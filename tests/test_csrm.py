@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method
+from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method, valid_at
 from wsss.methods.csrm import CSRM, CSRMConfig
 from wsss.methods.csrm_bank import NegativeBank
 from wsss.methods.csrm_contrast import negative_candidates, select_queries
@@ -401,6 +401,33 @@ def test_trains_in_a_plain_loop_with_every_term_after_warmup():
     teacher, student = dict(method.teacher.named_parameters()), dict(method.network.named_parameters())
     assert not all(torch.equal(teacher[k], student[k]) for k in student), "after warm-up the teacher is an EMA"
     assert not any(p.requires_grad for p in method.teacher.parameters())
+
+
+def test_queries_and_unsup_targets_come_from_the_reliable_pixels_to_the_end_of_training(monkeypatch):
+    """At 99% of training α_t is 0.2% and almost every pixel is reliable: L_m must still have
+    queries (they do not shrink to the lowest α_t of entropy), and negatives the few others."""
+    import wsss.methods.csrm as csrm_module
+
+    seen = {}
+
+    def spy_queries(*args):
+        seen["reliable"] = args[4]
+        return select_queries(*args)
+
+    def spy_negatives(*args):
+        seen["unreliable"] = args[2]
+        return negative_candidates(*args)
+
+    monkeypatch.setattr(csrm_module, "select_queries", spy_queries)
+    monkeypatch.setattr(csrm_module, "negative_candidates", spy_negatives)
+    method = make_method(warmup_epochs=0)
+    method.train()
+    batch = random_batch(torch.Generator().manual_seed(0))
+    terms = method.training_step(batch, Progress(epoch=0, step=99, steps_per_epoch=100, epochs=1))
+    valid = valid_at(batch["valid"], seen["reliable"].shape[-2:])
+    assert seen["reliable"].sum() >= 0.99 * valid.sum() - 1
+    assert torch.equal(seen["reliable"] | seen["unreliable"], valid) and not (seen["reliable"] & seen["unreliable"]).any()
+    assert terms["contrast"] > 0 or method.negative_bank.count.sum() == 0
 
 
 def test_representation_branch_reads_the_segmentation_decoders_input_for_the_rows_asked():

@@ -25,9 +25,12 @@ view's rows only, the only ones L_m reads. The teacher runs inside `views` on th
 view: its CAMs go to the CRF workers first (`csrm_pseudo`), then its decoders run while the
 CRF works; L_s (the only term needing the CRF) is computed last.
 
-Entropy groups follow α_t = α₀·(1 − share of training done) (Sec. 3.2.4-3.2.5): L_u keeps the
-teacher's pixels up to the (1 − α_t)-quantile of entropy (Eq. 11); L_m draws queries from
-pixels up to the α_t-quantile and bank negatives from pixels above the (1 − α_t)-quantile.
+Entropy groups follow α_t = α₀·(1 − share of training done) (Sec. 3.2.4-3.2.5): the teacher's
+pixels up to the (1 − α_t)-quantile of entropy are reliable, the rest unreliable. L_u trains
+on the reliable ones (Eq. 11), L_m draws its queries from them and its bank negatives from
+the unreliable ones. Reading Sec. 3.2.5's low-entropy group as the pixels below the
+α_t-quantile, as U2PL codes it, would leave no queries as α_t → 0 and L_m would fade out;
+U2PL and the authors' code escape that only because they also query every labelled pixel.
 The paper's "confidence lower than 1%" for negatives is not applied: with the rank rule
 (a) it would admit almost no high-entropy pixel; the issue specifies the ranks only.
 
@@ -286,10 +289,10 @@ class CSRM(Method):
         size = student["seg_logits"].shape[-2:]
         valid = valid_at(_valid(batch), size)
         alpha = self._unreliable_fraction(progress)
-        high_entropy = valid & ~reliable_mask(step.teacher_probs, 1.0 - alpha, valid)
+        reliable = reliable_mask(step.teacher_probs, 1.0 - alpha, valid)
         # Filled during warm-up too, so the bank is ready when L_m starts.
         self._new_negatives = negative_candidates(
-            step.teacher_rep, step.teacher_probs, high_entropy, candidate_labels(batch["labels"]), cfg.rank_low,
+            step.teacher_rep, step.teacher_probs, valid & ~reliable, candidate_labels(batch["labels"]), cfg.rank_low,
             cfg.rank_high, self.negative_bank.per_replica_quota(), step.cpu_generator)
 
         terms = {"cls": classification_loss(student["cam_logits"], batch["labels"])}
@@ -298,10 +301,12 @@ class CSRM(Method):
             cams = F.interpolate(student["cam_logits"].float(), size=size, mode="bilinear", align_corners=False)
             teacher = step.teacher_targets * valid[:, None]  # padding is never confident
             terms["s2c"] = cfg.s2c_weight * s2c_loss(cams, student["seg_logits"][:, :1], teacher, self._sigma(progress))
-            mixed_targets = mix_like(step.teacher_targets, step.mix_masks)
-            reliable = reliable_mask(mixed_targets, 1.0 - alpha, mix_like(valid, step.mix_masks))
-            target = mixed_targets.argmax(dim=1).masked_fill(~reliable, IGNORE_INDEX)
-            terms["unsup"] = cfg.unsup_weight * segmentation_loss(outputs["mixed"]["seg_logits"], target)
+            # Entropy of the teacher's own probabilities, the label from its targets (as the authors' code).
+            mixed_reliable = reliable_mask(mix_like(step.teacher_probs, step.mix_masks), 1.0 - alpha,
+                                           mix_like(valid, step.mix_masks))
+            target = mix_like(step.teacher_targets, step.mix_masks).argmax(dim=1)
+            terms["unsup"] = cfg.unsup_weight * segmentation_loss(outputs["mixed"]["seg_logits"],
+                                                                  target.masked_fill(~mixed_reliable, IGNORE_INDEX))
 
         pseudo_labels = step.pseudo_labels.result(batch["image"].device)  # last: the CRF ran meanwhile
         terms["seg"] = segmentation_loss(student["seg_logits"], pseudo_labels)
@@ -311,17 +316,16 @@ class CSRM(Method):
             zero = terms["cls"].new_zeros(())
             return {**terms, "s2c": zero, "unsup": zero, "contrast": zero}
         terms["contrast"] = cfg.contrast_weight * self._contrast_loss(student["representation"], pseudo_labels,
-                                                                      valid, alpha)
+                                                                      reliable)
         return terms
 
-    def _contrast_loss(self, representation, pseudo_labels, valid, alpha):
-        """L_m (Eq. 13): queries from the low-entropy group (below the α_t-quantile)."""
+    def _contrast_loss(self, representation, pseudo_labels, reliable):
+        """L_m (Eq. 13): queries from the reliable (low-entropy) pixels."""
         cfg, step = self.config, self._step
         size = representation.shape[-2:]
         pseudo_small = F.interpolate(pseudo_labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-        low_entropy = reliable_mask(step.teacher_probs, alpha, valid)
         queries, positives, classes = select_queries(
-            representation, step.teacher_rep, step.teacher_probs, pseudo_small, low_entropy,
+            representation, step.teacher_rep, step.teacher_probs, pseudo_small, reliable,
             cfg.query_confidence, cfg.queries_per_class, step.device_generator)
         usable = self.negative_bank.count[classes] > 0
         negatives = self.negative_bank.sample(classes[usable], cfg.negatives_per_query, step.device_generator)
