@@ -19,7 +19,7 @@ from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_meth
 from wsss.methods.csrm import CSRM, CSRMConfig
 from wsss.methods.csrm_bank import NegativeBank
 from wsss.methods.csrm_contrast import negative_candidates, select_queries
-from wsss.methods.csrm_losses import classmix, info_nce, mix_like, reliable_mask, s2c_loss
+from wsss.methods.csrm_losses import classmix, info_nce, mix_like, reliable_mask, resize_labels, s2c_loss
 from wsss.methods.csrm_pseudo import CRFPseudoLabeler, cam_pseudo_label
 from wsss.methods.csrm_teacher import ema_decay, ema_update
 
@@ -218,9 +218,22 @@ def test_classmix_probability_and_mix_like():
     assert not masks.any() and torch.equal(mixed, images) and torch.equal(mixed_labels, labels)
     _, _, masks = classmix(images, labels, generator)
     probs = torch.rand(3, 5, 4, 4, generator=generator)  # a quarter of the resolution
-    small_masks = masks[:, ::4, ::4]
+    small_masks = masks[:, 2::4, 2::4]  # each 4×4 cell's centre
     expected = torch.where(small_masks[:, None], probs.roll(-1, 0), probs)
     assert torch.equal(mix_like(probs, masks), expected)
+
+
+@pytest.mark.parametrize("size", [320, 321])
+def test_teacher_targets_mix_where_the_image_mixes_at_any_crop_size(size):
+    """The teacher's quarter-resolution labels go up to the crop for ClassMix and its masks
+    come back down to mix the teacher's targets: the round trip must not shift them."""
+    generator = torch.Generator().manual_seed(3)
+    small = (size + 3) // 4
+    labels = torch.randint(0, 4, (2, small, small), generator=generator)
+    masks = resize_labels(labels, (size, size)) == 2
+    targets = torch.rand(2, 4, small, small, generator=generator)
+    expected = torch.where((labels == 2)[:, None], targets.roll(-1, 0), targets)
+    assert torch.equal(mix_like(targets, masks), expected)
 
 
 # ---- the FIFO bank -------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ from wsss.methods.base import BackboneConfig, Method, Progress, register_method,
 from wsss.methods.cam import classification_loss
 from wsss.methods.csrm_bank import NegativeBank
 from wsss.methods.csrm_contrast import negative_candidates, select_queries
-from wsss.methods.csrm_losses import IGNORE_INDEX, classmix, info_nce, mix_like, reliable_mask, s2c_loss
+from wsss.methods.csrm_losses import (IGNORE_INDEX, classmix, info_nce, mix_like, reliable_mask, resize_labels,
+                                      s2c_loss)
 from wsss.methods.csrm_pseudo import CRFPseudoLabeler
 from wsss.methods.csrm_teacher import broadcast_buffers, ema_decay, ema_update
 from wsss.methods.deeplab import DeepLabV3PlusHead, fuse_layers, init_new_layers, segmentation_loss
@@ -269,7 +270,7 @@ class CSRM(Method):
         with torch.no_grad():
             labels = step.teacher_targets.argmax(dim=1)
             labels = labels.masked_fill(~valid_at(valid, labels.shape[-2:]), IGNORE_INDEX)
-            labels = F.interpolate(labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long()
+            labels = resize_labels(labels, images.shape[-2:])
             mixed, _, step.mix_masks = classmix(images, labels, step.cpu_generator, self.config.classmix_probability)
         return {"image": images, "mixed": mixed}
 
@@ -323,7 +324,7 @@ class CSRM(Method):
         """L_m (Eq. 13): queries from the reliable (low-entropy) pixels."""
         cfg, step = self.config, self._step
         size = representation.shape[-2:]
-        pseudo_small = F.interpolate(pseudo_labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        pseudo_small = resize_labels(pseudo_labels, size)
         queries, positives, classes = select_queries(
             representation, step.teacher_rep, step.teacher_probs, pseudo_small, reliable,
             cfg.query_confidence, cfg.queries_per_class, step.device_generator)

@@ -99,12 +99,19 @@ def classmix(images: torch.Tensor, labels: torch.Tensor, generator: torch.Genera
     return mix_like(images, masks), mix_like(labels, masks), masks
 
 
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Integer or bool maps [B,H,W] to `size` by the nearest cell centre. Unlike "nearest"
+    (top-left), upsampling then downsampling returns the original map at any size, e.g. a
+    quarter-resolution 81×81 prediction taken to a 321×321 crop and back."""
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0].to(labels.dtype)
+
+
 def mix_like(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mix `values` [B,...,H,W] the way `classmix` produced `masks` [B,H,W]: where a mask is
-    True, take the partner's (next image's) value. Masks are resized (nearest) to the
-    values' H×W when they differ."""
+    True, take the partner's (next image's) value. Masks are resized (`resize_labels`) to
+    the values' H×W when they differ."""
     if masks.shape[-2:] != values.shape[-2:]:
-        masks = F.interpolate(masks[:, None].float(), size=values.shape[-2:], mode="nearest")[:, 0].bool()
+        masks = resize_labels(masks, values.shape[-2:])
     view = masks.view(masks.shape[0], *([1] * (values.ndim - 3)), *masks.shape[-2:])
     return torch.where(view, values.roll(-1, dims=0), values)
 
