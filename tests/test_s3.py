@@ -21,6 +21,8 @@ import ray
 from pyarrow import fs as pafs
 
 from wsss.cli import main
+from wsss.platform.checkpoints import latest_checkpoint
+from wsss.platform.pseudo_labels import checkpoint_threshold
 from wsss.platform.runtime import free_port
 
 BUCKET = "wsss-test"
@@ -104,7 +106,12 @@ def test_prepare_train_resume_and_evaluate_on_s3(s3_env, s3, tmp_path, capsys):
     checkpoints = checkpoint_dirs(s3, f"{BUCKET}/runs/s3run")
     assert len(checkpoints) == 2 and checkpoints[0] == epoch_one[0]
     assert f"s3://{checkpoints[1]}" == second["checkpoint"]
-    assert read_json(s3, f"{checkpoints[1]}/checkpoint.json")["epoch"] == 2
+    info = read_json(s3, f"{checkpoints[1]}/checkpoint.json")
+    assert info["epoch"] == 2
+    # Pseudo-labels of a run directory use its newest checkpoint's threshold, as locally.
+    assert latest_checkpoint(f"{runs}/s3run") == second["checkpoint"]
+    assert checkpoint_threshold(f"{runs}/s3run") == checkpoint_threshold(second["checkpoint"]) \
+        == info["metrics"]["threshold"]
     assert list((tmp_path / "wandb").rglob("offline-run-*")), "W&B writes locally when checkpoints go to S3"
 
     # An output in a missing bucket is refused before any evaluation (in-process, no Ray).

@@ -32,6 +32,8 @@ def test_stage2_defaults_sit_below_the_config_file_and_overrides(tmp_path):
     assert config.method == "deeplab" and config.pseudo_labels == "labels"
     assert (config.lr, config.weight_decay, config.epochs) == tuple(STAGE2_DEFAULTS[k] for k in
                                                                     ("lr", "weight_decay", "epochs"))
+    assert (config.backbone, config.output_stride) == ("resnet101", 8), "the papers' DeepLabV2"
+    assert stage2_config("data", "labels", variant="v3plus").output_stride == 16
     file = tmp_path / "run.toml"
     file.write_text('lr = 0.0005\nbatch_size = 4\n[deeplab]\nvariant = "v3plus"\n[ocr]\nalpha = 0.5\n')
     config = stage2_config("data", "labels", ocr=True, config_file=str(file), overrides=["epochs=3"])

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
 from pyarrow.fs import FileSelector, FileType
 
-from wsss.datasets.storage import resolve
+from wsss.datasets.storage import join, resolve
 from wsss.methods.base import build_method
 from wsss.platform.config import ConfigError
 
@@ -55,15 +56,24 @@ def restore(state: dict, method, optimizer=None) -> tuple[int, int]:
     return state["epoch"], state["step"]
 
 
+def latest_checkpoint(location: str) -> str:
+    """`location` (a path or URI) itself if it is a checkpoint, else its newest
+    `checkpoint_*` subdirectory."""
+    filesystem, path = resolve(location)
+    if filesystem.get_file_info(f"{path}/{STATE_FILE}").type == FileType.File:
+        return location
+    found = filesystem.get_file_info(FileSelector(path, allow_not_found=True))
+    names = sorted(info.base_name for info in found
+                   if info.type == FileType.Directory and info.base_name.startswith("checkpoint_")
+                   and filesystem.get_file_info(f"{info.path}/{STATE_FILE}").type == FileType.File)
+    if not names:
+        raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with checkpoints")
+    return join(location, names[-1])
+
+
 def latest_checkpoint_dir(path: str | Path) -> Path:
-    """`path` itself if it is a checkpoint, else its newest `checkpoint_*` subdirectory."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    candidates = sorted(p for p in path.glob("checkpoint_*") if (p / STATE_FILE).is_file())
-    if not candidates:
-        raise FileNotFoundError(f"{path}: neither a checkpoint nor a run directory with checkpoints")
-    return candidates[-1]
+    """`latest_checkpoint` of a local path."""
+    return Path(latest_checkpoint(os.fspath(path)))
 
 
 def check_resumable(run: str, config: dict) -> None:
@@ -98,8 +108,8 @@ def load_method(checkpoint: str, device: torch.device | str = "cpu", method_over
         filesystem, path = resolve(checkpoint)
         if filesystem.get_file_info(path).type == FileType.NotFound:  # Ray's error would not name the URI
             raise FileNotFoundError(f"{checkpoint}: no such checkpoint or run directory")
-        with ray.train.Checkpoint(path=checkpoint).as_directory() as local:
-            state = load_state(latest_checkpoint_dir(local))
+        with ray.train.Checkpoint(path=latest_checkpoint(checkpoint)).as_directory() as local:
+            state = load_state(local)
     else:
         state = load_state(latest_checkpoint_dir(checkpoint.removeprefix("file://")))
     from wsss.platform.config import TrainConfig

@@ -37,10 +37,10 @@ from wsss.datasets.augment import decode_image, decode_label_map, multi_hot
 from wsss.datasets.base import IGNORE_INDEX, DataError
 from wsss.datasets.reading import read_shard, to_numpy
 from wsss.datasets.shards import Manifest, check_writable, encode_mask, read_manifest, verify_checksums
-from wsss.datasets.storage import join, resolve
+from wsss.datasets.storage import join, read_text
 from wsss.methods.csrm_pseudo import cam_pseudo_label
 from wsss.platform.cams import FULL_SCALES, image_tensor, normalized_cams
-from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint_dir, load_method
+from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint, load_method
 from wsss.platform.evaluate import crf_prediction
 from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
@@ -96,13 +96,7 @@ def pseudo_label(image: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
 def checkpoint_threshold(checkpoint: str) -> float | None:
     """The background threshold recorded with a checkpoint (its last validation), if any."""
     try:
-        if "://" in checkpoint and not checkpoint.startswith("file://"):
-            fs, path = resolve(join(checkpoint, INFO_FILE))
-            with fs.open_input_stream(path) as stream:
-                info = json.loads(stream.read())
-        else:
-            info_file = latest_checkpoint_dir(checkpoint.removeprefix("file://")) / INFO_FILE
-            info = json.loads(info_file.read_text())
+        info = json.loads(read_text(join(latest_checkpoint(checkpoint), INFO_FILE)) or "")
     except (OSError, ValueError):
         return None
     threshold = info.get("metrics", {}).get("threshold")
