@@ -22,6 +22,7 @@ from wsss.methods.csrm_contrast import negative_candidates, select_queries
 from wsss.methods.csrm_losses import classmix, info_nce, mix_like, reliable_mask, resize_labels, s2c_loss
 from wsss.methods.csrm_pseudo import CRFPseudoLabeler, cam_pseudo_label
 from wsss.methods.csrm_teacher import ema_decay, ema_update
+from wsss.platform.config import ConfigError, TrainConfig
 
 K = 3
 SIZE = 64
@@ -541,6 +542,8 @@ def test_bad_configuration_and_missing_raw_are_named():
         CSRMConfig(export="both")
     with pytest.raises(ValueError, match="csrm.init_checkpoint"):
         CSRMConfig(init_checkpoint="/no/such/checkpoint")
+    with pytest.raises(ConfigError, match="batch_size=1: csrm's ClassMix"):
+        TrainConfig(method="csrm+ocr", data="shards", batch_size=1)
     method = make_method()
     batch = random_batch(torch.Generator().manual_seed(0))
     del batch["raw"]

@@ -87,6 +87,8 @@ class TrainConfig:
                               "(written by `wsss pseudo-labels`)")
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.batch_size >= 2 or "csrm" not in sections, "batch_size",
+              "csrm's ClassMix pastes from another image of a worker's batch: must be >= 2")
         check(self.lr > 0, "lr", "must be > 0")
         check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
