@@ -417,12 +417,14 @@ def test_trains_in_a_plain_loop_with_every_term_after_warmup():
     assert not any(p.requires_grad for p in method.teacher.parameters())
 
 
-def test_queries_and_unsup_targets_come_from_the_reliable_pixels_to_the_end_of_training(monkeypatch):
+def test_reliable_pixels_feed_queries_and_unsup_to_the_end_of_training(monkeypatch):
     """At 99% of training α_t is 0.2% and almost every pixel is reliable: L_m must still have
-    queries (they do not shrink to the lowest α_t of entropy), and negatives the few others."""
+    queries (they do not shrink to the lowest α_t of entropy), negatives come from the few
+    others, and L_u's entropy is of the teacher's own probabilities, not those restricted
+    to the image labels."""
     import wsss.methods.csrm as csrm_module
 
-    seen = {}
+    seen = {"entropy_of": []}
 
     def spy_queries(*args):
         seen["reliable"] = args[4]
@@ -432,16 +434,28 @@ def test_queries_and_unsup_targets_come_from_the_reliable_pixels_to_the_end_of_t
         seen["unreliable"] = args[2]
         return negative_candidates(*args)
 
+    def spy_reliable(probs, *args):
+        seen["entropy_of"].append(probs)
+        return reliable_mask(probs, *args)
+
     monkeypatch.setattr(csrm_module, "select_queries", spy_queries)
     monkeypatch.setattr(csrm_module, "negative_candidates", spy_negatives)
+    monkeypatch.setattr(csrm_module, "reliable_mask", spy_reliable)
     method = make_method(warmup_epochs=0)
     method.train()
-    batch = random_batch(torch.Generator().manual_seed(0))
-    terms = method.training_step(batch, Progress(epoch=0, step=99, steps_per_epoch=100, epochs=1))
+    generator = torch.Generator().manual_seed(0)
+    for step in (98, 99):  # the first step fills the bank
+        batch = random_batch(generator)
+        batch["labels"][:, 2] = 0  # class 2 (index 3 with background) is in no image
+        progress = Progress(epoch=0, step=step, steps_per_epoch=100, epochs=1)
+        terms = method.training_step(batch, progress)
+        method.after_step(progress)
     valid = valid_at(batch["valid"], seen["reliable"].shape[-2:])
     assert seen["reliable"].sum() >= 0.99 * valid.sum() - 1
     assert torch.equal(seen["reliable"] | seen["unreliable"], valid) and not (seen["reliable"] & seen["unreliable"]).any()
-    assert terms["contrast"] > 0 or method.negative_bank.count.sum() == 0
+    assert terms["contrast"] > 0
+    mixed_probs = seen["entropy_of"][-1]  # L_u's call, after the weak view's
+    assert mixed_probs[:, 3].min() > 0, "L_u's entropy must see the teacher's mass on classes absent from the labels"
 
 
 def test_representation_branch_reads_the_segmentation_decoders_input_for_the_rows_asked():

@@ -56,19 +56,23 @@ def restore(state: dict, method, optimizer=None) -> tuple[int, int]:
     return state["epoch"], state["step"]
 
 
+def checkpoint_names(filesystem, path: str) -> list[str]:
+    """The `checkpoint_*` subdirectories of the run at `path`, newest first."""
+    found = filesystem.get_file_info(FileSelector(path, allow_not_found=True))
+    return sorted((info.base_name for info in found
+                   if info.type == FileType.Directory and info.base_name.startswith("checkpoint_")), reverse=True)
+
+
 def latest_checkpoint(location: str) -> str:
-    """`location` (a path or URI) itself if it is a checkpoint, else its newest
+    """`location` (a path or URI) itself if it is a checkpoint, else its newest complete
     `checkpoint_*` subdirectory."""
     filesystem, path = resolve(location)
     if filesystem.get_file_info(f"{path}/{STATE_FILE}").type == FileType.File:
         return location
-    found = filesystem.get_file_info(FileSelector(path, allow_not_found=True))
-    names = sorted(info.base_name for info in found
-                   if info.type == FileType.Directory and info.base_name.startswith("checkpoint_")
-                   and filesystem.get_file_info(f"{info.path}/{STATE_FILE}").type == FileType.File)
-    if not names:
-        raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with checkpoints")
-    return join(location, names[-1])
+    for name in checkpoint_names(filesystem, path):
+        if filesystem.get_file_info(f"{path}/{name}/{STATE_FILE}").type == FileType.File:
+            return join(location, name)
+    raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with checkpoints")
 
 
 def latest_checkpoint_dir(path: str | Path) -> Path:
@@ -81,10 +85,7 @@ def check_resumable(run: str, config: dict) -> None:
     would restore its latest checkpoint into whatever `config` builds, and a changed output
     stride loads without an error. Checkpoints from before MODEL_KEYS were recorded pass."""
     filesystem, path = resolve(run)
-    found = filesystem.get_file_info(FileSelector(path, allow_not_found=True))
-    names = sorted(info.base_name for info in found
-                   if info.type == FileType.Directory and info.base_name.startswith("checkpoint_"))
-    for name in reversed(names):
+    for name in checkpoint_names(filesystem, path):
         try:
             with filesystem.open_input_stream(f"{path}/{name}/{INFO_FILE}") as stream:
                 recorded = json.loads(stream.read())

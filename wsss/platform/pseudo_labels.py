@@ -96,7 +96,8 @@ def pseudo_label(image: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
 def checkpoint_threshold(checkpoint: str) -> float | None:
     """The background threshold recorded with a checkpoint (its last validation), if any."""
     try:
-        info = json.loads(read_text(join(latest_checkpoint(checkpoint), INFO_FILE)) or "")
+        text = read_text(join(latest_checkpoint(checkpoint), INFO_FILE))
+        info = json.loads(text) if text is not None else {}
     except (OSError, ValueError):
         return None
     threshold = info.get("metrics", {}).get("threshold")

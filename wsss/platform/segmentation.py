@@ -37,10 +37,10 @@ from wsss.platform.runtime import job_batches
 
 SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 # Below the config file and the command line. The papers' backbone is a ResNet-101 (output
-# stride: OUTPUT_STRIDE by variant). DeepLab fine-tunes at a low lr (the head gets 10×); 0.01
+# stride: STAGE2_OUTPUT_STRIDE by variant). DeepLab fine-tunes at a low lr (the head gets 10×); 0.01
 # diverged with ResNets. ~20 epochs of train_aug ≈ DeepLabV2's 20k iterations.
 STAGE2_DEFAULTS = {"backbone": "resnet101", "lr": 1e-3, "weight_decay": 5e-4, "epochs": 20}
-OUTPUT_STRIDE = {"v2": 8, "v3plus": 16}
+STAGE2_OUTPUT_STRIDE = {"v2": 8, "v3plus": 16}
 OC_KEYS = ("images", "oc_images", "pixels", "oc_pixels")
 
 
@@ -55,7 +55,7 @@ def stage2_config(data: str | None = None, pseudo_labels: str | None = None, *, 
     config = load_config(config_file, overrides, method="deeplab+ocr" if ocr else "deeplab", data=data,
                          pseudo_labels=pseudo_labels)  # validates the file and every key first
     in_file = set(tomllib.loads(Path(config_file).read_text())) if config_file else set()
-    stage2 = {**STAGE2_DEFAULTS, "output_stride": OUTPUT_STRIDE[config.sections["deeplab"].variant]}
+    stage2 = {**STAGE2_DEFAULTS, "output_stride": STAGE2_OUTPUT_STRIDE[config.sections["deeplab"].variant]}
     defaults = {k: v for k, v in stage2.items() if k not in in_file and k not in overrides}
     return config.with_overrides(defaults) if defaults else config
 
