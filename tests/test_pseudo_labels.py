@@ -25,6 +25,7 @@ from wsss.platform.pseudo_labels import (
     add_arguments,
     checkpoint_threshold,
     generate_pseudo_labels,
+    ground_truth_labels,
     main,
     pseudo_label,
 )
@@ -193,6 +194,55 @@ def test_a_new_writer_sweeps_what_a_killed_job_left(shards, tmp_path):
             writer.publish({})
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".staging-mine"]
     verify_checksums(str(out), read_manifest(str(out)), "train")
+
+
+# ---- ground truth as label shards (the fully supervised upper bound) ------------------------
+
+def run_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the `wsss pseudo-labels` command
+    return main(parser.parse_args(argv))
+
+
+def test_ground_truth_mode_writes_the_masks_as_label_shards(shards, tmp_path, capsys):
+    out = tmp_path / "labels"
+    assert run_command(["--mode", "ground-truth", "--data", shards, "--out", str(out)]) == 0
+    images, labels = read_manifest(shards), read_manifest(str(out))
+    assert f"wrote the {images.rows('train')} ground-truth masks" in capsys.readouterr().out
+    assert labels.source["mode"] == "ground-truth" and labels.source["split"] == "train"
+    for image_uri, label_uri in zip(images.files("train"), pseudo_label_files(images, labels, "train")):
+        joined = read_shard(image_uri, ["id", "mask"], label_uri)  # the join training does
+        assert joined.column("target").equals(joined.column("mask"))
+
+
+def test_ground_truth_mode_refuses_a_checkpoint_and_other_modes_need_one(shards, tmp_path):
+    with pytest.raises(ValueError, match="takes no --checkpoint"):
+        run_command(["--mode", "ground-truth", "--checkpoint", "x", "--data", shards, "--out", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="--mode crf needs --checkpoint"):
+        run_command(["--data", shards, "--out", str(tmp_path / "b")])
+    assert not any(tmp_path.iterdir())
+
+
+def test_ground_truth_mode_names_an_image_without_a_mask_and_leaves_nothing(shards, tmp_path):
+    import hashlib
+
+    copy = tmp_path / "images"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["files"][1]
+    path = copy / entry["path"]
+    table = pq.read_table(path)
+    masks = table.column("mask").to_pylist()
+    masks[2] = None
+    table = table.set_column(table.schema.get_field_index("mask"), "mask", pa.array(masks, pa.binary()))
+    pq.write_table(table, path)
+    entry.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    missing = table.column("id")[2].as_py()
+    out = tmp_path / "labels"
+    with pytest.raises(DataError, match=f"{entry['path']}.*image '{missing}' has no mask"):
+        ground_truth_labels(str(copy), str(out))
+    assert not out.exists()
 
 
 # ---- the Ray Data job end to end -----------------------------------------------------------

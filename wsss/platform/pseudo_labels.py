@@ -9,7 +9,11 @@ classes outside the image labels zeroed), then one of
 or, for methods with a segmentation branch (`csrm`), instead of CAMs:
   segmentation  the argmax over background and the image's classes of the segmentation
        branch's softmax, averaged over scales and flips (`segmentation.segmentation_probs`);
-       CSRM's pseudo-labels come from its segmentation branch directly.
+       CSRM's pseudo-labels come from its segmentation branch directly;
+or, without a checkpoint:
+  ground-truth  the split's own masks, copied: stage 2 trained on them is the fully
+       supervised upper bound every WSSS table reports, and shows whether a stage-2 protocol
+       can learn the data at all.
 The job: one block per image shard file -> model actors (a GPU each when the cluster has
 GPUs) read the file and emit its rows with their scores (CAMs or probabilities) -> label
 actors on CPUs (add CPU nodes to go faster) -> the driver collects the label PNGs by (file,
@@ -47,7 +51,8 @@ from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
 from wsss.platform.runtime import job_batches
 from wsss.platform.segmentation import segmentation_probs
 
-MODES = ("crf", "irn", "segmentation")
+MODES = ("crf", "irn", "segmentation")  # from a checkpoint; and GROUND_TRUTH
+GROUND_TRUTH = "ground-truth"
 DEFAULT_THRESHOLD = 0.25  # crf background score when neither --threshold nor the checkpoint gives one
 IMAGE_COLUMNS = ["id", "image", "labels", "height", "width", "mask"]
 ROWS_PER_CALL = 8  # rows the CAM actor emits at a time: small blocks keep the CRF actors busy early
@@ -250,6 +255,29 @@ def _label_job(checkpoint: str, files: list[str], num_classes: int, settings: Ps
                          fn_constructor_kwargs=dict(settings=asdict(settings), num_classes=num_classes)))
 
 
+def ground_truth_labels(data: str, out: str, *, split: str = "train", overwrite: bool = False) -> dict:
+    """Label shards holding the split's ground-truth masks (`--mode ground-truth`); no Ray.
+    Every row must have a mask: the first one without fails the job, naming its shard and id,
+    and nothing is left at `out`."""
+    images = read_manifest(data)
+    images.rows(split)
+    check_writable(out, overwrite)
+    verify_checksums(images.location, images, split)
+    with LabelShardWriter(out, images, split, overwrite) as writer:
+        for index, uri in enumerate(images.files(split)):
+            table = read_shard(uri, ["id", "mask"])
+            ids, masks = table.column("id").to_pylist(), table.column("mask").to_pylist()
+            missing = next((sample_id for sample_id, mask in zip(ids, masks) if mask is None), None)
+            if missing is not None:
+                raise DataError(uri, f"image {missing!r} has no mask: --mode {GROUND_TRUTH} needs one for every "
+                                     f"image of split {split!r}")
+            writer.write(index, ids, masks)  # the shards' masks are already mode-L PNGs
+        source = {"kind": "pseudo-labels", "images": images.location, "split": split, "mode": GROUND_TRUTH,
+                  "ignored_fraction": None, "quality": None}
+        writer.publish(source)
+    return source
+
+
 def _quality(confusion: np.ndarray, images: int, classes: int) -> dict | None:
     """Pseudo-mask mIoU against the ground truth of the `images` rows that have one
     (ignored pseudo-label pixels count as background)."""
@@ -263,14 +291,16 @@ def _quality(confusion: np.ndarray, images: int, classes: int) -> dict | None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="stage-1 checkpoint or run directory, or URI")
+    parser.add_argument("--checkpoint", help="stage-1 checkpoint or run directory, or URI (every mode but "
+                                             f"{GROUND_TRUTH})")
     parser.add_argument("--data", required=True, help="URI of the prepared image shards")
     parser.add_argument("--out", required=True, help="directory or URI for the pseudo-label shards")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--mode", default="crf", choices=MODES,
+    parser.add_argument("--mode", default="crf", choices=(*MODES, GROUND_TRUTH),
                         help="crf: dense CRF on the CAMs; irn: IRN double threshold (255 between); "
                              "segmentation: argmax of the segmentation branch (e.g. csrm) over "
-                             "background and the image's classes")
+                             f"background and the image's classes; {GROUND_TRUTH}: the split's own masks "
+                             "(no checkpoint), for the fully supervised upper bound")
     parser.add_argument("--threshold", type=float, default=None,
                         help=f"crf background score (default: the checkpoint's, else {DEFAULT_THRESHOLD})")
     parser.add_argument("--fg", type=float, default=0.30, help="irn foreground threshold δ_fg")
@@ -286,6 +316,15 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from wsss.platform.runtime import ensure_ray
 
+    if args.mode == GROUND_TRUTH:
+        if args.checkpoint:
+            raise ValueError(f"--mode {GROUND_TRUTH} copies the masks; it takes no --checkpoint")
+        ground_truth_labels(args.data, args.out, split=args.split, overwrite=args.overwrite)
+        print(f"wrote the {read_manifest(args.out).rows(args.split)} ground-truth masks of split "
+              f"{args.split!r} as label shards to {args.out}")
+        return 0
+    if not args.checkpoint:
+        raise ValueError(f"--mode {args.mode} needs --checkpoint")
     scales = tuple(float(s) for s in args.scales.split(","))
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     PseudoLabelSettings(args.mode, threshold, args.fg, args.bg, scales)  # bad values fail before Ray starts
