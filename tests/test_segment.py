@@ -90,17 +90,12 @@ def test_table_lists_headline_numbers_and_classes():
 
 @pytest.fixture(scope="module")
 def pseudo_labels(shards, tmp_path_factory):
-    """Label shards made from the ground-truth masks (stage 2 does not care where labels
-    come from; `test_pseudo_labels.py` covers the CAM job)."""
-    from wsss.platform.label_shards import LabelShardWriter
+    """Label shards of the ground-truth masks (stage 2 does not care where labels come
+    from; `test_pseudo_labels.py` covers the CAM job)."""
+    from wsss.platform.pseudo_labels import ground_truth_labels
 
-    images = read_manifest(shards)
     out = str(tmp_path_factory.mktemp("labels") / "gt")
-    with LabelShardWriter(out, images, "train") as writer:
-        for index, uri in enumerate(images.files("train")):
-            table = read_shard(uri, ["id", "mask"])
-            writer.write(index, table.column("id").to_pylist(), table.column("mask").to_pylist())
-        writer.publish({"kind": "ground truth"})
+    ground_truth_labels(shards, out)
     return out
 
 
@@ -124,6 +119,7 @@ def test_deeplab_trains_on_pseudo_labels_and_evaluates_with_crf_and_oc_rate(ray_
     config = stage2_config(shards, pseudo_labels, overrides=tiny_overrides(tmp_path, "deeplab") + ["epochs=1"])
     result = fit(config)
     assert result.metrics["epoch"] == 1 and result.metrics["loss/seg"] > 0
+    assert result.metrics["miou"] == result.metrics["seg_miou"] and "threshold" not in result.metrics
     results = evaluate_segmentation(result.checkpoint.path, shards, scales=(0.5, 1.0, 1.5), crf=True, max_images=6,
                                     out=str(tmp_path / "eval"))
     assert results["images"] == 6 and results["method"] == "deeplab"

@@ -107,6 +107,9 @@ class Method(_Part):
     find_unused_parameters: ClassVar[bool] = False  # DDP flag for heads unused in some steps
     network_outputs: ClassVar[frozenset[str]] = frozenset({"features", "cam_logits"})
     new_layer_lr_mult: ClassVar[float] = 10.0
+    # What validation scores as `miou`, the objective tuning optimises: "cams" (the CAM
+    # threshold sweep: stage 1) or "segmentation" (the argmax of `segmentation_logits`: stage 2).
+    validates: ClassVar[str] = "cams"
 
     def __init__(self, config, num_classes: int, backbone: BackboneConfig):
         super().__init__()

@@ -153,6 +153,7 @@ class DeepLab(Method):
     Config = DeepLabConfig
     inputs = frozenset({"target"})
     network_outputs = frozenset({"features", "seg_logits"})
+    validates = "segmentation"
 
     def __init__(self, config: DeepLabConfig, num_classes: int, backbone: BackboneConfig):
         super().__init__(config, num_classes, backbone)

@@ -12,12 +12,14 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from wsss.datasets.augment import AugmentConfig
 from wsss.methods.base import Method, Progress, required_inputs
 from wsss.platform.cams import (THRESHOLDS, best_threshold, image_tensor, normalize_images, normalized_cams,
                                threshold_confusions)
 from wsss.platform.config import TrainConfig
+from wsss.platform.metrics import confusion_matrix, miou
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,46 +131,84 @@ def train_epoch(method: Method, optimizer, batches: Iterable[dict], *, config: T
     return step, stats
 
 
+@dataclass
+class Validation:
+    """Summed confusions of one validation pass (rows = ground truth), all-reduced across replicas."""
+
+    cams: np.ndarray | None  # [T,C,C], one per CAM threshold, for methods that validate CAMs
+    segmentation: np.ndarray | None  # [C,C] of the segmentation argmax, for methods with that branch
+    overlays: list[dict]  # {"id", "image", "ground_truth", and "cams" [K,H,W] or "prediction" [H,W]}
+
+
 @torch.no_grad()
 def evaluate_rows(method: Method, rows: Iterable[dict], *, num_classes: int, device: torch.device,
-                  keep_overlays: int = 0, max_images: int = 0) -> tuple[np.ndarray, list[dict]]:
-    """Single-scale CAM threshold sweep over rows {"id","image" HWC,"mask","labels" [K]}.
-    Returns summed confusions [T,C,C] (all-reduced across replicas) and a few overlays."""
+                  keep_overlays: int = 0, max_images: int = 0) -> Validation:
+    """Single-scale validation over rows {"id","image" HWC,"mask","labels" [K]}: the CAM
+    threshold sweep (methods that validate CAMs) and the segmentation argmax over all K+1
+    classes (methods with a segmentation branch)."""
     method.eval()
-    total = torch.zeros(len(THRESHOLDS), num_classes + 1, num_classes + 1, dtype=torch.int64, device=device)
+    classes = num_classes + 1
+    with_cams = method.validates == "cams"
+    cam_total = torch.zeros(len(THRESHOLDS), classes, classes, dtype=torch.int64, device=device)
+    seg_total = torch.zeros(classes, classes, dtype=torch.int64, device=device)
+    has_segmentation = False
     overlays = []
     for index, row in enumerate(rows):
         if max_images and index >= max_images:
             break
-        labels = torch.tensor(np.asarray(row["labels"]), dtype=torch.float32)  # a copy: Ray rows are read-only
-        cams = normalized_cams(method, image_tensor(row["image"], device), labels)
+        image = image_tensor(row["image"], device)
         gt = torch.as_tensor(np.asarray(row["mask"]), dtype=torch.int64, device=device)
-        confusions = threshold_confusions(cams, gt, num_classes + 1)
-        total += confusions
+        overlay = {"id": str(row["id"]), "image": np.asarray(row["image"]), "ground_truth": np.asarray(row["mask"])}
+        if with_cams:
+            labels = torch.tensor(np.asarray(row["labels"]), dtype=torch.float32)  # a copy: Ray rows are read-only
+            cams = normalized_cams(method, image, labels)
+            cam_total += threshold_confusions(cams, gt, classes)
+            overlay["cams"] = cams.cpu()
+        logits = method.segmentation_logits(image)
+        if logits is not None:
+            has_segmentation = True
+            logits = F.interpolate(logits.float(), size=gt.shape, mode="bilinear", align_corners=False)
+            prediction = logits[0].argmax(dim=0)
+            seg_total += torch.from_numpy(confusion_matrix(prediction.cpu().numpy(), gt.cpu().numpy(),
+                                                           classes)).to(device)
+            overlay.setdefault("prediction", prediction.cpu().numpy())
         if len(overlays) < keep_overlays:
-            overlays.append({"id": str(row["id"]), "image": np.asarray(row["image"]), "cams": cams.cpu(),
-                             "ground_truth": np.asarray(row["mask"])})
+            overlays.append(overlay)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
+        dist.all_reduce(cam_total)
+        dist.all_reduce(seg_total)
     method.train()
-    return total.cpu().numpy(), overlays
+    return Validation(cams=cam_total.cpu().numpy() if with_cams else None,
+                      segmentation=seg_total.cpu().numpy() if has_segmentation else None, overlays=overlays)
 
 
-def epoch_metrics(stats: EpochStats, confusions: np.ndarray | None, epoch: int) -> dict:
-    """What every epoch reports: losses, throughput and (when evaluated) the objective."""
+def epoch_metrics(stats: EpochStats, validation: Validation | None, epoch: int) -> dict:
+    """What every epoch reports: losses, throughput and (when evaluated) the objective
+    `miou`: the best CAM threshold's, or the segmentation's for methods that validate it.
+    Methods with a segmentation branch also report its mIoU as `seg_miou`."""
     metrics = {"epoch": epoch + 1, **stats.summary()}
-    if confusions is not None and confusions.sum() > 0:
-        best = best_threshold(confusions)
-        metrics.update(miou=best["miou"], threshold=best["threshold"])
+    if validation is not None:
+        if validation.segmentation is not None and validation.segmentation.sum() > 0:
+            metrics["seg_miou"] = float(miou(validation.segmentation)[1])
+        if validation.cams is not None:
+            if validation.cams.sum() > 0:
+                best = best_threshold(validation.cams)
+                metrics.update(miou=best["miou"], threshold=best["threshold"])
+        elif "seg_miou" in metrics:
+            metrics["miou"] = metrics["seg_miou"]
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
-def overlay_predictions(overlays: list[dict], threshold: float) -> list[dict]:
-    """CAM overlays at the chosen threshold, for W&B."""
+def overlay_predictions(overlays: list[dict], threshold: float | None) -> list[dict]:
+    """Overlays for W&B: the CAMs' prediction at the chosen threshold where there are CAMs,
+    else the segmentation's."""
     out = []
     for item in overlays:
-        cams = item["cams"]
-        best, index = cams.max(dim=0)
+        if "cams" not in item or threshold is None:
+            if "prediction" in item:
+                out.append({k: item[k] for k in ("id", "image", "prediction", "ground_truth")})
+            continue
+        best, index = item["cams"].max(dim=0)
         prediction = torch.where(best >= threshold, index + 1, torch.zeros_like(index))
         out.append({"id": item["id"], "image": item["image"], "prediction": prediction.numpy(),
                     "ground_truth": item["ground_truth"]})

@@ -36,10 +36,10 @@ def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | N
         loader.dataset.set_epoch(epoch)
         step, stats = train_epoch(method, optimizer, loader, config=config, epoch=epoch, step=step,
                                   steps_per_epoch=steps_per_epoch, device=device, log=log)
-        confusions = None
+        validation = None
         if config.val_split and config.eval_every and (epoch + 1) % config.eval_every == 0:
-            confusions, _ = evaluate_rows(method, eval_rows(config.data, config.val_split),
-                                          num_classes=manifest.num_classes, device=device,
-                                          max_images=config.eval_max_images)
-        history.append(epoch_metrics(stats, confusions, epoch))
+            validation = evaluate_rows(method, eval_rows(config.data, config.val_split),
+                                       num_classes=manifest.num_classes, device=device,
+                                       max_images=config.eval_max_images)
+        history.append(epoch_metrics(stats, validation, epoch))
     return method, history

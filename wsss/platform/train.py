@@ -85,17 +85,16 @@ def train_worker(loop_config: dict) -> None:
                 write_text(join(loop_config["run_dir"], DIVERGED_FILE), str(error))
             tracker.finish()
             return
-        confusions, overlays = None, []
+        validation = None
         if val_shard is not None and config.eval_every and (
                 (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            rows = val_shard.iter_rows()
-            confusions, overlays = evaluate_rows(
-                method, rows, num_classes=len(dataset["classes"]) - 1, device=device,
+            validation = evaluate_rows(
+                method, val_shard.iter_rows(), num_classes=len(dataset["classes"]) - 1, device=device,
                 keep_overlays=config.cam_images if rank == 0 else 0, max_images=config.eval_max_images)
-        metrics = epoch_metrics(stats, confusions, epoch) | {"resumed_from_epoch": resumed_from}
+        metrics = epoch_metrics(stats, validation, epoch) | {"resumed_from_epoch": resumed_from}
         tracker.log({f"epoch/{k}": v for k, v in metrics.items()}, step)
-        if overlays and "threshold" in metrics:
-            tracker.log_cam_overlays(overlay_predictions(overlays, metrics["threshold"]),
+        if validation is not None and validation.overlays:
+            tracker.log_cam_overlays(overlay_predictions(validation.overlays, metrics.get("threshold")),
                                      dataset["classes"], step)
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:

@@ -257,10 +257,18 @@ def summarize(results, name: str, sweep_dir: str) -> dict:
 
 
 def full_evaluation(checkpoint: str, config: TrainConfig) -> dict:
-    """The full protocol (multi-scale + flip, threshold sweep) on the held-out split."""
-    from wsss.platform.evaluate import evaluate_checkpoint
+    """The full protocol on the held-out split: multi-scale + flip CAMs with a threshold
+    sweep, or for stage-2 methods (`validates == "segmentation"`) `wsss segment`'s."""
+    from wsss.methods.base import parse_method
 
-    results = evaluate_checkpoint(checkpoint, config.data, split=config.val_split)
+    if parse_method(config.method)[0].validates == "segmentation":
+        from wsss.platform.segmentation import evaluate_segmentation
+
+        results = evaluate_segmentation(checkpoint, config.data, split=config.val_split)
+    else:
+        from wsss.platform.evaluate import evaluate_checkpoint
+
+        results = evaluate_checkpoint(checkpoint, config.data, split=config.val_split)
     return {k: results[k] for k in ("miou", "threshold", "per_class_iou", "scales", "flip", "split")
             if k in results}
 
