@@ -48,7 +48,7 @@ from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint, load_method
 from wsss.platform.evaluate import crf_prediction
 from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
-from wsss.platform.runtime import job_batches
+from wsss.platform.runtime import ensure_ray, job_batches
 from wsss.platform.segmentation import segmentation_probs
 
 MODES = ("crf", "irn", "segmentation")  # from a checkpoint; and GROUND_TRUTH
@@ -207,13 +207,15 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
                            bg_threshold: float = 0.05, scales=FULL_SCALES, flip: bool = True,
                            cam_actors: int | None = None, crf_actors: int | None = None,
                            overwrite: bool = False) -> dict:
-    """Run the job (Ray must be initialised); returns the manifest's `source` summary."""
+    """Check every input, then run the job (on the cluster Ray is connected to, else a local
+    Ray); returns the manifest's `source` summary."""
     if threshold is None:
         threshold = checkpoint_threshold(checkpoint) or DEFAULT_THRESHOLD
     settings = PseudoLabelSettings(mode, threshold, fg_threshold, bg_threshold, tuple(scales), flip)
     images = _open_inputs(checkpoint, data, split, out, overwrite, mode)
     verify_checksums(images.location, images, split)  # a damaged shard fails here, not half way
     files = images.files(split)
+    ensure_ray()  # only now: bad input fails before Ray starts
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     # Autoscaling pools from one actor each, so both stages always progress; Ray Data grows
@@ -314,8 +316,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from wsss.platform.runtime import ensure_ray
-
     if args.mode == GROUND_TRUTH:
         if args.checkpoint:
             raise ValueError(f"--mode {GROUND_TRUTH} copies the masks; it takes no --checkpoint")
@@ -327,9 +327,7 @@ def main(args) -> int:
         raise ValueError(f"--mode {args.mode} needs --checkpoint")
     scales = tuple(float(s) for s in args.scales.split(","))
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    PseudoLabelSettings(args.mode, threshold, args.fg, args.bg, scales)  # bad values fail before Ray starts
-    _open_inputs(args.checkpoint, args.data, args.split, args.out, args.overwrite, args.mode)
-    ensure_ray()
+    PseudoLabelSettings(args.mode, threshold, args.fg, args.bg, scales)  # bad values fail before the checkpoint loads
     source = generate_pseudo_labels(args.checkpoint, args.data, args.out, split=args.split, mode=args.mode,
                                     threshold=args.threshold, fg_threshold=args.fg, bg_threshold=args.bg,
                                     scales=scales, flip=not args.no_flip, cam_actors=args.cam_actors,
