@@ -43,8 +43,8 @@ def test_space_samples_valid_configs_of_every_method(method):
     base = TrainConfig(method=method, pseudo_labels="s3://pseudo" if "target" in required_inputs(method) else "")
     space.check_against(base)
     parts = method.split("+")
-    expected = [p.name for p in SHARED] + [p.name for part in parts for p in PART_SPACES[part]]
-    assert sorted(space.names) == sorted(expected)  # a composed method sweeps the union
+    expected = {p.name for p in SHARED} | {p.name for part in parts for p in PART_SPACES[part]}
+    assert sorted(space.names) == sorted(expected)  # a composed method sweeps the union, once each
     for overrides in sample(space, 25):
         assert set(overrides) == set(expected)
         config = base.with_overrides(overrides)  # raises on any invalid value
@@ -52,6 +52,14 @@ def test_space_samples_valid_configs_of_every_method(method):
             section, _, field = key.rpartition(".")
             actual = getattr(config.sections[section], field) if section else getattr(config, key)
             assert actual == value
+
+
+def test_stage2_sweeps_its_own_lr_range():
+    ranges = {method: next(p for p in build_space(method).params if p.name == "lr")
+              for method in ("cam", "deeplab", "deeplab+ocr")}
+    assert (ranges["cam"].low, ranges["cam"].high) == (1e-3, 1e-1)
+    assert ranges["deeplab"] == ranges["deeplab+ocr"]
+    assert (ranges["deeplab"].low, ranges["deeplab"].high) == (1e-4, 1e-2)
 
 
 def test_composed_space_is_the_union_of_its_parts():

@@ -126,7 +126,9 @@ SHARED = (_p("lr", "float", 1e-3, 1e-1, log=True),)
 # papers' defaults (in comments) by the spans their ablations explored or a bit more.
 PART_SPACES: dict[str, tuple[Param, ...]] = {
     "cam": (),
-    "deeplab": (),
+    # STAGE2_DEFAULTS lr 1e-3; at 5e-2 (the stage-1 demo lr) DeepLab learns only background
+    # even on ground-truth labels (docs/results.md)
+    "deeplab": (_p("lr", "float", 1e-4, 1e-2, log=True),),
     "lnl": (
         _p("lnl.eta", "float", 0.5, 0.95),  # 0.8; ablation 0.5..0.9 (Table XI)
         _p("lnl.lam", "float", 0.01, 1.0, log=True),  # 0.1; ablation 0.05..0.2
@@ -209,14 +211,15 @@ def tunable_keys(method: str) -> set[str]:
 
 
 def default_params(method: str) -> list[Param]:
-    """Shared parameters plus every part's, in sampling order."""
-    params = list(SHARED)
+    """Shared parameters plus every part's, in sampling order; a part's range of a shared
+    parameter replaces the shared range."""
+    params = {p.name: p for p in SHARED}
     for part in method_sections(method):
         if part not in PART_SPACES:
             raise SpaceError(f"method part {part!r} has no search space; add one to PART_SPACES in "
                              f"wsss/tuning/spaces.py (an empty tuple if it has no hyperparameters)")
-        params.extend(PART_SPACES[part])
-    return params
+        params.update({p.name: p for p in PART_SPACES[part]})
+    return list(params.values())
 
 
 def build_space(method: str, user_specs: dict[str, dict] | None = None) -> SearchSpace:
