@@ -224,24 +224,10 @@ def test_ground_truth_mode_refuses_a_checkpoint_and_other_modes_need_one(shards,
 
 
 def test_ground_truth_mode_names_an_image_without_a_mask_and_leaves_nothing(shards, tmp_path):
-    import hashlib
-
-    copy = tmp_path / "images"
-    shutil.copytree(shards, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    entry = manifest["splits"]["train"]["files"][1]
-    path = copy / entry["path"]
-    table = pq.read_table(path)
-    masks = table.column("mask").to_pylist()
-    masks[2] = None
-    table = table.set_column(table.schema.get_field_index("mask"), "mask", pa.array(masks, pa.binary()))
-    pq.write_table(table, path)
-    entry.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    missing = table.column("id")[2].as_py()
+    copy, shard, missing = edited_copy(shards, tmp_path / "images", "mask", None)
     out = tmp_path / "labels"
-    with pytest.raises(DataError, match=f"{entry['path']}.*image '{missing}' has no mask"):
-        ground_truth_labels(str(copy), str(out))
+    with pytest.raises(DataError, match=f"{shard}.*image '{missing}' has no mask"):
+        ground_truth_labels(copy, str(out))
     assert not out.exists()
 
 
@@ -310,9 +296,9 @@ def test_segmentation_mode_labels_csrm_images_with_its_segmentation_branch(ray_l
         assert np.array_equal(decode_mask(mask), expected), row["id"]
 
 
-def corrupted_copy(shards: str, target: Path) -> str:
-    """The shards with one undecodable image in the second train file (manifest checksums
-    updated, so the job starts and fails half way)."""
+def edited_copy(shards: str, target: Path, column: str, value) -> tuple[str, str, str]:
+    """The shards with `column` of one image in the second train file set to `value`, the
+    manifest's checksums updated so the job starts; returns (copy, that file, the image's id)."""
     import hashlib
 
     shutil.copytree(shards, target)
@@ -320,14 +306,14 @@ def corrupted_copy(shards: str, target: Path) -> str:
     entry = manifest["splits"]["train"]["files"][1]
     path = target / entry["path"]
     table = pq.read_table(path)
-    images = table.column("image").to_pylist()
-    images[3] = b"not an image"
-    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    values = table.column(column).to_pylist()
+    values[2] = value
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.binary()))
     pq.write_table(table, path)
     data = path.read_bytes()
     entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
     (target / "manifest.json").write_text(json.dumps(manifest))
-    return str(target)
+    return str(target), entry["path"], table.column("id")[2].as_py()
 
 
 @pytest.mark.slow
@@ -359,7 +345,7 @@ def test_job_writes_label_shards_mirroring_the_image_shards(ray_local, shards, c
 @pytest.mark.slow
 def test_failed_job_leaves_no_output_and_a_rerun_works(ray_local, shards, checkpoint, tmp_path, capsys):
     out = tmp_path / "labels"
-    broken = corrupted_copy(shards, tmp_path / "broken")
+    broken, _, _ = edited_copy(shards, tmp_path / "broken", "image", b"not an image")
     with pytest.raises(Exception, match="cannot be decoded") as kept:
         generate_pseudo_labels(checkpoint, broken, str(out), scales=(1.0,), flip=False)
     assert not out.exists() or not any(out.rglob("*")), "a failed job leaves nothing, not even staging"
