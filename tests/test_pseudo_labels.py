@@ -223,6 +223,26 @@ def test_ground_truth_mode_refuses_a_checkpoint_and_other_modes_need_one(shards,
     assert not any(tmp_path.iterdir())
 
 
+def edited_copy(shards: str, target: Path, column: str, value) -> tuple[str, str, str]:
+    """The shards with `column` of one image in the second train file set to `value`, the
+    manifest's checksums updated so the job starts; returns (copy, that file, the image's id)."""
+    import hashlib
+
+    shutil.copytree(shards, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["files"][1]
+    path = target / entry["path"]
+    table = pq.read_table(path)
+    values = table.column(column).to_pylist()
+    values[2] = value
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.binary()))
+    pq.write_table(table, path)
+    data = path.read_bytes()
+    entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return str(target), entry["path"], table.column("id")[2].as_py()
+
+
 def test_ground_truth_mode_names_an_image_without_a_mask_and_leaves_nothing(shards, tmp_path):
     copy, shard, missing = edited_copy(shards, tmp_path / "images", "mask", None)
     out = tmp_path / "labels"
@@ -294,26 +314,6 @@ def test_segmentation_mode_labels_csrm_images_with_its_segmentation_branch(ray_l
         classes = [0, *row["labels"]]
         expected = np.asarray(classes)[probs[classes].argmax(axis=0)]
         assert np.array_equal(decode_mask(mask), expected), row["id"]
-
-
-def edited_copy(shards: str, target: Path, column: str, value) -> tuple[str, str, str]:
-    """The shards with `column` of one image in the second train file set to `value`, the
-    manifest's checksums updated so the job starts; returns (copy, that file, the image's id)."""
-    import hashlib
-
-    shutil.copytree(shards, target)
-    manifest = json.loads((target / "manifest.json").read_text())
-    entry = manifest["splits"]["train"]["files"][1]
-    path = target / entry["path"]
-    table = pq.read_table(path)
-    values = table.column(column).to_pylist()
-    values[2] = value
-    table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.binary()))
-    pq.write_table(table, path)
-    data = path.read_bytes()
-    entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-    (target / "manifest.json").write_text(json.dumps(manifest))
-    return str(target), entry["path"], table.column("id")[2].as_py()
 
 
 @pytest.mark.slow

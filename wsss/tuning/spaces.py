@@ -2,7 +2,8 @@
 
 A `SearchSpace` is a picklable callable `space(trial) -> {override key: value}`; the keys
 are `TrainConfig.with_overrides` keys (`lr`, `lnl.eta`). Each part of a method (base
-method or add-on) contributes its parameters; every method also sweeps the shared `lr`.
+method or add-on) contributes its parameters; every method also sweeps the shared `lr`,
+over its part's range where a part names one (`deeplab`: a decade below stage 1's).
 A composed method (`lnl+fsae`) sweeps the union of its parts' spaces.
 
 Conditional parameters are define-by-run: a parameter with `above` is sampled after the
