@@ -170,10 +170,10 @@ def test_ray_job_submit_runs_a_tiny_sweep(local_head, shards, tmp_path):
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_tiny_train(local_head, shards, tmp_path):
-    from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint_dir
+    from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint
 
     storage = tmp_path / "runs"
     submit_job(local_head, f"{sys.executable} -m wsss train --method cam --data {shards} "
                            f"storage_path={storage} name=job {TINY_RUN}")
-    info = json.loads((latest_checkpoint_dir(storage / "job") / INFO_FILE).read_text())
+    info = json.loads((Path(latest_checkpoint(str(storage / "job"))) / INFO_FILE).read_text())
     assert info["epoch"] == 1 and info["method"] == "cam"

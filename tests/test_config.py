@@ -58,3 +58,15 @@ def test_cpu_training_shares_the_nodes_cores_among_its_workers():
     assert cpu_threads(3, 1) == 3  # an explicit setting wins
     with pytest.raises(ConfigError, match="cpu_threads"):
         TrainConfig(method="cam", data="x", cpu_threads=-1).validate()
+
+
+def test_missing_start_files_are_refused_before_training_not_when_a_checkpoint_loads(tmp_path):
+    """A checkpoint's config names the files its run started from; they may be gone since."""
+    saved = TrainConfig(method="csrm", data="x", backbone_weights=str(tmp_path / "gone.pth")).to_dict()
+    config = TrainConfig.from_dict(saved)
+    with pytest.raises(ConfigError, match="backbone_weights=.*gone.pth.*existing file"):
+        config.check_inputs()
+    config = config.with_overrides({"backbone_weights": "none", "csrm.init_checkpoint": str(tmp_path / "cam")})
+    with pytest.raises(ValueError, match="csrm.init_checkpoint=.*cam.*neither a checkpoint nor a run directory"):
+        config.check_inputs()
+

@@ -4,6 +4,7 @@ really mixes, the FIFO bank, CRF pseudo-labels, checkpoints, two DDP replicas, a
 from __future__ import annotations
 
 import math
+import shutil
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ from wsss.methods.csrm_contrast import negative_candidates, select_queries
 from wsss.methods.csrm_losses import classmix, info_nce, mix_like, reliable_mask, resize_labels, s2c_loss
 from wsss.methods.csrm_pseudo import CRFPseudoLabeler, cam_pseudo_label
 from wsss.methods.csrm_teacher import ema_decay, ema_update
+from wsss.platform.checkpoints import load_method, save_checkpoint
 from wsss.platform.config import ConfigError, TrainConfig
 
 K = 3
@@ -540,8 +542,12 @@ def test_composes_with_ocr_and_exports_cams_or_segmentation(tmp_path):
 def test_starts_backbone_and_classifier_from_a_cam_checkpoint(tmp_path):
     torch.manual_seed(1)
     cam = build_method("cam", K, backbone=TINY)
-    torch.save({"method": cam.state_dict()}, tmp_path / "state.pt")
-    method = make_method(init_checkpoint=str(tmp_path))
+    start = tmp_path / "cam-run" / "checkpoint_000004"  # a run directory: its newest checkpoint
+    start.mkdir(parents=True)
+    torch.save({"method": cam.state_dict()}, start / "state.pt")
+    method = make_method(init_checkpoint=str(tmp_path / "cam-run"))
+    assert not torch.equal(method.network.classifier.weight, cam.network.classifier.weight), "read at start only"
+    method.on_fresh_start()
     for name, value in cam.network.state_dict().items():
         assert torch.equal(method.network.state_dict()[name], value), name
         assert torch.equal(method.teacher.state_dict()[name], value), name
@@ -549,13 +555,31 @@ def test_starts_backbone_and_classifier_from_a_cam_checkpoint(tmp_path):
     assert id(method.network.classifier.weight) in groups["backbone"], "a pretrained classifier keeps the low lr"
 
 
+def test_a_run_started_from_cam_loads_after_the_cam_run_is_gone(tmp_path):
+    cam_run = tmp_path / "cam-run"
+    cam_run.mkdir()
+    torch.save({"method": build_method("cam", K, backbone=TINY).state_dict()}, cam_run / "state.pt")
+    config = TrainConfig(method="csrm", data="x", backbone="resnet18", output_stride=16,
+                         backbone_weights="none").with_overrides({"csrm.init_checkpoint": str(cam_run)})
+    config.check_inputs()
+    method = build_method(config.method, K, config.sections, config.backbone_config)
+    method.on_fresh_start()
+    (tmp_path / "csrm").mkdir()
+    save_checkpoint(tmp_path / "csrm", method, torch.optim.SGD(method.parameters(), lr=0.1), epoch=1, step=1,
+                    config=config.to_dict(), dataset={"classes": ["background", *"abc"]})
+    shutil.rmtree(cam_run)
+    loaded, _ = load_method(str(tmp_path / "csrm"))
+    for name, value in method.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
 def test_bad_configuration_and_missing_raw_are_named():
     with pytest.raises(ValueError, match="csrm.fg_threshold"):
         CSRMConfig(fg_threshold=0.01)
     with pytest.raises(ValueError, match="csrm.export"):
         CSRMConfig(export="both")
-    with pytest.raises(ValueError, match="csrm.init_checkpoint"):
-        CSRMConfig(init_checkpoint="/no/such/checkpoint")
+    with pytest.raises(ValueError, match="csrm.init_checkpoint='/no/such/checkpoint': .*neither a checkpoint"):
+        CSRMConfig(init_checkpoint="/no/such/checkpoint").check_inputs()
     with pytest.raises(ConfigError, match="batch_size=1: csrm's ClassMix"):
         TrainConfig(method="csrm+ocr", data="shards", batch_size=1)
     method = make_method()

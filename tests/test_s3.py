@@ -9,6 +9,7 @@ endpoint where the fixture creates its bucket.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -18,9 +19,12 @@ import sys
 
 import pytest
 import ray
+import torch
 from pyarrow import fs as pafs
 
 from wsss.cli import main
+from wsss.methods.base import BackboneConfig, build_method
+from wsss.methods.csrm import CSRMConfig
 from wsss.platform.checkpoints import latest_checkpoint
 from wsss.platform.pseudo_labels import checkpoint_threshold
 from wsss.platform.runtime import free_port
@@ -153,5 +157,23 @@ def test_evaluate_names_a_missing_checkpoint_uri(s3, capsys):
     ray_was_running = ray.is_initialized()
     checkpoint = f"s3://{BUCKET}/runs/never-trained"
     assert main(["evaluate", "--checkpoint", checkpoint, "--data", f"s3://{BUCKET}/shards"]) == 2
-    assert f"{checkpoint}: no such checkpoint or run directory" in capsys.readouterr().err
+    assert f"{checkpoint}: neither a checkpoint nor a run directory" in capsys.readouterr().err
     assert ray.is_initialized() == ray_was_running
+
+
+def test_csrm_starts_from_a_cam_run_on_s3(s3):
+    """On a cluster the starting checkpoint is where runs are: in the bucket, not on a disk."""
+    cam = build_method("cam", 3, backbone=BackboneConfig("resnet18", 16, "none"))
+    buffer = io.BytesIO()
+    torch.save({"method": cam.state_dict()}, buffer)
+    with s3.open_output_stream(f"{BUCKET}/runs/cam/checkpoint_000001/state.pt") as stream:
+        stream.write(buffer.getvalue())
+    config = CSRMConfig(init_checkpoint=f"s3://{BUCKET}/runs/cam", crf_workers=0)
+    config.check_inputs()
+    csrm = build_method("csrm", 3, {"csrm": config}, BackboneConfig("resnet18", 16, "none"))
+    csrm.on_fresh_start()
+    for name, value in cam.network.state_dict().items():
+        assert torch.equal(csrm.network.state_dict()[name], value), name
+    with pytest.raises(ValueError, match=f"csrm.init_checkpoint='s3://{BUCKET}/runs/none': .*neither a checkpoint"):
+        CSRMConfig(init_checkpoint=f"s3://{BUCKET}/runs/none").check_inputs()
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_deeplab_trains_on_pseudo_labels_and_evaluates_with_crf_and_oc_rate(ray_
 @pytest.mark.slow
 def test_segment_command_with_ocr_resumes_by_name_and_writes_results(ray_local, shards, pseudo_labels, tmp_path,
                                                                       capsys):
-    from wsss.platform.checkpoints import latest_checkpoint_dir
+    from wsss.platform.checkpoints import latest_checkpoint
     from wsss.platform.train import fit
 
     overrides = tiny_overrides(tmp_path, "ocr")
@@ -140,7 +141,7 @@ def test_segment_command_with_ocr_resumes_by_name_and_writes_results(ray_local, 
     argv = ["--data", shards, "--pseudo-labels", pseudo_labels, "--ocr", "--variant", "v3plus",
             "--scales", "0.5,1.0", "--max-images", "4", "--out", str(tmp_path / "eval"), *overrides, "epochs=2"]
     assert run_segment(argv) == 0  # same name: continues from epoch 1, then evaluates
-    info = json.loads((latest_checkpoint_dir(tmp_path / "runs" / "ocr") / "checkpoint.json").read_text())
+    info = json.loads((Path(latest_checkpoint(str(tmp_path / "runs" / "ocr"))) / "checkpoint.json").read_text())
     assert info["epoch"] == 2 and info["method"] == "deeplab+ocr"
     assert info["metrics"]["resumed_from_epoch"] == 1 and "loss/ocr" in info["metrics"]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())

@@ -36,6 +36,7 @@ def _train(args) -> int:
     read_manifest(config.data)  # bad data fails here, before Ray starts
     check_bucket(config.storage_path)
     check_named_run(config)
+    config.check_inputs()
     ensure_ray()
     result = fit(config)
     run, checkpoint = result_locations(config, result)

@@ -178,6 +178,11 @@ class Method(_Part):
         for addon in self.addons:
             addon.on_dataset(stats)
 
+    def on_fresh_start(self) -> None:
+        """Called before the first step of a run that does not resume: load starting weights
+        (e.g. `csrm.init_checkpoint`). Not when a checkpoint is restored or loaded for
+        inference, so such a checkpoint loads after its starting weights are gone."""
+
     def after_step(self, progress):
         for addon in self.addons:
             addon.after_step(progress)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -96,7 +95,7 @@ class CSRMConfig:
     restrict_to_image_labels: bool = True  # teacher targets of L_s2c/L_u only over bg + image classes (authors' code)
     export: str = "segmentation"  # segmentation: stage 2 labels from `segmentation_logits` (pseudo-labels --mode segmentation); cam: CAMs only
     infer_with: str = "teacher"  # network used for inference: teacher (EMA) or student
-    init_checkpoint: str = ""  # stage-1 checkpoint (dir or run dir) to start backbone + classifier from
+    init_checkpoint: str = ""  # stage-1 checkpoint or run dir (path or URI) to start backbone + classifier from
 
     def __post_init__(self):
         def check(ok: bool, key: str, why: str) -> None:
@@ -119,7 +118,16 @@ class CSRMConfig:
         check(self.temperature > 0, "temperature", "must be > 0")
         check(self.export in ("segmentation", "cam"), "export", "must be segmentation or cam")
         check(self.infer_with in ("teacher", "student"), "infer_with", "must be teacher or student")
-        check(not self.init_checkpoint or Path(self.init_checkpoint).exists(), "init_checkpoint", "no such path")
+
+    def check_inputs(self) -> None:
+        """The starting checkpoint exists (a path or URI)."""
+        from wsss.platform.checkpoints import latest_checkpoint
+
+        if self.init_checkpoint:
+            try:
+                latest_checkpoint(self.init_checkpoint)
+            except FileNotFoundError as error:
+                raise ValueError(f"csrm.init_checkpoint={self.init_checkpoint!r}: {error}") from None
 
 
 class CSRMNetwork(nn.Module):
@@ -159,9 +167,9 @@ class CSRMNetwork(nn.Module):
 
 def load_stage1_weights(network: CSRMNetwork, checkpoint: str) -> None:
     """Backbone and classifier from any stage-1 method's wsss checkpoint (Sec. 3.2.6)."""
-    from wsss.platform.checkpoints import latest_checkpoint_dir, load_state
+    from wsss.platform.checkpoints import latest_checkpoint, load_state
 
-    state = load_state(latest_checkpoint_dir(checkpoint))["method"]
+    state = load_state(latest_checkpoint(checkpoint))["method"]
     wanted = {k for k in network.state_dict() if k.startswith(("backbone.", "classifier."))}
     picked = {k.removeprefix("network."): v for k, v in state.items() if k.removeprefix("network.") in wanted}
     if set(picked) != wanted:
@@ -193,8 +201,6 @@ class CSRM(Method):
     def __init__(self, config: CSRMConfig, num_classes: int, backbone: BackboneConfig):
         super().__init__(config, num_classes, backbone)
         self.network = CSRMNetwork(num_classes, backbone, config.representation_dim)
-        if config.init_checkpoint:
-            load_stage1_weights(self.network, config.init_checkpoint)
         self.teacher = copy.deepcopy(self.network).requires_grad_(False).eval()
         self.negative_bank = NegativeBank(num_classes + 1, config.bank_size, config.representation_dim)
         self.pseudo_labeler = CRFPseudoLabeler(config.crf_workers, config.fg_threshold, config.bg_threshold,
@@ -207,6 +213,11 @@ class CSRM(Method):
         super().train(mode)
         self.teacher.eval()  # its BatchNorm statistics are copied from the student, never updated
         return self
+
+    def on_fresh_start(self) -> None:
+        if self.config.init_checkpoint:
+            load_stage1_weights(self.network, self.config.init_checkpoint)
+            self.teacher.load_state_dict(self.network.state_dict())
 
     def param_groups(self, lr: float) -> list[dict]:
         """A classifier started from a checkpoint is refined at the backbone's lr (Sec. 3.2.1)."""

@@ -9,8 +9,8 @@ checkpoint directory, a run directory (its latest checkpoint) or a cloud URI.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -39,11 +39,13 @@ def save_checkpoint(directory: str | Path, method, optimizer, *, epoch: int, ste
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2, default=float))
 
 
-def load_state(directory: str | Path) -> dict:
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not a wsss checkpoint (no {STATE_FILE})")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_state(checkpoint: str | Path) -> dict:
+    """The state saved in the checkpoint directory at `checkpoint` (a path or URI)."""
+    filesystem, path = resolve(checkpoint)
+    if filesystem.get_file_info(f"{path}/{STATE_FILE}").type != FileType.File:
+        raise FileNotFoundError(f"{checkpoint}: not a wsss checkpoint (no {STATE_FILE})")
+    with filesystem.open_input_file(f"{path}/{STATE_FILE}") as stream:
+        return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=False)
 
 
 def restore(state: dict, method, optimizer=None) -> tuple[int, int]:
@@ -75,11 +77,6 @@ def latest_checkpoint(location: str) -> str:
     raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with checkpoints")
 
 
-def latest_checkpoint_dir(path: str | Path) -> Path:
-    """`latest_checkpoint` of a local path."""
-    return Path(latest_checkpoint(os.fspath(path)))
-
-
 def check_resumable(run: str, config: dict) -> None:
     """Refuse to continue the run at `run` (a path or URI) with another model: Ray Train
     would restore its latest checkpoint into whatever `config` builds, and a changed output
@@ -103,16 +100,7 @@ def load_method(checkpoint: str, device: torch.device | str = "cpu", method_over
 
     `method_overrides` ({"lnl.export": "shrink"}) change the method's inference-time
     settings; only `section.key` of the checkpoint's own method sections are accepted."""
-    if "://" in checkpoint and not checkpoint.startswith("file://"):
-        import ray.train  # downloads cloud checkpoints into a local temp dir
-
-        filesystem, path = resolve(checkpoint)
-        if filesystem.get_file_info(path).type == FileType.NotFound:  # Ray's error would not name the URI
-            raise FileNotFoundError(f"{checkpoint}: no such checkpoint or run directory")
-        with ray.train.Checkpoint(path=latest_checkpoint(checkpoint)).as_directory() as local:
-            state = load_state(local)
-    else:
-        state = load_state(latest_checkpoint_dir(checkpoint.removeprefix("file://")))
+    state = load_state(latest_checkpoint(checkpoint))
     from wsss.platform.config import TrainConfig
 
     config = TrainConfig.from_dict(state["config"])

@@ -105,8 +105,15 @@ class TrainConfig:
         check(self.wandb in ("auto", "online", "offline", "disabled"), "wandb",
               "must be auto, online, offline or disabled")
         check(self.log_every >= 1, "log_every", "must be >= 1")
+
+    def check_inputs(self) -> None:
+        """The files a new run starts from exist. Asked before training, not by `validate`:
+        a checkpoint's config names them too, and it must load after they are gone."""
         if self.backbone_weights not in ("none", "imagenet") and not Path(self.backbone_weights).is_file():
-            check(False, "backbone_weights", "must be none, imagenet or an existing file")
+            raise ConfigError(f"backbone_weights={self.backbone_weights!r}: must be none, imagenet or an existing file")
+        for section in self.sections.values():
+            if hasattr(section, "check_inputs"):
+                section.check_inputs()  # raises a ValueError naming `section.key`
 
     def to_dict(self) -> dict:
         """Plain, JSON-able dict (what checkpoints, W&B and Ray workers receive)."""

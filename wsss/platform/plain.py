@@ -26,6 +26,7 @@ def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | N
     method = build_method(config.method, manifest.num_classes, config.sections, config.backbone_config)
     method.on_dataset(DatasetStats(num_images=len(labels), image_labels=torch.from_numpy(labels)))
     method.to(device)
+    method.on_fresh_start()
     optimizer = make_optimizer(method, config)
     loader = train_loader(config.data, config.train_split, augment_config(config),
                           batch_size=config.batch_size, num_workers=loader_workers,

@@ -217,6 +217,7 @@ def main(args) -> int:
         if not split:
             raise ConfigError("no evaluation split: set --split or val_split")
         images.rows(split)
+        config.check_inputs()
         ensure_ray()
         from wsss.platform.train import fit, result_locations
 

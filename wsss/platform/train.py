@@ -55,13 +55,15 @@ def train_worker(loop_config: dict) -> None:
     method.on_dataset(DatasetStats(num_images=dataset["num_images"],
                                    image_labels=torch.tensor(loop_config["image_labels"])))
     method.to(device)  # after on_dataset: it may create buffers (e.g. the ocr co-occurrence prior)
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        method.on_fresh_start()
     if context.get_world_size() > 1:
         method.distribute(lambda net: ray.train.torch.prepare_model(
             net, move_to_device=False,
             parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters}))
     optimizer = make_optimizer(method, config)
     start_epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             start_epoch, step = restore(load_state(directory), method, optimizer)
@@ -115,6 +117,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
     name = config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     run_dir = join(canonical(config.storage_path), name)
     check_resumable(run_dir, config.to_dict())  # before the shards' labels are read
+    config.check_inputs()
     use_gpu = resolve_use_gpu(config.device)
     datasets = {"train": train_dataset(config.data, config.train_split, augment_config(config),
                                        num_classes=manifest.num_classes,

@@ -294,6 +294,7 @@ def _validate(config: TrainConfig, settings: dict) -> SearchSpace:
     if not config.data:
         raise ConfigError("--data: the URI of prepared shards is required")
     read_manifest(config.data).rows(config.val_split)
+    config.check_inputs()
     storage = settings["study_storage"]
     if storage.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(storage[len("sqlite:///"):]) or ".", exist_ok=True)
