@@ -60,7 +60,7 @@ def test_cpu_training_shares_the_nodes_cores_among_its_workers():
         TrainConfig(method="cam", data="x", cpu_threads=-1).validate()
 
 
-def test_missing_start_files_are_refused_before_training_not_when_a_checkpoint_loads(tmp_path):
+def test_check_inputs_names_missing_start_files_that_a_rebuilt_config_accepts(tmp_path):
     """A checkpoint's config names the files its run started from; they may be gone since."""
     saved = TrainConfig(method="csrm", data="x", backbone_weights=str(tmp_path / "gone.pth")).to_dict()
     config = TrainConfig.from_dict(saved)
