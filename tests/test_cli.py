@@ -53,6 +53,18 @@ def test_train_refuses_to_continue_a_run_with_another_model(shards, tmp_path, ca
     assert "output_stride=8: run " in capsys.readouterr().err
 
 
+def test_train_names_a_missing_start_file_of_a_new_run_only(shards, tmp_path, capsys):
+    from wsss.platform.config import TrainConfig
+    from wsss.platform.train import check_start
+
+    gone = str(tmp_path / "resnet18.pth")
+    assert main(["train", "--method", "cam", "--data", shards, f"backbone_weights={gone}"]) == 2
+    assert f"backbone_weights='{gone}': must be none, imagenet or an existing file" in capsys.readouterr().err
+    trained_run(tmp_path / "runs", "r", output_stride=16)
+    check_start(TrainConfig(method="cam", data=shards, name="r", storage_path=str(tmp_path / "runs"),
+                            backbone="resnet18", backbone_weights=gone))  # resumes: never reads its start
+
+
 def test_user_errors_exit_before_ray_starts(shards, tmp_path):
     """In a fresh interpreter, so that a Ray another test started cannot hide a start."""
     trained_run(tmp_path / "runs", "r", output_stride=16)
@@ -63,13 +75,14 @@ codes = [main(["train", "--method", "cam", "--data", {str(tmp_path)!r}, "epochs=
          main(["train", "--method", "cam", "--data", {shards!r}, "name=r", "backbone=resnet18",
                "storage_path={tmp_path / 'runs'}", "output_stride=8"]),
          main(["train", "--method", "cam", "--data", {str(tmp_path / "nothing")!r}]),
+         main(["train", "--method", "cam", "--data", {shards!r}, "backbone_weights=/no/such/weights.pth"]),
          main(["evaluate", "--checkpoint", {str(tmp_path)!r}, "--data", {str(tmp_path)!r}]),
          main(["demo", "--out", {str(tmp_path / "demo")!r}, "output_stride=7"])]
 ray = sys.modules.get("ray")
 print(codes, ray is not None and ray.is_initialized())
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2] False", done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2] False", done.stderr
 
 
 def test_demo_overrides_reach_every_run():

@@ -193,13 +193,13 @@ def test_a_run_continues_only_with_the_model_it_was_trained_with(tmp_path):
 
     method, optimizer, config = make("cam")
     run = tmp_path / "run"
-    check_resumable(str(run), config.to_dict())  # nothing trained yet
+    assert not check_resumable(str(run), config.to_dict())  # nothing trained yet: a new run
     for name in ("checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02"):
         (run / name).mkdir(parents=True)
         save_checkpoint(run / name, method, optimizer, epoch=1, step=2, config=config.to_dict(), dataset={})
     (run / "checkpoint_2026-01-01_00-00-03").mkdir()  # an upload cut short: no checkpoint.json
-    check_resumable(str(run), config.with_overrides({"epochs": "9", "lr": "0.5"}).to_dict())
-    check_resumable(f"file://{run}", config.to_dict())
+    assert check_resumable(str(run), config.with_overrides({"epochs": "9", "lr": "0.5"}).to_dict())
+    assert check_resumable(f"file://{run}", config.to_dict())
     for key, value in (("output_stride", "8"), ("backbone", "resnet50"), ("method", "lnl")):
         recorded = config.to_dict()[key]
         with pytest.raises(ConfigError, match=f"{key}='?{value}'?: run .* was trained with {key}='?{recorded}'?"):
@@ -210,3 +210,41 @@ def test_a_run_continues_only_with_the_model_it_was_trained_with(tmp_path):
     del info["output_stride"], info["backbone"]  # written before they were recorded
     newest.write_text(json.dumps(info))
     check_resumable(str(run), config.with_overrides({"output_stride": "8"}).to_dict())
+
+
+@pytest.mark.parametrize("spec", sorted(METHODS))
+def test_backbone_weights_are_loaded_when_a_run_starts_fresh_only(spec, tmp_path):
+    """Not at construction: a resumed run, or a checkpoint loaded for inference, must not
+    need (or download) the weights its run started from."""
+    import torchvision
+
+    torch.manual_seed(123)
+    reference = torchvision.models.resnet18().state_dict()  # torchvision's layout, as users save it
+    torch.save(reference, tmp_path / "resnet18.pth")
+    method = build_method(spec, K, backbone=BackboneConfig("resnet18", 16, str(tmp_path / "resnet18.pth")))
+    backbone = method.network.backbone
+    assert not torch.equal(backbone.stem[0].weight, reference["conv1.weight"]), "loaded at construction"
+    method.on_fresh_start()
+    trunk = {"stem.0.weight": "conv1.weight", "stem.1.running_var": "bn1.running_var",
+             "layer1.0.conv1.weight": "layer1.0.conv1.weight", "layer4.1.bn2.bias": "layer4.1.bn2.bias"}
+    for ours, theirs in trunk.items():
+        assert torch.equal(backbone.state_dict()[ours], reference[theirs]), ours
+    assert len(backbone.state_dict()) == len(reference) - 2, "every tensor but fc's"
+    if hasattr(method, "teacher"):  # csrm's EMA teacher starts as a copy of the started student
+        for name, value in method.network.state_dict().items():
+            assert torch.equal(method.teacher.state_dict()[name], value), name
+
+
+def test_bad_backbone_weights_are_named(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "resnet50.pth")
+    torch.save(build_method("cam", K, backbone=TINY).state_dict(), tmp_path / "wsss-cam.pth")
+    for weights, error in ((tmp_path / "gone.pth", "backbone_weights='.*gone.pth': not 'none', 'imagenet' or an "
+                                                   "existing file"),
+                           (tmp_path / "resnet50.pth", "backbone_weights='.*resnet50.pth': does not fit resnet18"),
+                           (tmp_path / "wsss-cam.pth", "backbone_weights='.*wsss-cam.pth': not resnet18 weights in "
+                                                       "torchvision's layout")):
+        method = build_method("cam", K, backbone=BackboneConfig("resnet18", 16, str(weights)))
+        with pytest.raises((FileNotFoundError, ValueError), match=error):
+            method.on_fresh_start()

@@ -177,3 +177,25 @@ def test_csrm_starts_from_a_cam_run_on_s3(s3):
     with pytest.raises(ValueError, match=f"csrm.init_checkpoint='s3://{BUCKET}/runs/none': .*neither a checkpoint"):
         CSRMConfig(init_checkpoint=f"s3://{BUCKET}/runs/none").check_inputs()
 
+
+
+def test_backbone_weights_are_read_from_the_bucket(s3):
+    """An offline cluster keeps its ImageNet weights where its runs are."""
+    import torchvision
+
+    from wsss.platform.config import ConfigError, TrainConfig
+
+    weights = torchvision.models.resnet18().state_dict()
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    with s3.open_output_stream(f"{BUCKET}/weights/resnet18.pth") as stream:
+        stream.write(buffer.getvalue())
+    config = TrainConfig(method="cam", data="x", backbone="resnet18", backbone_weights=f"s3://{BUCKET}/weights/"
+                                                                                       "resnet18.pth")
+    config.check_inputs()
+    cam = build_method("cam", 3, backbone=config.backbone_config)
+    cam.on_fresh_start()
+    assert torch.equal(cam.network.backbone.stem[0].weight, weights["conv1.weight"])
+    with pytest.raises(ConfigError, match=f"backbone_weights='s3://{BUCKET}/weights/none.pth': must be none, "
+                                          "imagenet or an existing file"):
+        config.with_overrides({"backbone_weights": f"s3://{BUCKET}/weights/none.pth"}).check_inputs()

@@ -93,3 +93,32 @@ def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, t
     result = outcome["result"]
     assert result.metrics["epoch"] == 6
     assert result.metrics["resumed_from_epoch"] >= 1, "the restarted worker resumed from a checkpoint"
+
+
+def test_csrm_starts_from_a_cam_run_and_resumes_after_that_run_is_gone(ray_local, shards, tmp_path):
+    """The Ray Train worker loads `csrm.init_checkpoint` for a fresh run and only then: the
+    resumed run is neither refused for its missing start nor reads it."""
+    import shutil
+
+    import torch
+
+    from wsss.datasets.shards import read_manifest
+    from wsss.methods.base import BackboneConfig, build_method
+    from wsss.platform.checkpoints import load_state
+    from wsss.platform.train import fit
+
+    torch.manual_seed(5)
+    cam = build_method("cam", read_manifest(shards).num_classes, backbone=BackboneConfig("resnet18", 16, "none"))
+    cam_run = tmp_path / "cam-run"
+    (cam_run / "checkpoint_000001").mkdir(parents=True)
+    torch.save({"method": cam.state_dict()}, cam_run / "checkpoint_000001" / "state.pt")
+    config = tiny(shards, tmp_path, method="csrm", name="csrm", epochs=1, batch_size=4, lr=1e-9, eval_every=0,
+                  wandb="disabled").with_overrides({"csrm.init_checkpoint": str(cam_run), "csrm.crf_workers": 0})
+    state = load_state(fit(config).checkpoint.path)["method"]
+    for name, start in cam.network.named_parameters():  # lr 1e-9: still the start after an epoch
+        for copy in ("network", "teacher"):
+            assert torch.allclose(state[f"{copy}.{name}"], start, atol=1e-6), f"{copy}.{name}"
+
+    shutil.rmtree(cam_run)
+    resumed = fit(config.with_overrides({"epochs": 2}))
+    assert resumed.metrics["epoch"] == 2 and resumed.metrics["resumed_from_epoch"] == 1

@@ -30,13 +30,12 @@ def _train(args) -> int:
     from wsss.datasets.storage import check_bucket
     from wsss.platform.config import load_config
     from wsss.platform.runtime import ensure_ray
-    from wsss.platform.train import check_named_run, fit, result_locations
+    from wsss.platform.train import check_start, fit, result_locations
 
     config = load_config(args.config, args.overrides, method=args.method, data=args.data)
     read_manifest(config.data)  # bad data fails here, before Ray starts
     check_bucket(config.storage_path)
-    check_named_run(config)
-    config.check_inputs()
+    check_start(config)
     ensure_ray()
     result = fit(config)
     run, checkpoint = result_locations(config, result)

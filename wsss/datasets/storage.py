@@ -64,13 +64,24 @@ def write_text(location: str, text: str) -> None:
         stream.write(text.encode())
 
 
-def read_text(location: str) -> str | None:
-    """The file's text, or None when it does not exist."""
+def is_file(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def read_bytes(location: str) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
     fs, path = resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as stream:
-        return stream.read().decode()
+        return stream.read()
+
+
+def read_text(location: str) -> str | None:
+    """The file's text, or None when it does not exist."""
+    data = read_bytes(location)
+    return None if data is None else data.decode()
 
 
 def delete_file(location: str) -> None:

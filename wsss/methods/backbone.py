@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import torch
 import torchvision
 from torch import nn
+
+from wsss.datasets.storage import read_bytes
 
 CHANNELS = {"resnet18": (64, 512), "resnet50": (256, 2048), "resnet101": (256, 2048)}
 _DILATE = {16: [False, False, True], 8: [False, True, True]}
@@ -18,9 +20,10 @@ _WEIGHTS = {
 
 
 class Backbone(nn.Module):
-    """ResNet trunk returning {"low": layer1 features, "high": layer4 features}."""
+    """ResNet trunk returning {"low": layer1 features, "high": layer4 features}. Built with
+    random weights; `load_pretrained` loads starting weights when a run starts fresh."""
 
-    def __init__(self, arch: str = "resnet50", output_stride: int = 16, weights: str = "none"):
+    def __init__(self, arch: str = "resnet50", output_stride: int = 16):
         super().__init__()
         if arch not in CHANNELS:
             raise ValueError(f"backbone {arch!r} is not one of {sorted(CHANNELS)}")
@@ -29,13 +32,12 @@ class Backbone(nn.Module):
         dilate = _DILATE[output_stride]
         if arch == "resnet18":  # BasicBlock has no dilation: keep stride by hand below
             net = torchvision.models.resnet18(weights=None)
+            _dilate_basic_blocks(net, dilate)
         else:
             net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=dilate)
-        load_weights(net, arch, weights)
-        if arch == "resnet18":
-            _dilate_basic_blocks(net, dilate)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.arch = arch
         self.low_channels, self.out_channels = CHANNELS[arch]
         self.output_stride = output_stride
 
@@ -44,30 +46,48 @@ class Backbone(nn.Module):
         high = self.layer4(self.layer3(self.layer2(low)))
         return {"low": low, "high": high}
 
-
-def load_weights(net: nn.Module, arch: str, weights: str) -> None:
-    if weights == "none":
-        return
-    if weights == "imagenet":
-        enum = getattr(torchvision.models, _WEIGHTS[arch]).IMAGENET1K_V1
+    def load_pretrained(self, weights: str) -> None:
+        """`weights`: "none", "imagenet" (torchvision's), or a torchvision ResNet state dict
+        at a path or URI (s3://, gs://), so an offline cluster can read it from its bucket."""
+        if weights == "none":
+            return
+        state = imagenet_state_dict(self.arch) if weights == "imagenet" else read_state_dict(weights)
+        state = {_trunk_key(key): value for key, value in state.items() if not key.startswith("fc.")}
         try:
-            state = enum.get_state_dict(progress=False)
-        except Exception as error:  # no network, proxy, ...: say what to do instead
-            raise RuntimeError(
-                f"could not get the ImageNet weights for {arch} ({error}); they are downloaded "
-                f"from {enum.url} into the torch hub cache. Offline, download that file elsewhere "
-                "and pass backbone_weights=PATH, or use backbone_weights=none"
-            ) from None
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone_weights: {weights} is not 'none', 'imagenet' or a file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing:
-        raise ValueError(f"backbone weights {weights}: missing keys {missing[:5]}...")
+            missing, _ = self.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # a tensor of another shape: another architecture
+            raise ValueError(f"backbone_weights={weights!r}: does not fit {self.arch} ({error})") from None
+        if missing:
+            raise ValueError(f"backbone_weights={weights!r}: not {self.arch} weights in torchvision's layout, "
+                             f"missing {missing[:3]}...")
+
+
+_STEM = {"conv1": "stem.0", "bn1": "stem.1"}  # torchvision's names for what `stem` holds
+
+
+def _trunk_key(torchvision_key: str) -> str:
+    head, _, rest = torchvision_key.partition(".")
+    return f"{_STEM.get(head, head)}.{rest}"
+
+
+def imagenet_state_dict(arch: str) -> dict:
+    enum = getattr(torchvision.models, _WEIGHTS[arch]).IMAGENET1K_V1
+    try:
+        return enum.get_state_dict(progress=False)
+    except Exception as error:  # no network, proxy, ...: say what to do instead
+        raise RuntimeError(
+            f"could not get the ImageNet weights for {arch} ({error}); they are downloaded "
+            f"from {enum.url} into the torch hub cache. Offline, download that file elsewhere "
+            "and pass backbone_weights=PATH (or a bucket URI), or use backbone_weights=none"
+        ) from None
+
+
+def read_state_dict(location: str) -> dict:
+    data = read_bytes(location)
+    if data is None:
+        raise FileNotFoundError(f"backbone_weights={location!r}: not 'none', 'imagenet' or an existing file")
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)
 
 
 def _dilate_basic_blocks(net: nn.Module, dilate: list[bool]) -> None:

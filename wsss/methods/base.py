@@ -115,6 +115,7 @@ class Method(_Part):
         super().__init__()
         self.config = config
         self.num_classes = num_classes
+        self.backbone_weights = backbone.weights  # loaded by `on_fresh_start`, never for a resumed run
         self.addons = nn.ModuleList()
         self._distributed_network: nn.Module | None = None  # not a submodule: keeps state_dict clean
 
@@ -180,8 +181,9 @@ class Method(_Part):
 
     def on_fresh_start(self) -> None:
         """Called before the first step of a run that does not resume: load starting weights
-        (e.g. `csrm.init_checkpoint`). Not when a checkpoint is restored or loaded for
-        inference, so such a checkpoint loads after its starting weights are gone."""
+        (`backbone_weights`; csrm's `init_checkpoint`). Not when a checkpoint is restored or
+        loaded for inference, so such a checkpoint loads after its starting weights are gone."""
+        self.network.backbone.load_pretrained(self.backbone_weights)
 
     def after_step(self, progress):
         for addon in self.addons:

@@ -19,7 +19,7 @@ class CAMNetwork(nn.Module):
 
     def __init__(self, num_classes: int, backbone: BackboneConfig):
         super().__init__()
-        self.backbone = Backbone(backbone.arch, backbone.output_stride, backbone.weights)
+        self.backbone = Backbone(backbone.arch, backbone.output_stride)
         self.classifier = nn.Conv2d(self.backbone.out_channels, num_classes, 1, bias=False)
         nn.init.kaiming_normal_(self.classifier.weight)
 

@@ -137,7 +137,7 @@ class CSRMNetwork(nn.Module):
 
     def __init__(self, num_classes: int, backbone: BackboneConfig, representation_dim: int):
         super().__init__()
-        self.backbone = Backbone(backbone.arch, backbone.output_stride, backbone.weights)
+        self.backbone = Backbone(backbone.arch, backbone.output_stride)
         high, low = self.backbone.out_channels, self.backbone.low_channels
         self.classifier = nn.Conv2d(high, num_classes, 1, bias=False)
         nn.init.kaiming_normal_(self.classifier.weight)
@@ -215,9 +215,11 @@ class CSRM(Method):
         return self
 
     def on_fresh_start(self) -> None:
-        if self.config.init_checkpoint:
+        if self.config.init_checkpoint:  # replaces backbone_weights: nothing to download
             load_stage1_weights(self.network, self.config.init_checkpoint)
-            self.teacher.load_state_dict(self.network.state_dict())
+        else:
+            super().on_fresh_start()
+        self.teacher.load_state_dict(self.network.state_dict())
 
     def param_groups(self, lr: float) -> list[dict]:
         """A classifier started from a checkpoint is refined at the backbone's lr (Sec. 3.2.1)."""

@@ -110,7 +110,7 @@ class DeepLabNetwork(nn.Module):
     def __init__(self, variant: str, num_outputs: int, backbone: BackboneConfig):
         super().__init__()
         self.variant = variant
-        self.backbone = Backbone(backbone.arch, backbone.output_stride, backbone.weights)
+        self.backbone = Backbone(backbone.arch, backbone.output_stride)
         if variant == "v2":
             self.head = DeepLabV2Head(self.backbone.out_channels, num_outputs)
         else:

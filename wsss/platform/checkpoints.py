@@ -77,10 +77,11 @@ def latest_checkpoint(location: str) -> str:
     raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with checkpoints")
 
 
-def check_resumable(run: str, config: dict) -> None:
-    """Refuse to continue the run at `run` (a path or URI) with another model: Ray Train
-    would restore its latest checkpoint into whatever `config` builds, and a changed output
-    stride loads without an error. Checkpoints from before MODEL_KEYS were recorded pass."""
+def check_resumable(run: str, config: dict) -> bool:
+    """Whether the run at `run` (a path or URI) has a checkpoint to continue from. Refuses to
+    continue it with another model: Ray Train would restore its latest checkpoint into
+    whatever `config` builds, and a changed output stride loads without an error.
+    Checkpoints from before MODEL_KEYS were recorded pass."""
     filesystem, path = resolve(run)
     for name in checkpoint_names(filesystem, path):
         try:
@@ -92,7 +93,8 @@ def check_resumable(run: str, config: dict) -> None:
             if key in recorded and recorded[key] != config[key]:
                 raise ConfigError(f"{key}={config[key]!r}: run {run} was trained with {key}={recorded[key]!r} "
                                   f"({name}); keep it to continue that run, or give a new name")
-        return
+        return True
+    return False
 
 
 def load_method(checkpoint: str, device: torch.device | str = "cpu", method_overrides: dict | None = None):

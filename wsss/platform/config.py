@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsss.datasets.storage import is_file
 from wsss.methods.base import BackboneConfig, method_sections, required_inputs
 
 
@@ -45,7 +46,7 @@ class TrainConfig:
     scale_max: float = 1.3
     backbone: str = "resnet50"  # resnet18 | resnet50 | resnet101
     output_stride: int = 16  # 16 or 8
-    backbone_weights: str = "imagenet"  # none | imagenet | path to a state dict
+    backbone_weights: str = "imagenet"  # none | imagenet | torchvision ResNet state dict (path or URI)
     num_workers: int = 1  # Ray Train workers (data-parallel replicas)
     device: str = "auto"  # auto (GPU when the cluster has one) | cpu | gpu
     cpu_threads: int = 0  # torch threads per worker training on CPU (0 = the node's cores shared by its workers)
@@ -107,10 +108,12 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every", "must be >= 1")
 
     def check_inputs(self) -> None:
-        """The files a new run starts from exist. Asked before training, not by `validate`:
-        a checkpoint's config names them too, and it must load after they are gone."""
-        if self.backbone_weights not in ("none", "imagenet") and not Path(self.backbone_weights).is_file():
-            raise ConfigError(f"backbone_weights={self.backbone_weights!r}: must be none, imagenet or an existing file")
+        """The files a new run starts from exist. Asked before a new run, not by `validate`
+        or for a resumed run: a checkpoint's config names them too, and it must load and
+        train on after they are gone."""
+        if self.backbone_weights not in ("none", "imagenet") and not is_file(self.backbone_weights):
+            raise ConfigError(f"backbone_weights={self.backbone_weights!r}: must be none, imagenet or an existing "
+                              "file (path or URI)")
         for section in self.sections.values():
             if hasattr(section, "check_inputs"):
                 section.check_inputs()  # raises a ValueError naming `section.key`

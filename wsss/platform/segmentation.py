@@ -217,9 +217,10 @@ def main(args) -> int:
         if not split:
             raise ConfigError("no evaluation split: set --split or val_split")
         images.rows(split)
-        config.check_inputs()
+        from wsss.platform.train import check_start, fit, result_locations
+
+        check_start(config)
         ensure_ray()
-        from wsss.platform.train import fit, result_locations
 
         run, checkpoint = result_locations(config, fit(config))
         data = config.data

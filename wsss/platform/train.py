@@ -116,8 +116,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         manifest.rows(split)  # raises a DataError naming a missing split
     name = config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     run_dir = join(canonical(config.storage_path), name)
-    check_resumable(run_dir, config.to_dict())  # before the shards' labels are read
-    config.check_inputs()
+    check_start(config, run_dir)  # before the shards' labels are read
     use_gpu = resolve_use_gpu(config.device)
     datasets = {"train": train_dataset(config.data, config.train_split, augment_config(config),
                                        num_classes=manifest.num_classes,
@@ -157,11 +156,14 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
     )
 
 
-def check_named_run(config: TrainConfig) -> None:
-    """A named run may exist already: refuse to continue it with another model. Needs no
-    Ray, so `wsss train` calls it before starting one (`make_trainer` checks again)."""
-    if config.name:
-        check_resumable(join(canonical(config.storage_path), config.name), config.to_dict())
+def check_start(config: TrainConfig, run_dir: str | None = None) -> None:
+    """A run that exists continues with the same model; a new run's start files exist (a
+    resumed one never reads them, so they may be gone). Needs no Ray, so the commands call
+    it before starting one (`make_trainer` checks again)."""
+    if run_dir is None and config.name:
+        run_dir = join(canonical(config.storage_path), config.name)
+    if not (run_dir and check_resumable(run_dir, config.to_dict())):
+        config.check_inputs()
 
 
 def fit(config: TrainConfig) -> ray.train.Result:
