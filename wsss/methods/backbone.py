@@ -30,7 +30,7 @@ class Backbone(nn.Module):
         if output_stride not in _DILATE:
             raise ValueError(f"output_stride must be 16 or 8, got {output_stride}")
         dilate = _DILATE[output_stride]
-        if arch == "resnet18":  # BasicBlock has no dilation: keep stride by hand below
+        if arch == "resnet18":  # torchvision refuses dilation for BasicBlock: set it by hand
             net = torchvision.models.resnet18(weights=None)
             _dilate_basic_blocks(net, dilate)
         else:
