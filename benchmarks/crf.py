@@ -1,12 +1,13 @@
 """Dense-CRF throughput of the pseudo-label job's CRF stage with 1 vs 2 CPU actors, one run.
 
-    python benchmarks/crf.py --images 48 --size 256 --rounds 2 --cpus 2
+    python benchmarks/crf.py --images 48 --size 256 --rounds 2 --cpus 2 [--batches 1,4]
 
 The same in-memory rows, in the form the CAM stage emits them (JPEG bytes of synthetic
 benchmark images, blurred and noisy CAMs of their classes), go through
 `wsss.platform.pseudo_labels.CRFStage` on Ray Data in a fixed pool of 1, then 2 actors
-(one CPU each). Throughput is steady state: rows after the first output / time from the
-first output to the last, so actor start-up (importing torch) does not count. Rounds
+(one CPU each), at the job's rows per call or at each of --batches. Throughput is steady
+state: rows after the first output / time from the first output to the last, so actor
+start-up (importing torch) does not count. Rounds
 alternate the pool sizes so that load from other processes hits both alike; the best round
 of each counts. Goal: 2 actors / 1 actor ≥ 1.8 on 2 cores.
 
@@ -37,7 +38,7 @@ from PIL import Image  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
 from wsss.datasets.synthetic import CLASSES, render_image  # noqa: E402
-from wsss.platform.pseudo_labels import CRFStage, PseudoLabelSettings  # noqa: E402
+from wsss.platform.pseudo_labels import CRF_BATCH_SIZE, CRFStage, PseudoLabelSettings  # noqa: E402
 
 NUM_CLASSES = len(CLASSES) - 1
 
@@ -68,10 +69,10 @@ class TimedCRFStage(CRFStage):
         return out | {"cpu_s": np.full(len(out["id"]), (time.process_time() - started) / len(out["id"]))}
 
 
-def throughput(rows: list[dict], actors: int, settings: PseudoLabelSettings) -> tuple[float, float]:
+def throughput(rows: list[dict], actors: int, settings: PseudoLabelSettings, batch_size: int) -> tuple[float, float]:
     """(images/s in the steady state, mean CPU seconds per image)."""
     labeled = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        TimedCRFStage, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors),
+        TimedCRFStage, batch_size=batch_size, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs=dict(settings=settings.__dict__, num_classes=NUM_CLASSES))
     arrivals, done, cpu = [], 0, []
     for batch in labeled.iter_batches(batch_size=None, batch_format="numpy"):
@@ -114,18 +115,24 @@ def main() -> None:
     parser.add_argument("--mode", default="crf", choices=("crf", "irn"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--batches", default=str(CRF_BATCH_SIZE),
+                        help=f"rows per CRF call, comma-separated (the job's: {CRF_BATCH_SIZE})")
     args = parser.parse_args()
     rows = make_rows(args.images, args.size)
     settings = PseudoLabelSettings(args.mode, threshold=0.25)
+    batch_sizes = [int(b) for b in args.batches.split(",")]
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    best, cpu = {1: 0.0, 2: 0.0}, {1: [], 2: []}
+    best = {(a, b): 0.0 for a in (1, 2) for b in batch_sizes}
+    cpu = {key: [] for key in best}
     for round_index in range(args.rounds):
         for actors in ((1, 2) if round_index % 2 == 0 else (2, 1)):
-            value, cpu_per_image = throughput(rows, actors, settings)
-            best[actors] = max(best[actors], value)
-            cpu[actors].append(cpu_per_image)
-            print(f"round {round_index + 1}: {actors} actor(s) {value:6.2f} images/s, "
-                  f"{1000 * cpu_per_image:.0f} ms CPU per image (load average {os.getloadavg()[0]:.1f})", flush=True)
+            for batch_size in batch_sizes:
+                value, cpu_per_image = throughput(rows, actors, settings, batch_size)
+                best[actors, batch_size] = max(best[actors, batch_size], value)
+                cpu[actors, batch_size].append(cpu_per_image)
+                print(f"round {round_index + 1}: {actors} actor(s), {batch_size} row(s) per call: {value:6.2f} "
+                      f"images/s, {1000 * cpu_per_image:.0f} ms CPU per image "
+                      f"(load average {os.getloadavg()[0]:.1f})", flush=True)
     ray.shutdown()
     bare = {1: 0.0, 2: 0.0}
     for round_index in range(args.rounds):
@@ -134,14 +141,15 @@ def main() -> None:
             bare[processes] = max(bare[processes], value)
             print(f"round {round_index + 1}: {processes} bare process(es) {value:6.2f} images/s "
                   f"(load average {os.getloadavg()[0]:.1f})", flush=True)
-    ratio, bare_ratio = best[2] / best[1], bare[2] / bare[1]
-    print(f"{args.mode} CRF, {args.images} images of {args.size}x{args.size}, {os.cpu_count()} CPUs: "
-          f"1 actor {best[1]:.2f} images/s, 2 actors {best[2]:.2f} images/s; "
-          f"bare 1 process {bare[1]:.2f}, 2 processes {bare[2]:.2f}")
-    print(f"Ray 2 / 1 = {ratio:.2f} (goal >= 1.8): {'met' if ratio >= 1.8 else 'NOT met'}; "
-          f"bare 2 / 1 = {bare_ratio:.2f} (the machine's limit); 2 actors / 2 bare processes = "
-          f"{best[2] / bare[2]:.2f}; CPU per image 1 actor {1000 * min(cpu[1]):.0f} ms, "
-          f"2 actors {1000 * min(cpu[2]):.0f} ms (best rounds)")
+    print(f"{args.mode} CRF, {args.images} images of {args.size}x{args.size}, {os.cpu_count()} CPUs; "
+          f"bare 1 process {bare[1]:.2f} images/s, 2 processes {bare[2]:.2f}, 2 / 1 = {bare[2] / bare[1]:.2f} "
+          "(the machine's limit)")
+    for b in batch_sizes:
+        ratio = best[2, b] / best[1, b]
+        print(f"{b} row(s) per call: 1 actor {best[1, b]:.2f} images/s, 2 actors {best[2, b]:.2f}; "
+              f"Ray 2 / 1 = {ratio:.2f} (goal >= 1.8): {'met' if ratio >= 1.8 else 'NOT met'}; "
+              f"2 actors / 2 bare processes = {best[2, b] / bare[2]:.2f}; CPU per image 1 actor "
+              f"{1000 * min(cpu[1, b]):.0f} ms, 2 actors {1000 * min(cpu[2, b]):.0f} ms (best rounds)")
 
 
 if __name__ == "__main__":

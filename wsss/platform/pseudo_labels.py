@@ -56,6 +56,10 @@ GROUND_TRUTH = "ground-truth"
 DEFAULT_THRESHOLD = 0.25  # crf background score when neither --threshold nor the checkpoint gives one
 IMAGE_COLUMNS = ["id", "image", "labels", "height", "width", "mask"]
 ROWS_PER_CALL = 8  # rows the CAM actor emits at a time: small blocks keep the CRF actors busy early
+# Rows per CRF call. Between calls an actor waits ~15-40 ms for Ray Data (input fetch,
+# output put, dispatch); at one 256² image per call (~90 ms of CRF) that idled 2 actors
+# 30% of the time (benchmarks/crf.py --batches 1,4).
+CRF_BATCH_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,7 @@ def _label_job(checkpoint: str, files: list[str], num_classes: int, settings: Ps
                          fn_constructor_kwargs=dict(checkpoint=checkpoint, num_classes=num_classes,
                                                     scales=settings.scales, flip=settings.flip,
                                                     mode=settings.mode))
-            .map_batches(CRFStage, batch_size=1, num_cpus=1,
+            .map_batches(CRFStage, batch_size=CRF_BATCH_SIZE, num_cpus=1,
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=crf_actors),
                          fn_constructor_kwargs=dict(settings=asdict(settings), num_classes=num_classes)))
 
