@@ -9,6 +9,7 @@ documented shard schema), then measures images/s of the same decode + augment
   ray        `wsss.platform.data.train_dataset` → `iter_torch_batches`, Ray with --cpus CPUs
   ray-reserve  the same with Ray Data's per-operator CPU reservation (its default)
   rayX       the same with X CPUs per decode task (--map-cpus 0.5 adds ray0.5)
+  ray-mbN    the same with N rows per decode call (--map-batches 16 adds ray-mb16)
   loader     torch DataLoader over `wsss.datasets.loader.ShardIterable`, --cpus workers
   bare×n     --cpus plain processes, each reading + transforming every n-th shard in a loop:
              the machine's limit for this work on these CPUs (no framework, no batches moved)
@@ -152,8 +153,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--views", default="", help="optional views, comma-separated (e.g. strong,mask)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--map-batch", type=int, default=16, help="rows per Ray Data map_batches call")
+    parser.add_argument("--map-batch", type=int, default=None,
+                        help="rows per Ray Data map_batches call (default: the product's MAP_BATCH_SIZE)")
     parser.add_argument("--map-cpus", default="", help="also CPUs per Ray Data decode task, comma-separated")
+    parser.add_argument("--map-batches", default="", help="also rows per map_batches call, comma-separated")
     parser.add_argument("--data", default="", help="reuse shards here (written if absent)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -176,15 +179,18 @@ def main() -> None:
 
     import ray
 
-    from wsss.platform.data import train_dataset
+    from wsss.platform.data import MAP_BATCH_SIZE, train_dataset
     from wsss.platform.runtime import ensure_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     ensure_ray(num_cpus=args.cpus)  # as every wsss command starts a local Ray
+    args.map_batch = args.map_batch or MAP_BATCH_SIZE
     variants = {"ray": {}, "ray-reserve": {"reserve_cpus": True}}  # the product; Ray Data's CPU reservation
     variants.update({f"ray{c:g}": {"map_cpus": float(c)} for c in args.map_cpus.split(",") if c})
-    ray_data = {name: train_dataset(data, "train", augment, num_classes=num_classes, map_batch_size=args.map_batch,
-                                    **options) for name, options in variants.items()}
+    variants.update({f"ray-mb{b}": {"map_batch_size": int(b)} for b in args.map_batches.split(",") if b})
+    ray_data = {name: train_dataset(data, "train", augment, num_classes=num_classes,
+                                    **({"map_batch_size": args.map_batch} | options))
+                for name, options in variants.items()}
     loader_data = ShardIterable(files, TrainTransform(augment, num_classes), columns, args.batch, seed=augment.seed)
 
     def loader(epoch):
