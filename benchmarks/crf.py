@@ -7,9 +7,9 @@ benchmark images, blurred and noisy CAMs of their classes), go through
 `wsss.platform.pseudo_labels.CRFStage` on Ray Data in a fixed pool of 1, then 2 actors
 (one CPU each), at the job's rows per call or at each of --batches. Throughput is steady
 state: rows after the first output / time from the first output to the last, so actor
-start-up (importing torch) does not count. Rounds
-alternate the pool sizes so that load from other processes hits both alike; the best round
-of each counts. Goal: 2 actors / 1 actor ≥ 1.8 on 2 cores.
+start-up (importing torch) does not count. Rounds alternate the pool sizes so that load
+from other processes hits both alike; the best round of each counts. Goal: 2 actors /
+1 actor ≥ 1.8 on 2 cores.
 
 The machine's own limit is measured beside it: the same `CRFStage` called in a loop by 1,
 then 2 plain processes (no Ray), each on every other row. If 2 bare processes do not reach

@@ -32,10 +32,11 @@ from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import Manifest, read_manifest, verify_checksums
 
-# Rows per decode/augment call. Each call costs Ray Data ~15-40 ms of fetching, putting and
-# dispatching beside ~3 ms of work per image: 64 rows gave 13% more images/s than 16 and
-# no less than 128 (benchmarks/ingest.py --map-batch). A block of 64 uint8 320² crops is
-# ~26 MB (the training worker normalises).
+# Rows per decode/augment call. Ray Data waits between calls (fetch, put, dispatch: 12-15 ms
+# median in the CRF actors) next to ~3 ms of decoding per image: 64 rows gave 8% more
+# images/s and 13% more per CPU-second than 16, and 128 no more than 64
+# (benchmarks/ingest.py --map-batches 16). 64 uint8 320² crops are ~26 MB (the training
+# worker normalises).
 MAP_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 16  # evaluation rows keep their original size (Cityscapes: 6 MB each)
 # Reading a shard is light I/O next to decoding its images. A fractional CPU keeps read

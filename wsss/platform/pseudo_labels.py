@@ -56,9 +56,9 @@ GROUND_TRUTH = "ground-truth"
 DEFAULT_THRESHOLD = 0.25  # crf background score when neither --threshold nor the checkpoint gives one
 IMAGE_COLUMNS = ["id", "image", "labels", "height", "width", "mask"]
 ROWS_PER_CALL = 8  # rows the CAM actor emits at a time: small blocks keep the CRF actors busy early
-# Rows per CRF call. Between calls an actor waits ~15-40 ms for Ray Data (input fetch,
-# output put, dispatch); at one 256² image per call (~90 ms of CRF) that idled 2 actors
-# 30% of the time (benchmarks/crf.py --batches 1,4).
+# Rows per CRF call. Between calls an actor waits for Ray Data (input fetch, output put,
+# dispatch: 12-15 ms median, up to 150 ms); at one 256² image per call (~90 ms of CRF)
+# that idled 2 actors 30% of the time (benchmarks/crf.py --batches 1,4).
 CRF_BATCH_SIZE = 4
 
 
