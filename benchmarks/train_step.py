@@ -128,10 +128,10 @@ def ray_vs_plain(args) -> dict:
     for threads in sorted({1, torch.get_num_threads()}):
         torch.set_num_threads(threads)
         _, history = train_plain(TrainConfig(**common))
-        plain[threads] = history[-1]["epoch_time_s"]  # the second epoch: start-up excluded
+        plain[threads] = history[-1]  # the second epoch: start-up excluded
     ray.init(num_cpus=os.cpu_count(), configure_logging=False, log_to_driver=False)
-    ray_epoch = fit(TrainConfig(name="bench", **common)).metrics["epoch_time_s"]
-    return {"ray_epoch_s": ray_epoch, "ray_threads": cpu_threads(0, 1), "plain_epoch_s": plain}
+    ray_epoch = fit(TrainConfig(name="bench", **common)).metrics
+    return {"ray": ray_epoch, "ray_threads": cpu_threads(0, 1), "plain": plain}
 
 
 def main() -> None:
@@ -168,11 +168,16 @@ def main() -> None:
               f"{row['gflop']:.1f} | {row['gflop'] / ref['gflop']:.2f} |")
     if args.ray_vs_plain:
         timing = ray_vs_plain(args)
-        ray_epoch = timing["ray_epoch_s"]
+        ray_epoch = timing["ray"]
+
+        def parts(epoch: dict) -> str:  # waiting for input vs the rest (the steps)
+            return f"{epoch['input_wait_s']:.2f} s waiting for input, {epoch['epoch_time_s'] - epoch['input_wait_s']:.1f} s in steps"
+
         print(f"epoch time after start-up: Ray Train (1 worker, {timing['ray_threads']} torch thread(s)) "
-              f"{ray_epoch:.1f} s")
-        for threads, plain in timing["plain_epoch_s"].items():
-            print(f"  plain loop, {threads} torch thread(s): {plain:.1f} s -> Ray / plain {ray_epoch / plain:.2f}")
+              f"{ray_epoch['epoch_time_s']:.1f} s ({parts(ray_epoch)})")
+        for threads, plain in timing["plain"].items():
+            print(f"  plain loop, {threads} torch thread(s): {plain['epoch_time_s']:.1f} s ({parts(plain)}) "
+                  f"-> Ray / plain {ray_epoch['epoch_time_s'] / plain['epoch_time_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def test_train_evaluate_resume_and_stop_on_divergence(ray_local, shards, tmp_pat
     result = fit(tiny(shards, tmp_path))
     assert result.metrics["epoch"] == 2 and result.metrics["resumed_from_epoch"] == 0
     assert 0 <= result.metrics["miou"] <= 1 and result.metrics["images_per_s"] > 0
+    assert 0 < result.metrics["input_wait_s"] < result.metrics["epoch_time_s"]
     info = json.loads((Path(result.checkpoint.path) / "checkpoint.json").read_text())
     assert info["epoch"] == 2
 

@@ -59,6 +59,7 @@ class EpochStats:
     steps: int = 0
     images: int = 0
     seconds: float = 0.0
+    input_wait_seconds: float = 0.0  # in `next(batches)`: high means the input pipeline limits training
     terms: dict[str, float] = field(default_factory=dict)
     notes: dict[str, float] = field(default_factory=dict)
 
@@ -76,6 +77,7 @@ class EpochStats:
         out["loss"] = sum(self.terms.values()) / max(1, self.steps)
         out["images_per_s"] = self.images / max(self.seconds, 1e-9)
         out["epoch_time_s"] = self.seconds
+        out["input_wait_s"] = self.input_wait_seconds
         return out
 
 
@@ -106,7 +108,13 @@ def train_epoch(method: Method, optimizer, batches: Iterable[dict], *, config: T
     use_amp = config.amp and device.type == "cuda"
     total_steps = steps_per_epoch * config.epochs
     start = time.perf_counter()
-    for batch in batches:
+    iterator = iter(batches)
+    while True:
+        waiting_since = time.perf_counter()
+        batch = next(iterator, None)
+        stats.input_wait_seconds += time.perf_counter() - waiting_since
+        if batch is None:
+            break
         batch = model_inputs(batch, device)
         progress = Progress(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, epochs=config.epochs)
         lr = set_poly_lr(optimizer, config, step, total_steps)
