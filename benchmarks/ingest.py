@@ -186,7 +186,7 @@ def main() -> None:
     ensure_ray(num_cpus=args.cpus)  # as every wsss command starts a local Ray
     args.map_batch = args.map_batch or MAP_BATCH_SIZE
     variants = {"ray": {}, "ray-reserve": {"reserve_cpus": True}}  # the product; Ray Data's CPU reservation
-    variants.update({f"ray{c:g}": {"map_cpus": float(c)} for c in args.map_cpus.split(",") if c})
+    variants.update({f"ray{float(c):g}": {"map_cpus": float(c)} for c in args.map_cpus.split(",") if c})
     variants.update({f"ray-mb{b}": {"map_batch_size": int(b)} for b in args.map_batches.split(",") if b})
     ray_data = {name: train_dataset(data, "train", augment, num_classes=num_classes,
                                     **({"map_batch_size": args.map_batch} | options))

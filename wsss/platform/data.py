@@ -43,6 +43,11 @@ EVAL_BATCH_SIZE = 16  # evaluation rows keep their original size (Cityscapes: 6 
 # tasks from fusing with the decode tasks, so decoding spreads over every CPU however
 # few shard files there are.
 READ_CPUS = 0.25
+# A decode task asks for 0.75 CPU so that a read task still fits beside the decoders: at 1
+# CPU, 2 decoders filled 2 CPUs and each read waited for one of them to finish, starving
+# them in turn (benchmarks/ingest.py --map-cpus 1: 4-15% fewer images/s per round on 2
+# CPUs). 0.5 ran 4 decoders on 2 cores and lost more than it won.
+MAP_CPUS = 0.75
 
 
 def _read_blocks(uri: str, columns: Sequence[str], label_uri: str | None, rows_per_block: int) -> Iterator[pa.Table]:
@@ -109,7 +114,7 @@ def _open(data_uri: str, split: str, verify: bool) -> Manifest:
 
 def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_classes: int,
                   label_uri: str | None = None, verify: bool = True,
-                  map_batch_size: int = MAP_BATCH_SIZE, map_cpus: float = 1.0,
+                  map_batch_size: int = MAP_BATCH_SIZE, map_cpus: float = MAP_CPUS,
                   reserve_cpus: bool = False) -> ray.data.Dataset:
     """Augmented training batches (keys of `wsss.methods.base`) streamed from shards.
 
