@@ -46,7 +46,8 @@ READ_CPUS = 0.25
 # A decode task asks for 0.75 CPU so that a read task still fits beside the decoders: at 1
 # CPU, 2 decoders filled 2 CPUs and each read waited for one of them to finish, starving
 # them in turn (benchmarks/ingest.py --map-cpus 1 on 2 CPUs: 8-15% fewer images/s, best
-# of rounds, in 3 runs). 0.5 ran 4 decoders on 2 cores and lost more than it won.
+# of rounds, in 3 runs). 0.5 ran 4 decoders on 2 cores and lost more than it won. On N
+# CPUs up to 4N/3 decoders may run: not measured beyond 2 CPUs.
 MAP_CPUS = 0.75
 
 
