@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                    # methods: cam lnl cam+fsae lnl+fsae
     python benchmarks/train_step.py --ray-vs-plain     # also one epoch on shards, Ray Train vs plain
     python benchmarks/train_step.py --rounds 3         # interleaved rounds, best step of each method
+    python benchmarks/train_step.py --cpu-amp          # also every method in bfloat16 autocast on CPU
 
 Every method is measured in its own fresh process (peak memory: CUDA max allocated on
 GPU, else the process's peak RSS above its level after building the model), on the same
@@ -64,7 +65,7 @@ def measure_step(spec: str, args: dict, queue) -> None:
 
     def train_step(step: int) -> None:
         progress = Progress(epoch=5, step=100 + step, steps_per_epoch=100, epochs=10)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or args["cpu_amp"]):
             loss = sum(method.training_step(data, progress).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,8 +86,8 @@ def measure_step(spec: str, args: dict, queue) -> None:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
     with FlopCounterMode(display=False) as counter:  # one more step, counted: a machine-independent cost
         train_step(args["warmup"] + args["steps"])
-    queue.put({"method": spec, "os": args["os"], "step_s": statistics.median(times), "peak_mb": peak_mb,
-               "gflop": counter.get_total_flops() / 1e9})
+    queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "step_s": statistics.median(times),
+               "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9})
 
 
 def in_fresh_process(target, *arguments):
@@ -146,26 +147,39 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each method's best is kept")
     parser.add_argument("--ray-vs-plain", action="store_true")
+    parser.add_argument("--cpu-amp", action="store_true", help="also measure every method with `cpu_amp` (CPU only)")
     parser.add_argument("--images", type=int, default=256, help="images in the Ray vs plain epoch")
     args = parser.parse_args()
     settings = dict(backbone=args.backbone, size=args.size, batch=args.batch, classes=args.classes,
-                    os=args.os, steps=args.steps, warmup=args.warmup)
+                    os=args.os, steps=args.steps, warmup=args.warmup, cpu_amp=False)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
           f"load {os.getloadavg()[0]:.1f}; {json.dumps(settings)}")
     runs = [(spec, settings) for spec in dict.fromkeys(["cam", *args.methods.split(",")])]
     if "lnl" in args.methods.split(",") and args.os == 16:
         runs += [("cam", settings | {"os": 8}), ("lnl", settings | {"os": 8})]
+    if args.cpu_amp:
+        runs += [(spec, run_settings | {"cpu_amp": True}) for spec, run_settings in runs]
     # Interleaved rounds, best of each: load that comes and goes hits every method alike.
     measured = [in_fresh_process(measure_step, spec, run_settings)
                 for _ in range(args.rounds) for spec, run_settings in runs]
-    rows = [min((r for r in measured if (r["method"], r["os"]) == (spec, run_settings["os"])),
+
+    def setting(run: dict) -> tuple:
+        return run["os"], run["cpu_amp"]
+
+    rows = [min((r for r in measured if r["method"] == spec and setting(r) == setting(run_settings)),
                 key=lambda r: r["step_s"]) for spec, run_settings in runs]
-    print("| method | OS | step s | × cam | peak MB | × cam | GFLOP | × cam |\n|---|---|---|---|---|---|---|---|")
+    print("| method | OS | CPU AMP | step s | × cam | peak MB | × cam | GFLOP | × cam |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        ref = next(r for r in rows if r["method"] == "cam" and r["os"] == row["os"])
-        print(f"| {row['method']} | {row['os']} | {row['step_s']:.3f} | {row['step_s'] / ref['step_s']:.2f} | "
+        ref = next(r for r in rows if r["method"] == "cam" and setting(r) == setting(row))
+        print(f"| {row['method']} | {row['os']} | {'bf16' if row['cpu_amp'] else '-'} | {row['step_s']:.3f} | "
+              f"{row['step_s'] / ref['step_s']:.2f} | "
               f"{row['peak_mb']:.0f} | {row['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} | "
               f"{row['gflop']:.1f} | {row['gflop'] / ref['gflop']:.2f} |")
+    for row in rows:
+        if row["cpu_amp"]:
+            fp32 = next(r for r in rows if r["method"] == row["method"] and setting(r) == (row["os"], False))
+            print(f"{row['method']} OS {row['os']}: bf16 step / float32 step {row['step_s'] / fp32['step_s']:.2f}")
     if args.ray_vs_plain:
         timing = ray_vs_plain(args)
         ray_epoch = timing["ray"]

@@ -4,6 +4,7 @@ builds, trains steps in the plain loop, checkpoints, resumes bit-exactly, export
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -183,6 +184,30 @@ def test_the_loop_logs_and_averages_the_parts_diagnostics():
     assert len(logged) == 2 and all(f"train/{key}" in values for values in logged for key in expected)
     assert "loss/fsae/labelled" not in stats.summary() and stats.summary()["loss"] == pytest.approx(
         sum(v for k, v in stats.summary().items() if k.startswith("loss/")))
+
+
+@pytest.mark.parametrize("spec", compositions())
+def test_method_trains_in_the_loops_bfloat16_autocast(spec):
+    """The AMP path GPU workers take (`amp`), run here through `cpu_amp`, after every warm-up:
+    losses finite, convolutions really in bfloat16, weights still float32 and updated."""
+    from wsss.platform.loop import train_epoch
+
+    method, optimizer, config = make(spec)
+    method.on_fresh_start()
+    generator = torch.Generator().manual_seed(0)
+    batches = [pipeline_batch(fake_batch(spec, generator)) for _ in range(2)]
+    conv_dtypes = set()
+    for module in method.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda _, __, out: conv_dtypes.add(out.dtype))
+    before = {name: p.detach().clone() for name, p in method.named_parameters()}
+    config = config.with_overrides({"cpu_amp": True, "epochs": 4})
+    _, stats = train_epoch(method, optimizer, batches, config=config, epoch=3, step=6, steps_per_epoch=2,
+                           device=torch.device("cpu"), log=lambda values, step: None)
+    assert conv_dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in method.parameters())
+    assert all(math.isfinite(v) for v in stats.summary().values())
+    assert any(not torch.equal(p, before[name]) for name, p in method.named_parameters())
 
 
 def test_a_run_continues_only_with_the_model_it_was_trained_with(tmp_path):

@@ -50,7 +50,8 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (data-parallel replicas)
     device: str = "auto"  # auto (GPU when the cluster has one) | cpu | gpu
     cpu_threads: int = 0  # torch threads per worker training on CPU (0 = the node's cores shared by its workers)
-    amp: bool = True  # mixed precision, on GPU only
+    amp: bool = True  # bfloat16 mixed precision on GPU
+    cpu_amp: bool = False  # the same on CPU: ~2× faster steps on CPUs with AMX (Intel Xeon 4th gen+), slower without
     max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
     seed: int = 0
     eval_every: int = 1  # epochs between single-scale val evaluations (0 = never)

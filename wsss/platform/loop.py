@@ -102,10 +102,10 @@ def train_epoch(method: Method, optimizer, batches: Iterable[dict], *, config: T
                 epoch: int, step: int, steps_per_epoch: int, device: torch.device,
                 log: Callable[[dict, int], None]) -> tuple[int, EpochStats]:
     """One pass over pipeline `batches` (`model_inputs`); returns the global step after it and the epoch's stats.
-    AMP is bfloat16 autocast on GPU: no loss scaling needed, unlike float16."""
+    AMP is bfloat16 autocast (no loss scaling needed, unlike float16): on GPU, and on CPU with `cpu_amp`."""
     method.train()
     stats = EpochStats()
-    use_amp = config.amp and device.type == "cuda"
+    use_amp = config.amp and (device.type == "cuda" or config.cpu_amp)
     total_steps = steps_per_epoch * config.epochs
     start = time.perf_counter()
     iterator = iter(batches)
