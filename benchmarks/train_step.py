@@ -34,14 +34,14 @@ def measure_step(spec: str, args: dict, queue) -> None:
 
     from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method, required_inputs
     from wsss.platform.config import TrainConfig
-    from wsss.platform.loop import make_optimizer
+    from wsss.platform.loop import make_optimizer, uses_amp
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     k, size, batch = args["classes"], args["size"], args["batch"]
     overrides = {"lnl.warmup_epochs": 0} if "lnl" in spec else {}  # measure the full method
     config = TrainConfig(method=spec, data="-", backbone=args["backbone"], output_stride=args["os"],
-                         backbone_weights="none").with_overrides(overrides)
+                         backbone_weights="none", cpu_amp=args["cpu_amp"]).with_overrides(overrides)
     method = build_method(spec, k, config.sections, BackboneConfig(args["backbone"], args["os"], "none"))
     labels = torch.zeros(4, k + 1, dtype=torch.bool)
     labels[:, 0] = True
@@ -65,7 +65,7 @@ def measure_step(spec: str, args: dict, queue) -> None:
 
     def train_step(step: int) -> None:
         progress = Progress(epoch=5, step=100 + step, steps_per_epoch=100, epochs=10)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or args["cpu_amp"]):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_amp(config, device)):
             loss = sum(method.training_step(data, progress).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -98,6 +98,10 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def uses_amp(config: TrainConfig, device: torch.device) -> bool:
+    return config.amp and (device.type == "cuda" or config.cpu_amp)
+
+
 def train_epoch(method: Method, optimizer, batches: Iterable[dict], *, config: TrainConfig,
                 epoch: int, step: int, steps_per_epoch: int, device: torch.device,
                 log: Callable[[dict, int], None]) -> tuple[int, EpochStats]:
@@ -105,7 +109,7 @@ def train_epoch(method: Method, optimizer, batches: Iterable[dict], *, config: T
     AMP is bfloat16 autocast (no loss scaling needed, unlike float16): on GPU, and on CPU with `cpu_amp`."""
     method.train()
     stats = EpochStats()
-    use_amp = config.amp and (device.type == "cuda" or config.cpu_amp)
+    use_amp = uses_amp(config, device)
     total_steps = steps_per_epoch * config.epochs
     start = time.perf_counter()
     iterator = iter(batches)
