@@ -555,6 +555,20 @@ def test_starts_backbone_and_classifier_from_a_cam_checkpoint(tmp_path):
     assert id(method.network.classifier.weight) in groups["backbone"], "a pretrained classifier keeps the low lr"
 
 
+@pytest.mark.parametrize("spec", ["csrm", "csrm+ocr"])
+def test_decoders_train_at_their_own_lr_and_every_parameter_is_in_one_group(spec):
+    method = make_method(spec, decoder_lr_mult=0.2)
+    groups = {g["name"]: g for g in method.param_groups(0.05)}
+    network = method.network
+    decoders = {id(p) for m in (network.segmentation_head, network.representation_head) for p in m.parameters()}
+    assert {id(p) for p in groups["decoders"]["params"]} == decoders
+    assert groups["decoders"]["lr"] == pytest.approx(0.05 * 0.2) and groups["decoders"]["lr_mult"] == 0.2
+    assert {id(p) for p in groups["new"]["params"]} == {id(network.classifier.weight)}, "from scratch: 10×"
+    assert groups["new"]["lr"] == pytest.approx(0.05 * method.new_layer_lr_mult)
+    grouped = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in method.parameters() if p.requires_grad)
+
+
 def test_a_run_started_from_cam_loads_after_the_cam_run_is_gone(tmp_path):
     cam_run = tmp_path / "cam-run"
     cam_run.mkdir()

@@ -92,6 +92,10 @@ class CSRMConfig:
     bank_size: int = 256  # negatives kept per class (the paper: N)
     representation_dim: int = 256  # output channels of the representation branch (Eq. 4)
     ema_max_decay: float = 0.99  # cap of the teacher's EMA decay
+    # lr of the segmentation and representation branches: lr × this (the paper: 10× for new layers).
+    # From scratch at the demo's lr 0.05 that is 0.5, where a DeepLab head learns nothing even from
+    # ground truth (docs/results.md, "Stage 2 at lr 0.001").
+    decoder_lr_mult: float = 10.0
     restrict_to_image_labels: bool = True  # teacher targets of L_s2c/L_u only over bg + image classes (authors' code)
     export: str = "segmentation"  # segmentation: stage 2 labels from `segmentation_logits` (pseudo-labels --mode segmentation); cam: CAMs only
     infer_with: str = "teacher"  # network used for inference: teacher (EMA) or student
@@ -116,6 +120,7 @@ class CSRMConfig:
             check(getattr(self, key) >= 1, key, "must be >= 1")
         check(self.rank_high >= self.rank_low, "rank_high", "must be >= rank_low")
         check(self.temperature > 0, "temperature", "must be > 0")
+        check(self.decoder_lr_mult > 0, "decoder_lr_mult", "must be > 0")
         check(self.export in ("segmentation", "cam"), "export", "must be segmentation or cam")
         check(self.infer_with in ("teacher", "student"), "infer_with", "must be teacher or student")
 
@@ -222,14 +227,20 @@ class CSRM(Method):
         self.teacher.load_state_dict(self.network.state_dict())
 
     def param_groups(self, lr: float) -> list[dict]:
-        """A classifier started from a checkpoint is refined at the backbone's lr (Sec. 3.2.1)."""
+        """Backbone at lr; the decoders at lr × decoder_lr_mult; the classifier at lr × the new-layer
+        multiplier, or at lr when started from a checkpoint (Sec. 3.2.1)."""
         groups = super().param_groups(lr)
+        backbone, new = groups[0], groups[1]
+        decoders = [*self.network.segmentation_head.parameters(), *self.network.representation_head.parameters()]
+        moved = {id(p) for p in decoders}
         if self.config.init_checkpoint:
-            pretrained = list(self.network.classifier.parameters())
-            ids = {id(p) for p in pretrained}
-            groups[0]["params"] = groups[0]["params"] + pretrained
-            groups[1]["params"] = [p for p in groups[1]["params"] if id(p) not in ids]
-        return groups
+            classifier = list(self.network.classifier.parameters())
+            backbone["params"] = backbone["params"] + classifier
+            moved |= {id(p) for p in classifier}
+        new["params"] = [p for p in new["params"] if id(p) not in moved]
+        mult = self.config.decoder_lr_mult
+        decoder_group = {"params": decoders, "lr": lr * mult, "lr_mult": mult, "name": "decoders"}
+        return [backbone, *([new] if new["params"] else []), decoder_group]
 
     # ---- schedules -----------------------------------------------------------------
     def _warmup_steps(self, progress: Progress) -> int:
