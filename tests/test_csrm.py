@@ -487,6 +487,7 @@ def test_trains_from_real_shards_with_the_crf_reading_the_pipelines_uint8_image(
     assert set(losses) == {"loss/cls", "loss/seg", "loss/s2c", "loss/unsup", "loss/contrast"}
     assert all(math.isfinite(value) and value > 0 for value in losses.values()), losses
     assert 0 < history[0]["csrm/crf_labelled_fg"] < 1
+    assert history[0]["csrm/crf_wait_s"] > 0, "CRF in the training process: all of it is waiting"
 
 
 def test_teacher_and_bank_survive_a_state_dict_round_trip():

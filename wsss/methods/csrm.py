@@ -193,6 +193,7 @@ class _Step:
         self.cpu_generator = torch.Generator().manual_seed(seed)
         self.device_generator = torch.Generator(device=device).manual_seed(seed)
         self.pseudo_labels = None  # PendingPseudoLabels
+        self.crf_wait_before = 0.0  # the labeler's wait_seconds when this step submitted its CRFs
         self.teacher_probs = self.teacher_targets = self.teacher_rep = self.mix_masks = None
 
 
@@ -277,6 +278,7 @@ class CSRM(Method):
         step = self._step
         images = batch["image"]
         valid = _valid(batch)
+        step.crf_wait_before = self.pseudo_labeler.wait_seconds
         with torch.no_grad():
             features = self.teacher.backbone(images)
             cam_logits = self.teacher.classifier(features["high"])
@@ -336,7 +338,8 @@ class CSRM(Method):
         pseudo_labels = step.pseudo_labels.result(batch["image"].device)  # last: the CRF ran meanwhile
         terms["seg"] = segmentation_loss(student["seg_logits"], pseudo_labels)
         labelled = pseudo_labels != IGNORE_INDEX
-        self.note(crf_labelled_fg=(labelled & (pseudo_labels > 0)).sum() / labelled.sum().clamp_min(1))
+        self.note(crf_labelled_fg=(labelled & (pseudo_labels > 0)).sum() / labelled.sum().clamp_min(1),
+                  crf_wait_s=torch.tensor(self.pseudo_labeler.wait_seconds - step.crf_wait_before))
         if warming_up:
             zero = terms["cls"].new_zeros(())
             return {**terms, "s2c": zero, "unsup": zero, "contrast": zero}
