@@ -91,3 +91,6 @@ def test_demo_overrides_reach_every_run():
     assert demo_config("cam", "d", "r", "demo", None).output_stride == 16
     config = demo_config("lnl", "d", "r", "demo", 2, seed=1, overrides={"output_stride": "8", "lnl.eta": "0.5"})
     assert (config.output_stride, config.epochs, config.seed, config.sections["lnl"].eta) == (8, 2, 1, 0.5)
+    assert demo_config("csrm+ocr", "d", "r", "demo", None).sections["csrm"].decoder_lr_mult == 0.2
+    mine = demo_config("csrm", "d", "r", "demo", None, overrides={"csrm.decoder_lr_mult": "10"})
+    assert mine.sections["csrm"].decoder_lr_mult == 10, "the user's override wins"
