@@ -75,7 +75,7 @@ def test_paper_parameters_are_swept():
     assert params["lnl.tau"].log and params["fsae.kernel"].choices == (1, 3, 5, 7)
     assert {"ocr.delta", "ocr.t", "ocr.alpha"} <= {p.name for p in PART_SPACES["ocr"]}
     assert {"csrm.temperature", "csrm.negatives_per_query", "csrm.queries_per_class", "csrm.fg_threshold",
-            "csrm.bg_threshold", "csrm.rank_low", "csrm.rank_high"} <= {p.name for p in PART_SPACES["csrm"]}
+            "csrm.bg_threshold", "csrm.rank_low", "csrm.rank_high", "csrm.decoder_lr_mult"} <= {p.name for p in PART_SPACES["csrm"]}
 
 
 def test_erosion_kernels_are_odd():

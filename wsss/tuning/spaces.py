@@ -160,6 +160,7 @@ PART_SPACES: dict[str, tuple[Param, ...]] = {
         _p("csrm.rank_low", "int", 1, 5),  # γ_l = 3
         _p("csrm.rank_high", "int", 2, 10, above="csrm.rank_low"),  # γ_h = 6, above γ_l
         _p("csrm.warmup_epochs", "float", 0.0, 3.0),  # 1 (authors' code)
+        _p("csrm.decoder_lr_mult", "float", 0.02, 20.0, log=True),  # 10 (paper); 0.2 in the demo (docs/results.md)
     ),
 }
 
