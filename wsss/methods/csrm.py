@@ -93,8 +93,8 @@ class CSRMConfig:
     representation_dim: int = 256  # output channels of the representation branch (Eq. 4)
     ema_max_decay: float = 0.99  # cap of the teacher's EMA decay
     # lr of the segmentation and representation branches: lr × this (the paper: 10× for new layers).
-    # From scratch at the demo's lr 0.05 that is 0.5, where a DeepLab head learns nothing even from
-    # ground truth (docs/results.md, "Stage 2 at lr 0.001").
+    # At lr 0.05 that is 0.5, where a DeepLab head learns nothing even from ground truth, so
+    # `wsss demo` sets 0.2 (docs/results.md).
     decoder_lr_mult: float = 10.0
     restrict_to_image_labels: bool = True  # teacher targets of L_s2c/L_u only over bg + image classes (authors' code)
     export: str = "segmentation"  # segmentation: stage 2 labels from `segmentation_logits` (pseudo-labels --mode segmentation); cam: CAMs only
