@@ -71,12 +71,13 @@ def make(spec: str):
     return method, make_optimizer(method, config), config
 
 
-def train_steps(method, optimizer, spec, steps, start=0, epochs=2):
+def train_steps(method, optimizer, spec, steps, start=0, epochs=2, device=torch.device("cpu")):
     generator = torch.Generator().manual_seed(1000 + start)
     history = []
     for step in range(start, start + steps):
         progress = Progress(epoch=step // 2, step=step, steps_per_epoch=2, epochs=epochs)
-        terms = method.training_step(fake_batch(spec, generator), progress)
+        batch = {key: value.to(device) for key, value in fake_batch(spec, generator).items()}
+        terms = method.training_step(batch, progress)
         loss = sum(terms.values())
         assert torch.isfinite(loss), (spec, step, terms)
         optimizer.zero_grad(set_to_none=True)
@@ -84,7 +85,8 @@ def train_steps(method, optimizer, spec, steps, start=0, epochs=2):
         optimizer.step()
         method.after_step(progress)
         notes = method.step_notes()
-        assert all(v.dim() == 0 and not v.requires_grad and 0 <= v <= 1 for v in notes.values()), notes
+        # shares, and seconds: csrm/crf_wait_s passes 1 s while its CRF process starts on a busy machine
+        assert all(v.dim() == 0 and not v.requires_grad and 0 <= v < math.inf for v in notes.values()), notes
         history.append({k: float(v.detach()) for k, v in terms.items()})
     return history
 
