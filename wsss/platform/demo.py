@@ -15,10 +15,7 @@ import numpy as np
 from wsss.datasets.prepare import prepare
 from wsss.datasets.shards import read_manifest
 from wsss.platform.config import TrainConfig
-from wsss.platform.evaluate import evaluate_checkpoint
 from wsss.platform.metrics import miou
-from wsss.platform.runtime import ensure_ray
-from wsss.platform.train import fit, wandb_dir
 
 # Small enough for 2 CPUs in minutes, big enough for CAMs to mean something. Output stride
 # 16, not 8: a CPU step costs half as much, so the demo fits its 10 minutes on the slower
@@ -67,6 +64,11 @@ def run_demo(out: str = "wsss-demo", methods=("cam",), epochs: int | None = None
              seeds: int = 1, overrides: dict | None = None) -> list[dict]:
     """Train and evaluate every method with `seeds` seeds, each config with `overrides`
     (`key` / `section.key`) applied; prints and returns the table rows."""
+    # Ray only here: demo_config also serves where Ray is not installed (benchmarks/gpu_train.py)
+    from wsss.platform.evaluate import evaluate_checkpoint
+    from wsss.platform.runtime import ensure_ray
+    from wsss.platform.train import fit, wandb_dir
+
     out_dir = Path(out).absolute()
     data = str(out_dir / "shards")
     configs = [demo_config(m, data, str(out_dir / "runs"), preset, epochs, seed, overrides)  # validate all first

@@ -17,8 +17,9 @@ from wsss.platform.loop import augment_config, epoch_metrics, evaluate_rows, mak
 
 
 def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | None = None,
-                log=lambda values, step: None) -> tuple[Method, list[dict]]:
-    """Train `config` in this process; returns the method and each epoch's metrics."""
+                log=lambda values, step: None, on_epoch=lambda metrics: None) -> tuple[Method, list[dict]]:
+    """Train `config` in this process; returns the method and each epoch's metrics, also
+    handed to `on_epoch` as each epoch ends."""
     manifest = read_manifest(config.data)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
@@ -43,4 +44,5 @@ def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | N
                                        num_classes=manifest.num_classes, device=device,
                                        max_images=config.eval_max_images)
         history.append(epoch_metrics(stats, validation, epoch))
+        on_epoch(history[-1])
     return method, history
