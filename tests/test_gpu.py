@@ -20,9 +20,9 @@ GPU = torch.device("cuda")
 CLASSES = {"classes": ["background", "a", "b", "c"]}
 
 
-def make_on_gpu(spec: str):
+def make_on_gpu(spec: str, overrides: dict | None = None):
     """`make`, moved to the GPU before its optimiser is built, as the training function does."""
-    method, _, config = make(spec)
+    method, _, config = make(spec, overrides)
     method.to(GPU)
     return method, make_optimizer(method, config), config
 
@@ -55,16 +55,17 @@ def test_method_trains_on_the_gpu_in_bfloat16_with_all_its_state_there(spec):
     assert tensors_off_the_gpu(method) == []
 
 
-@pytest.mark.parametrize("spec", compositions())
-def test_method_resumes_exactly_on_the_gpu(spec, tmp_path):
-    """The contract test's resume, on the device: the methods' own random draws replay
-    from their per-step seeds, not from the CUDA RNG, which checkpoints do not hold."""
-    method, optimizer, config = make_on_gpu(spec)
+@pytest.mark.parametrize("spec,overrides", [*((spec, {}) for spec in compositions()),
+                                             ("deeplab", {"deeplab.variant": "v3plus"})])  # ASPP dropout
+def test_method_resumes_exactly_on_the_gpu(spec, overrides, tmp_path):
+    """The contract test's resume, on the device: `csrm` seeds its own draws per step, and
+    dropout elsewhere draws from the CUDA generator, whose state the checkpoint holds."""
+    method, optimizer, config = make_on_gpu(spec, overrides)
     train_steps(method, optimizer, spec, steps=2, device=GPU)
     save_checkpoint(tmp_path, method, optimizer, epoch=1, step=2, config=config.to_dict(), dataset=CLASSES)
     continued = train_steps(method, optimizer, spec, steps=2, start=2, device=GPU)
 
-    resumed, resumed_optimizer, _ = make_on_gpu(spec)
+    resumed, resumed_optimizer, _ = make_on_gpu(spec, overrides)
     assert restore(load_state(tmp_path), resumed, resumed_optimizer) == (1, 2)
     assert tensors_off_the_gpu(resumed) == []
     replayed = train_steps(resumed, resumed_optimizer, spec, steps=2, start=2, device=GPU)

@@ -62,10 +62,10 @@ def stats() -> DatasetStats:
     return DatasetStats(num_images=3, image_labels=labels)
 
 
-def make(spec: str):
+def make(spec: str, overrides: dict | None = None):
     torch.manual_seed(0)
     config = TrainConfig(method=spec, data="unused", pseudo_labels="unused", backbone="resnet18",
-                         backbone_weights="none", lr=0.01)
+                         backbone_weights="none", lr=0.01).with_overrides(overrides or {})
     method = build_method(spec, K, config.sections, TINY)
     method.on_dataset(stats())
     return method, make_optimizer(method, config), config

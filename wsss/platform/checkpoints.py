@@ -32,7 +32,9 @@ def save_checkpoint(directory: str | Path, method, optimizer, *, epoch: int, ste
     directory = Path(directory)
     torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epoch, "step": step, "config": config, "dataset": dataset,
-                "torch_rng": torch.get_rng_state()},
+                "torch_rng": torch.get_rng_state(),
+                # dropout on a GPU draws from the device's own generator
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                directory / STATE_FILE)
     info = {"epoch": epoch, "step": step, "metrics": metrics or {},
             **{key: config[key] for key in MODEL_KEYS}}
@@ -55,6 +57,8 @@ def restore(state: dict, method, optimizer=None) -> tuple[int, int]:
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
     return state["epoch"], state["step"]
 
 
