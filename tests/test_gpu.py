@@ -4,15 +4,14 @@ the same CAMs on a CPU. Skipped without a GPU; `benchmarks/gpu_check.sh` runs th
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from tests.test_method_contract import K, SIZE, compositions, fake_batch, make, pipeline_batch, train_steps
+from tests.test_method_contract import K, SIZE, check_bfloat16_epoch, compositions, make, train_steps
 from wsss.platform.checkpoints import load_method, load_state, restore, save_checkpoint
-from wsss.platform.loop import evaluate_rows, make_optimizer, train_epoch
+from wsss.platform.loop import evaluate_rows, make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs these on one)")
@@ -38,20 +37,8 @@ def test_method_trains_on_the_gpu_in_bfloat16_with_all_its_state_there(spec):
     (`model_inputs`), bfloat16 autocast (`amp`, on by default), teachers, banks and CRF
     pseudo-labels fed from device tensors."""
     method, optimizer, config = make_on_gpu(spec)
-    method.on_fresh_start()
-    generator = torch.Generator().manual_seed(0)
-    batches = [pipeline_batch(fake_batch(spec, generator)) for _ in range(2)]
-    conv_dtypes = set()
-    for module in method.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            module.register_forward_hook(lambda _, __, out: conv_dtypes.add(out.dtype))
-    before = {name: p.detach().clone() for name, p in method.named_parameters()}
-    _, stats = train_epoch(method, optimizer, batches, config=config.with_overrides({"epochs": 4}), epoch=3,
-                           step=6, steps_per_epoch=2, device=GPU, log=lambda values, step: None)
-    assert config.amp and conv_dtypes == {torch.bfloat16}
-    assert all(p.dtype == torch.float32 for p in method.parameters())
-    assert all(math.isfinite(v) for v in stats.summary().values()), stats.summary()
-    assert any(not torch.equal(p, before[name]) for name, p in method.named_parameters())
+    assert config.amp
+    check_bfloat16_epoch(method, optimizer, config, spec, GPU)
     assert tensors_off_the_gpu(method) == []
 
 

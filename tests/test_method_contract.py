@@ -188,13 +188,11 @@ def test_the_loop_logs_and_averages_the_parts_diagnostics():
         sum(v for k, v in stats.summary().items() if k.startswith("loss/")))
 
 
-@pytest.mark.parametrize("spec", compositions())
-def test_method_trains_in_the_loops_bfloat16_autocast(spec):
-    """The AMP path GPU workers take (`amp`), run here through `cpu_amp`, after every warm-up:
-    losses finite, convolutions really in bfloat16, weights still float32 and updated."""
+def check_bfloat16_epoch(method, optimizer, config, spec: str, device: torch.device) -> None:
+    """Two pipeline batches through the loop after every warm-up, under bfloat16 autocast:
+    convolutions really in bfloat16, weights still float32 and updated, losses finite."""
     from wsss.platform.loop import train_epoch
 
-    method, optimizer, config = make(spec)
     method.on_fresh_start()
     generator = torch.Generator().manual_seed(0)
     batches = [pipeline_batch(fake_batch(spec, generator)) for _ in range(2)]
@@ -203,13 +201,19 @@ def test_method_trains_in_the_loops_bfloat16_autocast(spec):
         if isinstance(module, torch.nn.Conv2d):
             module.register_forward_hook(lambda _, __, out: conv_dtypes.add(out.dtype))
     before = {name: p.detach().clone() for name, p in method.named_parameters()}
-    config = config.with_overrides({"cpu_amp": True, "epochs": 4})
-    _, stats = train_epoch(method, optimizer, batches, config=config, epoch=3, step=6, steps_per_epoch=2,
-                           device=torch.device("cpu"), log=lambda values, step: None)
+    _, stats = train_epoch(method, optimizer, batches, config=config.with_overrides({"epochs": 4}), epoch=3,
+                           step=6, steps_per_epoch=2, device=device, log=lambda values, step: None)
     assert conv_dtypes == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in method.parameters())
-    assert all(math.isfinite(v) for v in stats.summary().values())
+    assert all(math.isfinite(v) for v in stats.summary().values()), stats.summary()
     assert any(not torch.equal(p, before[name]) for name, p in method.named_parameters())
+
+
+@pytest.mark.parametrize("spec", compositions())
+def test_method_trains_in_the_loops_bfloat16_autocast(spec):
+    """The AMP path GPU workers take (`amp`), run here through `cpu_amp`."""
+    method, optimizer, config = make(spec)
+    check_bfloat16_epoch(method, optimizer, config.with_overrides({"cpu_amp": True}), spec, torch.device("cpu"))
 
 
 def test_a_run_continues_only_with_the_model_it_was_trained_with(tmp_path):
