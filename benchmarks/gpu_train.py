@@ -25,6 +25,13 @@ from wsss.platform.demo import demo_config
 from wsss.platform.plain import train_plain
 
 
+def print_epoch(metrics: dict) -> None:
+    cams = f"{100 * metrics['miou']:.2f} ({metrics['threshold']:.2f})" if "threshold" in metrics else "-"
+    seg = f"{100 * metrics['seg_miou']:.2f}" if "seg_miou" in metrics else "-"
+    print(f"| {metrics['epoch']} | {cams} | {seg} | {metrics['epoch_time_s']:.1f} | "
+          f"{metrics['images_per_s']:.0f} | {metrics['loss']:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="cam,csrm")
@@ -51,14 +58,7 @@ def main() -> None:
             print(f"\n{method} seed {seed}: backbone {config.backbone}, OS {config.output_stride}, "
                   f"crop {config.crop_size}, batch {config.batch_size}, lr {config.lr}, amp {config.amp}")
             print("| epoch | CAM val mIoU (threshold) | seg_miou | epoch s | images/s | loss |\n|---|---|---|---|---|---|")
-
-            def report(metrics: dict) -> None:
-                cams = f"{100 * metrics['miou']:.2f} ({metrics['threshold']:.2f})" if "threshold" in metrics else "-"
-                seg = f"{100 * metrics['seg_miou']:.2f}" if "seg_miou" in metrics else "-"
-                print(f"| {metrics['epoch']} | {cams} | {seg} | {metrics['epoch_time_s']:.1f} | "
-                      f"{metrics['images_per_s']:.0f} | {metrics['loss']:.3f} |", flush=True)
-
-            train_plain(config, loader_workers=args.loader_workers, device=device, on_epoch=report)
+            train_plain(config, loader_workers=args.loader_workers, device=device, on_epoch=print_epoch)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 
 import numpy as np
 import torch
-
 import torch.nn.functional as F
 
 from wsss.datasets.reading import eval_rows

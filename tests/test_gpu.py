@@ -4,7 +4,6 @@ the same CAMs on a CPU. Skipped without a GPU; `benchmarks/gpu_check.sh` runs th
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -80,7 +79,7 @@ def test_a_gpu_checkpoint_serves_the_same_cams_on_a_cpu(spec, tmp_path):
 
 @pytest.mark.parametrize("spec", ["cam", "csrm"])
 def test_validation_runs_on_the_gpu(spec):
-    """The per-epoch validation on the device: the CAM threshold sweep (`cam`) and the
+    """The per-epoch validation on the device: the CAM threshold sweep (both) and the
     segmentation branch's confusion (`csrm`), counting every valid pixel once."""
     method, _, _ = make_on_gpu(spec)
     rng = np.random.default_rng(0)
@@ -89,7 +88,6 @@ def test_validation_runs_on_the_gpu(spec):
              "labels": np.array([1, 0, 1], dtype=np.float32)} for i in range(3)]
     validation = evaluate_rows(method, rows, num_classes=K, device=GPU)
     pixels = 3 * SIZE * (SIZE + 8)
-    if validation.cams is not None:
-        assert (validation.cams.sum(axis=(1, 2)) == pixels).all()
+    assert validation.cams is not None and (validation.cams.sum(axis=(1, 2)) == pixels).all()
     if spec == "csrm":
-        assert validation.segmentation.sum() == pixels
+        assert validation.segmentation is not None and validation.segmentation.sum() == pixels
