@@ -9,6 +9,7 @@ documented shard schema), then measures images/s of the same decode + augment
   ray        `wsss.platform.data.train_dataset` → `iter_torch_batches`, Ray with --cpus CPUs
   ray-reserve  the same with Ray Data's per-operator CPU reservation (its default)
   rayX       the same with X CPUs per decode task (--map-cpus 0.5 adds ray0.5)
+  ray-readX  the same with X CPUs per read task (--read-cpus 0.25 adds ray-read0.25)
   ray-mbN    the same with N rows per decode call (--map-batches 16 adds ray-mb16)
   loader     torch DataLoader over `wsss.datasets.loader.ShardIterable`, --cpus workers
   bare×n     --cpus plain processes, each reading + transforming every n-th shard in a loop:
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--map-batch", type=int, default=None,
                         help="rows per Ray Data map_batches call (default: the product's MAP_BATCH_SIZE)")
     parser.add_argument("--map-cpus", default="", help="also CPUs per Ray Data decode task, comma-separated")
+    parser.add_argument("--read-cpus", default="", help="also CPUs per Ray Data read task, comma-separated")
     parser.add_argument("--map-batches", default="", help="also rows per map_batches call, comma-separated")
     parser.add_argument("--data", default="", help="reuse shards here (written if absent)")
     args = parser.parse_args()
@@ -187,6 +189,7 @@ def main() -> None:
     args.map_batch = args.map_batch or MAP_BATCH_SIZE
     variants = {"ray": {}, "ray-reserve": {"reserve_cpus": True}}  # the product; Ray Data's CPU reservation
     variants.update({f"ray{float(c):g}": {"map_cpus": float(c)} for c in args.map_cpus.split(",") if c})
+    variants.update({f"ray-read{float(c):g}": {"read_cpus": float(c)} for c in args.read_cpus.split(",") if c})
     variants.update({f"ray-mb{b}": {"map_batch_size": int(b)} for b in args.map_batches.split(",") if b})
     ray_data = {name: train_dataset(data, "train", augment, num_classes=num_classes,
                                     **({"map_batch_size": args.map_batch} | options))

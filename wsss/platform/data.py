@@ -39,14 +39,23 @@ from wsss.datasets.shards import Manifest, read_manifest, verify_checksums
 # worker normalises).
 MAP_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 16  # evaluation rows keep their original size (Cityscapes: 6 MB each)
-# Reading a shard is light I/O next to decoding its images. A fractional CPU keeps read
-# tasks from fusing with the decode tasks, so decoding spreads over every CPU however
-# few shard files there are.
-READ_CPUS = 0.25
-# A decode task asks for 0.75 CPU so that a read task still fits beside the decoders: at 1
-# CPU, 2 decoders filled 2 CPUs and each read waited for one of them to finish, starving
-# them in turn (benchmarks/ingest.py --map-cpus 1 on 2 CPUs: 8-15% fewer images/s, best
-# of rounds, in 3 runs). 0.5 ran 4 decoders on 2 cores and lost more than it won. On N
+# Reads are light (pyarrow reads a 256-row shard file in ~50 ms, ~20x faster than decoding
+# its rows), but Ray runs each as a streaming generator that pauses until its blocks are
+# taken, keeping the CPU it reserved. Reads used to be unbounded at 0.25 CPU: 8 paused ones
+# filled 2 CPUs at the start of every epoch and the first decode waited ~1.2 s for them.
+# Now at most one runs per CPU in the cluster (at least MIN_READ_TASKS, at most one per
+# file), at 0.05 CPU each, so paused reads hold at most 0.05 x max(4, CPUs): below the
+# 0.25 CPU that a decoder leaves beside a Ray Train worker on 2 CPUs. Reads that cannot
+# fill the CPUs gave 11-25% more images/s, best of rounds (benchmarks/ingest.py
+# --read-cpus, 4 runs); 0, 0.05 and 0.25 CPU under a cap of 4 were within this machine's
+# noise (2 runs), but reads at 0 CPU added ~0.7 s of input wait to every Ray Train epoch
+# (docs/benchmarks.md, 2026-12-06). A CPU share unlike the decoders' also keeps reads
+# from fusing with them, so decoding spreads over every CPU however few files.
+READ_CPUS = 0.05
+MIN_READ_TASKS = 4
+# A decode task asks for 0.75 CPU, so that reads fit beside 2 decoders on 2 CPUs (and
+# beside 1 on the CPU a Ray Train worker leaves). With reads at 0 CPU, 1 CPU per decoder
+# measured the same or up to 7% slower (benchmarks/ingest.py --map-cpus 1, 3 runs). On N
 # CPUs up to 4N/3 decoders may run: not measured beyond 2 CPUs.
 MAP_CPUS = 0.75
 
@@ -105,6 +114,13 @@ class _EpochTransform:
         return self.transform(batch, epoch)
 
 
+def _read(source: ShardDatasource, num_cpus: float = READ_CPUS) -> ray.data.Dataset:
+    cpus = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
+    # No more than one task per file: Ray Data warns about a cap it cannot reach.
+    tasks = max(1, min(len(source.files), max(MIN_READ_TASKS, cpus)))
+    return ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=tasks)
+
+
 def _open(data_uri: str, split: str, verify: bool) -> Manifest:
     manifest = read_manifest(data_uri)
     manifest.rows(split)  # DataError naming the split if it does not exist
@@ -116,13 +132,13 @@ def _open(data_uri: str, split: str, verify: bool) -> Manifest:
 def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_classes: int,
                   label_uri: str | None = None, verify: bool = True,
                   map_batch_size: int = MAP_BATCH_SIZE, map_cpus: float = MAP_CPUS,
-                  reserve_cpus: bool = False) -> ray.data.Dataset:
+                  read_cpus: float = READ_CPUS, reserve_cpus: bool = False) -> ray.data.Dataset:
     """Augmented training batches (keys of `wsss.methods.base`) streamed from shards.
 
     `label_uri`: pseudo-label shards mirroring the image shards file for file and row
     for row (columns id, mask); their masks become `target`. `verify`: check every
-    shard's sha256 against its manifest first (reads all bytes once). `map_cpus` and
-    `reserve_cpus` exist for benchmarks/ingest.py, which measured the defaults best."""
+    shard's sha256 against its manifest first (reads all bytes once). `map_cpus`,
+    `read_cpus` and `reserve_cpus` exist for benchmarks/ingest.py, which measured the defaults best."""
     manifest = _open(data_uri, split, verify)
     if num_classes != manifest.num_classes:
         raise DataError(manifest.location, f"num_classes={num_classes}, but the manifest lists "
@@ -130,7 +146,7 @@ def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_clas
     config = augment.for_labels(label_uri is not None)
     targets = pseudo_label_files(manifest, _open(label_uri, split, verify), split) if label_uri else None
     source = ShardDatasource(manifest, split, config.columns(), label_files=targets, seed=config.seed)
-    rows = ray.data.read_datasource(source, num_cpus=READ_CPUS)
+    rows = _read(source, read_cpus)
     transform = _EpochTransform(TrainTransform(config, num_classes))
     batches = rows.map_batches(transform, batch_format="numpy", batch_size=map_batch_size, num_cpus=map_cpus)
     # Ray Data reserves a share of the CPUs for each operator, which on a few CPUs leaves
@@ -145,6 +161,5 @@ def eval_dataset(data_uri: str, split: str, *, with_mask: bool = True, verify: b
     with `with_mask`, every row must then have one), labels float32 [K] multi-hot."""
     manifest = _open(data_uri, split, verify)
     transform = EvalTransform(manifest.num_classes, with_mask=with_mask)
-    rows = ray.data.read_datasource(ShardDatasource(manifest, split, transform.columns()),
-                                    num_cpus=READ_CPUS)
+    rows = _read(ShardDatasource(manifest, split, transform.columns()))
     return rows.map_batches(transform, batch_format="numpy", batch_size=EVAL_BATCH_SIZE)
