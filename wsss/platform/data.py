@@ -43,14 +43,15 @@ EVAL_BATCH_SIZE = 16  # evaluation rows keep their original size (Cityscapes: 6 
 # its rows), but Ray runs each as a streaming generator that pauses until its blocks are
 # taken, keeping the CPU it reserved. Reads used to be unbounded at 0.25 CPU: 8 paused ones
 # filled 2 CPUs at the start of every epoch and the first decode waited ~1.2 s for them.
-# Now at most one runs per CPU in the cluster (at least MIN_READ_TASKS, at most one per
-# file), at 0.05 CPU each, so paused reads hold at most 0.05 x max(4, CPUs): below the
-# 0.25 CPU that a decoder leaves beside a Ray Train worker on 2 CPUs. Reads that cannot
-# fill the CPUs gave 11-25% more images/s, best of rounds (benchmarks/ingest.py
-# --read-cpus, 4 runs); 0, 0.05 and 0.25 CPU under a cap of 4 were within this machine's
-# noise (2 runs), but reads at 0 CPU added ~0.7 s of input wait to every Ray Train epoch
-# (docs/benchmarks.md, 2026-12-06). A CPU share unlike the decoders' also keeps reads
-# from fusing with them, so decoding spreads over every CPU however few files.
+# Now at most one runs per CPU in the cluster when the pipeline is built (at least
+# MIN_READ_TASKS, at most one per file), at 0.05 CPU each, so paused reads hold at most
+# 0.05 x max(4, CPUs): below the 0.25 CPU that a decoder leaves beside a Ray Train worker
+# on 2 CPUs. Reads that cannot fill the CPUs gave 11-25% more images/s, best of rounds
+# (benchmarks/ingest.py --read-cpus, 4 runs); 0, 0.05 and 0.25 CPU under a cap of 4 were
+# within this machine's noise (2 runs), but reads at 0 CPU added ~0.7 s of input wait to
+# every Ray Train epoch (docs/benchmarks.md, 2026-12-06). A CPU share unlike the
+# decoders' also keeps reads from fusing with them, so decoding spreads over every CPU
+# however few files.
 READ_CPUS = 0.05
 MIN_READ_TASKS = 4
 # A decode task asks for 0.75 CPU, so that reads fit beside 2 decoders on 2 CPUs (and
