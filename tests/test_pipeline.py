@@ -175,6 +175,21 @@ def test_ray_eval_dataset_is_pixel_exact(ray_local, shards):
     assert len({image.shape for image in batch["image"]}) == 5
 
 
+def test_ray_reads_are_capped_at_the_files_without_a_warning(ray_local, shards):
+    """Read tasks are capped (one per CPU, at least 4), but never above the number of
+    shard files, where Ray Data would warn on every epoch about a cap it cannot reach."""
+    import warnings
+
+    from wsss.platform.data import eval_dataset
+
+    assert len(read_manifest(str(shards / "images")).files("val")) < 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = list(eval_dataset(str(shards / "images"), "val").iter_rows())
+    assert len(rows) == 7
+    assert not [w for w in caught if "concurrent tasks" in str(w.message)]
+
+
 def epoch_totals(iterators, epochs: int, batch_size: int = 4) -> list[list[float]]:
     """Iterate like Ray Train workers (one thread per worker, every epoch in step);
     per worker and epoch, the sum of all image pixels (order-independent)."""
