@@ -20,7 +20,8 @@ documented shard schema), then measures images/s of the same decode + augment
 Each pipeline runs --rounds times, interleaved, so that load from other processes hits
 all of them alike; each round is one epoch, after a first untimed one that starts Ray's
 workers and the process pool. The best round of each counts. Goals: ray/loader ≥ 1.0 and
-ray ≥ 0.7 × the bare limit per CPU.
+ray ≥ 0.7 × the bare limit per CPU. Each round's wait for its first batch is printed too
+(Ray Data and the DataLoader): with epochs of a few seconds, that start is most of the gap.
 
 Per CPU is measured two ways: wall-clock (ray vs bare×n on the same CPUs; ray/--cpus vs
 bare on one), meaningful on an otherwise idle machine, and images per CPU-second actually
@@ -113,12 +114,18 @@ def cpu_seconds_between(before: dict[int, int], after: dict[int, int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def count_rows(batches) -> int:
-    return sum(len(batch["labels"]) for batch in batches)
+def count_rows(batches, first_batch_s: list[float] | None = None) -> int:
+    """Rows of all batches; appends the seconds until the first one to `first_batch_s`."""
+    started, count = time.perf_counter(), 0
+    for batch in batches:
+        if count == 0 and first_batch_s is not None:
+            first_batch_s.append(time.perf_counter() - started)
+        count += len(batch["labels"])
+    return count
 
 
-def ray_epoch(dataset, batch_size: int, epoch: int) -> int:
-    return count_rows(dataset.iter_torch_batches(batch_size=batch_size))
+def ray_epoch(dataset, batch_size: int, first_batch_s: list[float], epoch: int) -> int:
+    return count_rows(dataset.iter_torch_batches(batch_size=batch_size), first_batch_s)
 
 
 def bare_augment(files, columns, batch_size, augment, num_classes, epoch) -> int:
@@ -196,15 +203,19 @@ def main() -> None:
                 for name, options in variants.items()}
     loader_data = ShardIterable(files, TrainTransform(augment, num_classes), columns, args.batch, seed=augment.seed)
 
+    first_batch_s = {name: [] for name in (*variants, "loader")}  # per timed round
+
     def loader(epoch):
         loader_data.set_epoch(epoch)
-        return count_rows(torch.utils.data.DataLoader(loader_data, batch_size=None, num_workers=args.cpus))
+        batches = torch.utils.data.DataLoader(loader_data, batch_size=None, num_workers=args.cpus)
+        return count_rows(batches, first_batch_s["loader"])
 
     def parallel(epoch):
         jobs = [(part, columns, args.batch, augment, num_classes, epoch) for part in parts]
         return sum(pool.starmap(bare_augment, jobs))
 
-    rays = {name: functools.partial(ray_epoch, dataset, args.batch) for name, dataset in ray_data.items()}
+    rays = {name: functools.partial(ray_epoch, dataset, args.batch, first_batch_s[name])
+            for name, dataset in ray_data.items()}
     pipelines = {
         **rays,
         "loader": loader,
@@ -214,6 +225,8 @@ def main() -> None:
     }
     for name in (*rays, "bare×n"):  # start Ray's workers and the pool, import everything once
         pipelines[name](0)
+    for firsts in first_batch_s.values():
+        firsts.clear()
     wall = {name: 0.0 for name in pipelines}  # best images/s
     cpu = {name: 0.0 for name in pipelines}  # best images per CPU-second
     for round_index in range(args.rounds):
@@ -233,6 +246,8 @@ def main() -> None:
           f"views {sorted(views) or 'none'}, batch {args.batch}, map_batches {args.map_batch}")
     print(f"best of {args.rounds} rounds, images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in wall.items()))
     print("               images per CPU-second: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
+    print("first batch of an epoch, s (per round): " + "; ".join(
+        f"{k} " + ", ".join(f"{s:.2f}" for s in v) for k, v in first_batch_s.items()))
     for name in rays:
         print(f"{name:<7} / loader (wall)                 = {wall[name] / wall['loader']:.2f}x  (goal >= 1.0)")
         print(f"{name:<7} / bare×n, same CPUs (wall)      = {wall[name] / wall['bare×n']:.2f}x  (goal >= 0.7)")

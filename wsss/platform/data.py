@@ -61,22 +61,24 @@ MIN_READ_TASKS = 4
 MAP_CPUS = 0.75
 
 
-def _read_blocks(uri: str, columns: Sequence[str], label_uri: str | None, rows_per_block: int) -> Iterator[pa.Table]:
-    table = read_shard(uri, columns, label_uri)
-    for start in range(0, len(table), rows_per_block):
-        yield table.slice(start, rows_per_block)
+def _read_file(uri: str, columns: Sequence[str], label_uri: str | None) -> Iterator[pa.Table]:
+    yield read_shard(uri, columns, label_uri)
 
 
 class ShardDatasource(Datasource):
     """One read task per shard file (joined with its pseudo-label mirror when given),
-    in manifest order, or shuffled anew each execution (epoch) when `seed` is set."""
+    in manifest order, or shuffled anew each execution (epoch) when `seed` is set.
+
+    Each file is one block: Ray Data merges what a read task yields up to its target
+    block size (128 MiB), so slicing a file into smaller blocks here changes nothing.
+    Read tasks of 64 rows each (one map call) gave an epoch's first batch in
+    benchmarks/ingest.py about 0.1 s sooner, but doubled Ray Train's wait for it
+    (docs/benchmarks.md, 2026-12-06)."""
 
     def __init__(self, manifest: Manifest, split: str, columns: Sequence[str], *,
-                 label_files: Sequence[str] | None = None, seed: int | None = None,
-                 rows_per_block: int = 2 * MAP_BATCH_SIZE):
+                 label_files: Sequence[str] | None = None, seed: int | None = None):
         self.files, self.entries = manifest.files(split), manifest.splits[split]["files"]
-        self.columns, self.label_files = list(columns), label_files
-        self.seed, self.rows_per_block = seed, rows_per_block
+        self.columns, self.label_files, self.seed = list(columns), label_files, seed
 
     def get_name(self) -> str:
         return "Shards"
@@ -95,7 +97,7 @@ class ShardDatasource(Datasource):
             label = self.label_files[index] if self.label_files is not None else None
             metadata = BlockMetadata(num_rows=self.entries[index]["rows"], size_bytes=self.entries[index].get("bytes"),
                                      input_files=[self.files[index]], exec_stats=None)
-            read = functools.partial(_read_blocks, self.files[index], self.columns, label, self.rows_per_block)
+            read = functools.partial(_read_file, self.files[index], self.columns, label)
             tasks.append(ReadTask(read, metadata))
         return tasks
 
