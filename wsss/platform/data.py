@@ -40,7 +40,7 @@ from wsss.datasets.shards import Manifest, read_manifest, verify_checksums
 MAP_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 16  # evaluation rows keep their original size (Cityscapes: 6 MB each)
 # Reads are light (pyarrow reads a 256-row shard file in ~50 ms, ~20x faster than decoding
-# its rows), but Ray runs each as a streaming generator that pauses until its blocks are
+# its rows), but Ray runs each as a streaming generator that pauses until its block is
 # taken, keeping the CPU it reserved. Reads used to be unbounded at 0.25 CPU: 8 paused ones
 # filled 2 CPUs at the start of every epoch and the first decode waited ~1.2 s for them.
 # Now at most one runs per CPU in the cluster when the pipeline is built (at least
