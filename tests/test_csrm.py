@@ -3,9 +3,13 @@ really mixes, the FIFO bank, CRF pseudo-labels, checkpoints, two DDP replicas, a
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -602,3 +606,16 @@ def test_bad_configuration_and_missing_raw_are_named():
     del batch["raw"]
     with pytest.raises(KeyError, match="raw"):
         method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=1, epochs=1))
+
+
+def test_the_ground_truth_upper_bound_script_trains_csrm_on_the_masks(shards, tmp_path):
+    """benchmarks/csrm_oracle.py (docs/results.md): one epoch with the ground truth as L_s's
+    labels. In its own process: the script patches `csrm` and the plain loop's pipeline."""
+    script = Path(__file__).parents[1] / "benchmarks" / "csrm_oracle.py"
+    result = subprocess.run([sys.executable, str(script), "--data", shards, "--labels", "ground-truth", "--epochs", "1"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    epoch = json.loads(lines[0].split("] ", 1)[1])
+    assert epoch["epoch"] == 1 and 0 < epoch["csrm/crf_labelled_fg"] < 1 and math.isfinite(epoch["loss/seg"])
+    assert lines[-1].startswith("labels ground-truth, seed 0, all val, single scale: segmentation mIoU"), result.stdout
