@@ -608,7 +608,7 @@ def test_bad_configuration_and_missing_raw_are_named():
         method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=1, epochs=1))
 
 
-def test_the_ground_truth_upper_bound_script_trains_csrm_on_the_masks(shards, tmp_path):
+def test_the_ground_truth_upper_bound_script_runs_an_epoch(shards, tmp_path):
     """benchmarks/csrm_oracle.py (docs/results.md): one epoch with the ground truth as L_s's
     labels. In its own process: the script patches `csrm` and the plain loop's pipeline."""
     script = Path(__file__).parents[1] / "benchmarks" / "csrm_oracle.py"
