@@ -32,7 +32,7 @@ import wsss.platform.plain as plain
 from wsss.datasets.reading import eval_rows
 from wsss.datasets.shards import read_manifest
 from wsss.methods.csrm import CSRM, CRFPseudoLabeler
-from wsss.platform.cams import THRESHOLDS
+from wsss.platform.cams import best_threshold
 from wsss.platform.config import TrainConfig
 from wsss.platform.loop import evaluate_rows
 from wsss.platform.metrics import miou
@@ -98,12 +98,11 @@ def main() -> None:
     classes = read_manifest(args.data).num_classes
     validation = evaluate_rows(method, eval_rows(args.data, "val"), num_classes=classes, device=torch.device("cpu"))
     seg_iou, seg_mean = miou(validation.segmentation)
-    cam_means = [miou(conf)[1] for conf in validation.cams]
-    best = max(range(len(THRESHOLDS)), key=lambda i: cam_means[i])
+    cams = best_threshold(validation.cams)
     labels = args.labels + (f" for {args.ground_truth_epochs} epoch(s)" if args.ground_truth_epochs is not None else "")
     print(f"labels {labels}, seed {args.seed}, all val, single scale: segmentation mIoU {100 * seg_mean:.2f} "
-          f"(per class {[round(100 * float(x), 1) for x in seg_iou]}), CAM mIoU {100 * cam_means[best]:.2f} "
-          f"at threshold {THRESHOLDS[best]} (per class {[round(100 * float(x), 1) for x in miou(validation.cams[best])[0]]})")
+          f"(per class {[round(100 * float(x), 1) for x in seg_iou]}), CAM mIoU {100 * cams['miou']:.2f} "
+          f"at threshold {cams['threshold']} (per class {[None if x is None else round(100 * x, 1) for x in cams['per_class_iou']]})")
 
 
 if __name__ == "__main__":
