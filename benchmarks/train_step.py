@@ -112,12 +112,12 @@ def ray_vs_plain(args) -> dict:
     The Ray Train worker trains with `cpu_threads` torch threads (default: every core of the
     node, as the plain loop's torch default); the plain loop runs with one thread and with
     torch's default, so both the equal-threads ratio and the one-thread baseline show."""
-    import ray
     import torch
 
     from wsss.datasets.prepare import prepare
     from wsss.platform.config import TrainConfig
     from wsss.platform.plain import train_plain
+    from wsss.platform.runtime import ensure_ray
     from wsss.platform.train import cpu_threads, fit
 
     work = tempfile.mkdtemp(prefix="wsss-bench-")
@@ -130,7 +130,7 @@ def ray_vs_plain(args) -> dict:
         torch.set_num_threads(threads)
         _, history = train_plain(TrainConfig(**common))
         plain[threads] = history[-1]  # the second epoch: start-up excluded
-    ray.init(num_cpus=os.cpu_count(), configure_logging=False, log_to_driver=False)
+    ensure_ray(os.cpu_count())  # as `wsss train` starts a local Ray
     ray_epoch = fit(TrainConfig(name="bench", **common)).metrics
     return {"ray": ray_epoch, "ray_threads": cpu_threads(0, 1), "plain": plain}
 
