@@ -52,8 +52,12 @@ def train_on_ground_truth(epochs: int | None) -> None:
     """Patches the plain loop's pipeline to carry the mask, and `csrm` to train L_s on it for
     its first `epochs` epochs (all of them when None), then on its CRF labels."""
     augment_config = plain.augment_config
-    plain.augment_config = lambda config: dataclasses.replace(
-        augment_config(config), views=augment_config(config).views | {"mask"})
+
+    def with_mask(config):
+        augment = augment_config(config)
+        return dataclasses.replace(augment, views=augment.views | {"mask"})
+
+    plain.augment_config = with_mask
     submit, views = CRFPseudoLabeler.submit, CSRM.views
     phase = {"ground_truth": True}
     # No CRF work to throw away while the ground truth is used.
