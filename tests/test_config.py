@@ -66,7 +66,12 @@ def test_check_inputs_names_missing_start_files_that_a_rebuilt_config_accepts(tm
     config = TrainConfig.from_dict(saved)
     with pytest.raises(ConfigError, match="backbone_weights=.*gone.pth.*existing file"):
         config.check_inputs()
-    config = config.with_overrides({"backbone_weights": "none", "csrm.init_checkpoint": str(tmp_path / "cam")})
-    with pytest.raises(ValueError, match="csrm.init_checkpoint=.*cam.*neither a checkpoint nor a run directory"):
+    config = config.with_overrides({"backbone_weights": "none", "init_from": str(tmp_path / "cam")})
+    with pytest.raises(ConfigError, match="init_from=.*cam.*neither a checkpoint nor a run directory"):
         config.check_inputs()
+
+
+def test_a_renamed_key_names_its_new_name():
+    with pytest.raises(ConfigError, match="'csrm.init_checkpoint' is now 'init_from'"):
+        TrainConfig(method="csrm", data="x").with_overrides({"csrm.init_checkpoint": "runs/cam"})
 

@@ -3,6 +3,7 @@ really mixes, the FIFO bank, CRF pseudo-labels, checkpoints, two DDP replicas, a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -27,7 +28,7 @@ from wsss.methods.csrm_contrast import negative_candidates, select_queries
 from wsss.methods.csrm_losses import classmix, info_nce, mix_like, reliable_mask, resize_labels, s2c_loss
 from wsss.methods.csrm_pseudo import CRFPseudoLabeler, cam_pseudo_label
 from wsss.methods.csrm_teacher import ema_decay, ema_update
-from wsss.platform.checkpoints import load_method, save_checkpoint
+from wsss.platform.checkpoints import load_method, save_checkpoint, start_fresh
 from wsss.platform.config import ConfigError, TrainConfig
 
 K = 3
@@ -544,15 +545,17 @@ def test_composes_with_ocr_and_exports_cams_or_segmentation(tmp_path):
     assert make_method(export="cam").segmentation_logits(images) is None
 
 
-def test_starts_backbone_and_classifier_from_a_cam_checkpoint(tmp_path):
+def test_a_csrm_started_from_a_cam_run_copies_it_to_the_teacher_and_keeps_its_classifier_at_low_lr(tmp_path):
     torch.manual_seed(1)
     cam = build_method("cam", K, backbone=TINY)
     start = tmp_path / "cam-run" / "checkpoint_000004"  # a run directory: its newest checkpoint
     start.mkdir(parents=True)
     torch.save({"method": cam.state_dict()}, start / "state.pt")
-    method = make_method(init_checkpoint=str(tmp_path / "cam-run"))
+    torch.manual_seed(0)
+    method = build_method("csrm", K, {"csrm": CSRMConfig(crf_workers=0)},
+                          dataclasses.replace(TINY, init_from=str(tmp_path / "cam-run")))
     assert not torch.equal(method.network.classifier.weight, cam.network.classifier.weight), "read at start only"
-    method.on_fresh_start()
+    start_fresh(method, str(tmp_path / "cam-run"))
     for name, value in cam.network.state_dict().items():
         assert torch.equal(method.network.state_dict()[name], value), name
         assert torch.equal(method.teacher.state_dict()[name], value), name
@@ -579,10 +582,10 @@ def test_a_run_started_from_cam_loads_after_the_cam_run_is_gone(tmp_path):
     cam_run.mkdir()
     torch.save({"method": build_method("cam", K, backbone=TINY).state_dict()}, cam_run / "state.pt")
     config = TrainConfig(method="csrm", data="x", backbone="resnet18", output_stride=16,
-                         backbone_weights="none").with_overrides({"csrm.init_checkpoint": str(cam_run)})
+                         backbone_weights="none", init_from=str(cam_run))
     config.check_inputs()
     method = build_method(config.method, K, config.sections, config.backbone_config)
-    method.on_fresh_start()
+    start_fresh(method, config.init_from)
     (tmp_path / "csrm").mkdir()
     save_checkpoint(tmp_path / "csrm", method, torch.optim.SGD(method.parameters(), lr=0.1), epoch=1, step=1,
                     config=config.to_dict(), dataset={"classes": ["background", *"abc"]})
@@ -597,8 +600,6 @@ def test_bad_configuration_and_missing_raw_are_named():
         CSRMConfig(fg_threshold=0.01)
     with pytest.raises(ValueError, match="csrm.export"):
         CSRMConfig(export="both")
-    with pytest.raises(ValueError, match="csrm.init_checkpoint='/no/such/checkpoint': .*neither a checkpoint"):
-        CSRMConfig(init_checkpoint="/no/such/checkpoint").check_inputs()
     with pytest.raises(ConfigError, match="batch_size=1: csrm's ClassMix"):
         TrainConfig(method="csrm+ocr", data="shards", batch_size=1)
     method = make_method()

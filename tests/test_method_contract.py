@@ -11,8 +11,8 @@ import torch
 
 from wsss.methods.base import ADDONS, METHODS, BackboneConfig, DatasetStats, Progress, build_method, \
     required_inputs, split_views
-from wsss.platform.checkpoints import load_state, restore, save_checkpoint
-from wsss.platform.config import TrainConfig
+from wsss.platform.checkpoints import load_state, restore, save_checkpoint, start_fresh
+from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.loop import make_optimizer
 
 K = 3
@@ -279,3 +279,38 @@ def test_bad_backbone_weights_are_named(tmp_path):
         method = build_method("cam", K, backbone=BackboneConfig("resnet18", 16, str(weights)))
         with pytest.raises((FileNotFoundError, ValueError), match=error):
             method.on_fresh_start()
+
+
+@pytest.mark.parametrize("spec", compositions())
+def test_init_from_a_cam_run_loads_matching_network_weights_and_leaves_the_rest_fresh(spec, tmp_path):
+    """Any method starts from a stage-1 `cam` run: backbone and classifier (where it has
+    them) come from the run, new heads and method state (banks, teachers) start as built."""
+    torch.manual_seed(7)
+    cam = build_method("cam", K, backbone=TINY)
+    run = tmp_path / "cam-run" / "checkpoint_000002"
+    run.mkdir(parents=True)
+    torch.save({"method": cam.state_dict()}, run / "state.pt")
+    start = BackboneConfig("resnet18", 16, "/never/read.pth", init_from=str(tmp_path / "cam-run"))
+    method = build_method(spec, K, TrainConfig(method=spec, data="unused", pseudo_labels="unused").sections, start)
+    method.on_dataset(stats())
+    built = copy.deepcopy(method.state_dict())
+    report = start_fresh(method, start.init_from)
+    shared = {name for name, value in cam.network.state_dict().items()
+              if name in method.network.state_dict() and method.network.state_dict()[name].shape == value.shape}
+    assert set(report["loaded"]) == shared and any(name.startswith("backbone.") for name in shared)
+    for name in shared:
+        assert torch.equal(method.network.state_dict()[name], cam.network.state_dict()[name]), name
+    for name in report["fresh"]:
+        assert torch.equal(method.network.state_dict()[name], built[f"network.{name}"]), name
+    for name, value in method.state_dict().items():
+        if not name.startswith(("network.", "teacher.")):
+            assert torch.equal(value, built[name]), f"method state {name} is not the start's"
+
+
+def test_init_from_a_checkpoint_of_another_network_is_an_error(tmp_path):
+    other = build_method("cam", K, backbone=BackboneConfig("resnet50", 16, "none"))
+    torch.save({"method": {f"network.{k}.x": v for k, v in other.network.state_dict().items()}},
+               tmp_path / "state.pt")
+    method = build_method("cam", K, backbone=BackboneConfig("resnet18", 16, "none", init_from=str(tmp_path)))
+    with pytest.raises(ConfigError, match="init_from=.*no network weight of .* matches"):
+        start_fresh(method, str(tmp_path))

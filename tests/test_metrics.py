@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from wsss.datasets.base import REGION_BACKGROUND, REGION_BODY, REGION_CONTEXT, REGION_PART
+from wsss.platform.cams import region_counts
 from wsss.platform.metrics import (
     confusion_matrix,
+    cooccurrence_confusion,
+    cooccurring_pairs,
     foreground_error_rates,
     miou,
+    region_rates,
     out_of_candidate_counts,
     out_of_candidate_rate,
 )
@@ -118,3 +123,57 @@ def test_out_of_candidate_rate_counts_only_valid_pixels_and_accepts_torch():
 def test_out_of_candidate_rejects_bad_input(pred, labels, message):
     with pytest.raises(ValueError, match=message):
         out_of_candidate_rate(pred, labels)
+
+
+def test_region_rates_of_a_hand_built_case():
+    """One object of class 1: a 2-pixel head (one hit), a 4-pixel body (one hit, one pixel
+    void), and 3 pixels of context labelled background (one predicted as an object)."""
+    P, B, C, G = REGION_PART, REGION_BODY, REGION_CONTEXT, REGION_BACKGROUND
+    region = torch.tensor([[P, P, B, B], [B, B, C, C], [C, G, G, G]])
+    gt = torch.tensor([[1, 1, 1, 255], [1, 1, 0, 0], [0, 0, 0, 0]])
+    pred = torch.tensor([[1, 0, 1, 1], [0, 2, 0, 1], [0, 1, 1, 0]])
+    counts = region_counts(pred[None], gt, region)
+    np.testing.assert_array_equal(counts, [[1, 2, 1, 3, 1, 3]])
+    rates = region_rates(counts[0].numpy())
+    assert rates == pytest.approx({"part_recall": 1 / 2, "body_recall": 1 / 3, "context_fpr": 1 / 3})
+    assert all(math.isnan(v) for v in region_rates(np.zeros(6)).values())
+
+
+def test_region_counts_match_a_pixel_loop_at_every_threshold():
+    generator = torch.Generator().manual_seed(0)
+    region = torch.randint(0, 4, (9, 11), generator=generator)
+    gt = torch.randint(0, 4, (9, 11), generator=generator)
+    gt[0, :5] = 255
+    predictions = torch.randint(0, 4, (5, 9, 11), generator=generator)
+    expected = np.zeros((5, 6), np.int64)
+    for t in range(5):
+        for y in range(9):
+            for x in range(11):
+                label, kind, guess = int(gt[y, x]), int(region[y, x]), int(predictions[t, y, x])
+                if label == 255:
+                    continue
+                for column, wanted in ((0, REGION_PART), (2, REGION_BODY)):
+                    if kind == wanted and label > 0:
+                        expected[t, column] += guess == label
+                        expected[t, column + 1] += 1
+                if kind == REGION_CONTEXT:
+                    expected[t, 4] += guess > 0
+                    expected[t, 5] += 1
+    np.testing.assert_array_equal(region_counts(predictions, gt, region).numpy(), expected)
+
+
+def test_cooccurring_pairs_need_each_class_in_half_the_images_of_the_other():
+    # columns: background, horse, rider, dog. Rider is in all 3 horse images, horse in 3 of
+    # the 4 rider images; dog is in 1 of the 3 horse images, horse in 1 of the 2 dog images.
+    labels = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 1, 0]], dtype=bool)
+    assert cooccurring_pairs(labels) == [(1, 2)]
+    assert cooccurring_pairs(labels, min_share=0.25) == [(1, 2), (1, 3), (2, 3)]
+
+
+def test_cooccurrence_confusion_counts_each_pair_both_ways():
+    conf = np.array([[50, 1, 2, 0],
+                     [3, 10, 4, 1],   # horse: 4 predicted as rider
+                     [0, 6, 20, 0],   # rider: 6 predicted as horse
+                     [0, 0, 0, 5]])
+    assert cooccurrence_confusion(conf, [(1, 2)]) == pytest.approx((4 + 6) / (18 + 26))
+    assert math.isnan(cooccurrence_confusion(conf, []))

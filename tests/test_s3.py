@@ -24,8 +24,8 @@ from pyarrow import fs as pafs
 
 from wsss.cli import main
 from wsss.methods.base import BackboneConfig, build_method
-from wsss.methods.csrm import CSRMConfig
-from wsss.platform.checkpoints import latest_checkpoint
+from wsss.platform.checkpoints import latest_checkpoint, start_fresh
+from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.pseudo_labels import checkpoint_threshold
 from wsss.platform.runtime import free_port
 
@@ -161,22 +161,22 @@ def test_evaluate_names_a_missing_checkpoint_uri(s3, capsys):
     assert ray.is_initialized() == ray_was_running
 
 
-def test_csrm_starts_from_a_cam_run_on_s3(s3):
+def test_init_from_reads_a_cam_run_on_s3(s3):
     """On a cluster the starting checkpoint is where runs are: in the bucket, not on a disk."""
     cam = build_method("cam", 3, backbone=BackboneConfig("resnet18", 16, "none"))
     buffer = io.BytesIO()
     torch.save({"method": cam.state_dict()}, buffer)
     with s3.open_output_stream(f"{BUCKET}/runs/cam/checkpoint_000001/state.pt") as stream:
         stream.write(buffer.getvalue())
-    config = CSRMConfig(init_checkpoint=f"s3://{BUCKET}/runs/cam", crf_workers=0)
+    config = TrainConfig(method="csrm", data="x", backbone="resnet18", output_stride=16,
+                         init_from=f"s3://{BUCKET}/runs/cam").with_overrides({"csrm.crf_workers": 0})
     config.check_inputs()
-    csrm = build_method("csrm", 3, {"csrm": config}, BackboneConfig("resnet18", 16, "none"))
-    csrm.on_fresh_start()
+    csrm = build_method("csrm", 3, config.sections, config.backbone_config)
+    start_fresh(csrm, config.init_from)
     for name, value in cam.network.state_dict().items():
         assert torch.equal(csrm.network.state_dict()[name], value), name
-    with pytest.raises(ValueError, match=f"csrm.init_checkpoint='s3://{BUCKET}/runs/none': .*neither a checkpoint"):
-        CSRMConfig(init_checkpoint=f"s3://{BUCKET}/runs/none").check_inputs()
-
+    with pytest.raises(ConfigError, match=f"init_from='s3://{BUCKET}/runs/none': .*neither a checkpoint"):
+        config.with_overrides({"init_from": f"s3://{BUCKET}/runs/none"}).check_inputs()
 
 
 def test_backbone_weights_are_read_from_the_bucket(s3):

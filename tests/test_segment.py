@@ -146,7 +146,7 @@ def test_segment_command_with_ocr_resumes_by_name_and_writes_results(ray_local, 
     assert info["metrics"]["resumed_from_epoch"] == 1 and "loss/ocr" in info["metrics"]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["method"] == "deeplab+ocr" and results["epoch"] == 2 and results["images"] == 4
-    assert {"oc_image_rate", "oc_pixel_rate", "fg_fpr", "fg_fnr"} <= set(results)
+    assert {"oc_image_rate", "oc_pixel_rate", "fg_fpr", "fg_fnr", "cooccurrence_confusion"} <= set(results)
     assert "OC images" in capsys.readouterr().out
 
 

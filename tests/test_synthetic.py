@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsss.datasets.base import DataError, build_reader
+from wsss.datasets.base import REGION_BODY, REGION_CONTEXT, REGION_PART, DataError, build_reader
 from wsss.datasets.synthetic import (
     BIRD,
     BOAT,
@@ -19,9 +19,6 @@ from wsss.datasets.synthetic import (
     DOG,
     HEAD_COLOURS,
     HORSE,
-    PART_BODY,
-    PART_HEAD,
-    PART_WATER,
     PRESETS,
     RIDER,
     generate_synthetic,
@@ -63,7 +60,7 @@ def test_layout_is_voc_with_classes_txt(tree):
     assert len(list((tree / "JPEGImages").glob("*.jpg"))) == 18
     png = Image.open(tree / "SegmentationClass/val_00000.png")
     assert png.mode == "P" and png.size == (SIZE, SIZE)
-    assert json.loads((tree / "synthetic.json").read_text()) == {"num_train": 12, "num_val": 6, "size": SIZE, "seed": 3}
+    assert json.loads((tree / "synthetic.json").read_text()) == {"num_train": 12, "num_dev": 0, "num_val": 6, "size": SIZE, "seed": 3}
 
 
 def test_the_voc_reader_reads_exactly_what_was_drawn(tree):
@@ -76,6 +73,7 @@ def test_the_voc_reader_reads_exactly_what_was_drawn(tree):
         for index, sample in enumerate(samples):
             truth = render_image(3, split, index, SIZE)
             np.testing.assert_array_equal(sample.mask, truth.mask)
+            np.testing.assert_array_equal(sample.region, truth.regions)
             assert sample.labels == truth.labels and len(sample.labels) >= 1
             assert (sample.height, sample.width) == (SIZE, SIZE)
             decoded = np.asarray(Image.open(tree / "JPEGImages" / f"{sample.id}.jpg"), dtype=np.int16)
@@ -96,6 +94,31 @@ def test_synthetic_reader_generates_once_then_reads(tmp_path):
         build_reader("synthetic", str(root), preset="demo")
 
 
+def test_the_dev_split_is_drawn_apart_from_train_and_val(tmp_path):
+    root = generate_synthetic(tmp_path / "syn", num_train=4, num_dev=3, num_val=2, size=SIZE)
+    reader = build_reader("voc", str(root))
+    assert reader.splits() == ["dev", "train", "val"]
+    dev, train = list(reader.samples("dev")), list(reader.samples("train"))
+    assert [s.id for s in dev] == ["dev_00000", "dev_00001", "dev_00002"]
+    for index, sample in enumerate(dev):
+        np.testing.assert_array_equal(sample.mask, render_image(0, "dev", index, SIZE).mask)
+        assert not any(np.array_equal(sample.mask, other.mask) for other in train)
+
+
+def test_region_maps_become_a_shard_column_read_back_for_evaluation(tmp_path):
+    from wsss.datasets.prepare import prepare
+    from wsss.datasets.reading import eval_rows
+    from wsss.datasets.shards import has_regions, read_manifest
+
+    root = generate_synthetic(tmp_path / "syn", num_train=4, num_val=3, size=SIZE, seed=2)
+    prepare("voc", str(root), str(tmp_path / "shards"))
+    manifest = read_manifest(str(tmp_path / "shards"))
+    assert has_regions(manifest, "val")
+    rows = list(eval_rows(str(tmp_path / "shards"), "val"))
+    for index, row in enumerate(rows):
+        np.testing.assert_array_equal(row["region"], render_image(2, "val", index, SIZE).regions)
+
+
 def test_a_new_root_gets_the_test_preset(tmp_path):
     reader = build_reader("synthetic", str(tmp_path / "syn"))
     assert len(list(reader.samples("train"))) == PRESETS["test"]["num_train"]
@@ -114,7 +137,7 @@ def test_generation_refuses_a_non_empty_folder_and_bad_options_without_writing(t
 
 
 def test_presets_and_options_are_checked():
-    assert resolve_params("demo") == {"num_train": 2000, "num_val": 300, "size": 96, "seed": 0}
+    assert resolve_params("demo") == {"num_train": 2000, "num_dev": 0, "num_val": 300, "size": 96, "seed": 0}
     assert resolve_params("test", seed=7)["seed"] == 7
     with pytest.raises(ValueError, match="unknown synthetic preset 'huge'"):
         resolve_params("huge")
@@ -162,8 +185,8 @@ def test_discriminative_part_is_small_and_the_body_looks_alike_across_classes(dr
     head_share, body_colour, head_colour = [], {c: [] for c in HEAD_COLOURS}, {c: [] for c in HEAD_COLOURS}
     for image in drawn:
         for cls in image.labels:
-            head = (image.exact == cls) & (image.parts == PART_HEAD)
-            body = (image.exact == cls) & (image.parts == PART_BODY)
+            head = (image.exact == cls) & (image.regions == REGION_PART)
+            body = (image.exact == cls) & (image.regions == REGION_BODY)
             assert head.any(), "every visible object shows its head"
             head_share.append(head.sum() / (head.sum() + body.sum()))
             if body.any():  # a horse may hide entirely behind its rider but for the head
@@ -179,10 +202,10 @@ def test_discriminative_part_is_small_and_the_body_looks_alike_across_classes(dr
 def test_water_is_background_context_of_boats(drawn):
     """Problem (b): water comes with boats, is labelled background, and is rarely elsewhere."""
     boat = presence(drawn)[:, BOAT - 1]
-    water = np.array([(image.parts == PART_WATER).any() for image in drawn])
+    water = np.array([(image.regions == REGION_CONTEXT).any() for image in drawn])
     assert water[boat].mean() > 0.8 and water[~boat].mean() < 0.25
     for image in drawn:
-        on_water = image.mask[image.parts == PART_WATER]
+        on_water = image.mask[image.regions == REGION_CONTEXT]
         assert np.isin(on_water, [0, 255]).all()
 
 

@@ -40,6 +40,15 @@ def test_train_evaluate_resume_and_stop_on_divergence(ray_local, shards, tmp_pat
                                   out=str(tmp_path / "eval"))
     assert 0 <= results["miou"] <= 1 and results["threshold"] in [float(t) for t in results["miou_by_threshold"]]
     assert (tmp_path / "eval" / "results.md").read_text().startswith("# cam on val")
+    # The synthetic shards carry region maps and a co-occurring pair: both are scored.
+    assert results["cooccurring_pairs"] == [["horse", "rider"]]
+    for key in ("part_recall", "body_recall", "context_fpr", "cooccurrence_confusion"):
+        assert 0 <= results[key] <= 1 and 0 <= result.metrics[key] <= 1, key
+    fixed = evaluate_checkpoint(result.checkpoint.path, shards, scales=(1.0,), max_images=6, threshold=0.3)
+    assert fixed["threshold"] == 0.3 and fixed["threshold_chosen_on"] == "given"
+    assert fixed["miou"] == pytest.approx(fixed["miou_by_threshold"]["0.3"])
+    with pytest.raises(ValueError, match="threshold=0.33: must be one of the swept thresholds"):
+        evaluate_checkpoint(result.checkpoint.path, shards, threshold=0.33)
 
     resumed = fit(tiny(shards, tmp_path, epochs=3))  # same name + storage_path: continues
     assert resumed.metrics["epoch"] == 3 and resumed.metrics["resumed_from_epoch"] == 2
@@ -97,7 +106,7 @@ def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, t
 
 
 def test_csrm_starts_from_a_cam_run_and_resumes_after_that_run_is_gone(ray_local, shards, tmp_path):
-    """The Ray Train worker loads `csrm.init_checkpoint` for a fresh run and only then: the
+    """The Ray Train worker loads `init_from` for a fresh run and only then: the
     resumed run is neither refused for its missing start nor reads it."""
     import shutil
 
@@ -114,7 +123,7 @@ def test_csrm_starts_from_a_cam_run_and_resumes_after_that_run_is_gone(ray_local
     (cam_run / "checkpoint_000001").mkdir(parents=True)
     torch.save({"method": cam.state_dict()}, cam_run / "checkpoint_000001" / "state.pt")
     config = tiny(shards, tmp_path, method="csrm", name="csrm", epochs=1, batch_size=4, lr=1e-9, eval_every=0,
-                  wandb="disabled").with_overrides({"csrm.init_checkpoint": str(cam_run), "csrm.crf_workers": 0})
+                  wandb="disabled", init_from=str(cam_run)).with_overrides({"csrm.crf_workers": 0})
     state = load_state(fit(config).checkpoint.path)["method"]
     for name, start in cam.network.named_parameters():  # lr 1e-9: still the start after an epoch
         for copy in ("network", "teacher"):

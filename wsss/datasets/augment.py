@@ -224,29 +224,30 @@ class TrainTransform:
 
 class EvalTransform:
     """Numpy batch of shard columns -> original-size rows for evaluation:
-    id (str), image uint8 [H,W,3], mask uint8 [H,W] (255 = void), labels float32 [K].
-    Images differ in size, so `image` and `mask` are object arrays of arrays."""
+    id (str), image uint8 [H,W,3], mask uint8 [H,W] (255 = void), labels float32 [K], and
+    with `with_region` the region map uint8 [H,W] (`wsss.datasets.shards.has_regions`).
+    Images differ in size, so `image`, `mask` and `region` are object arrays of arrays."""
 
-    def __init__(self, num_classes: int, with_mask: bool = True):
+    def __init__(self, num_classes: int, with_mask: bool = True, with_region: bool = False):
         self.num_classes = num_classes
         self.with_mask = with_mask
+        self.with_region = with_region
 
     def columns(self) -> list[str]:
-        return ["id", "image", "labels", "height", "width"] + (["mask"] if self.with_mask else [])
+        return (["id", "image", "labels", "height", "width"] + (["mask"] if self.with_mask else [])
+                + (["region"] if self.with_region else []))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["id"])
         images = np.empty(count, dtype=object)
-        masks = np.empty(count, dtype=object)
+        maps = {key: np.empty(count, dtype=object) for key in ("mask", "region") if key in self.columns()}
         labels = np.zeros((count, self.num_classes), dtype=np.float32)
         for row in range(count):
             sample_id = str(batch["id"][row])
             image = decode_image(batch["image"][row], sample_id, batch["height"][row], batch["width"][row])
             images[row] = np.asarray(image)
             labels[row] = multi_hot(batch["labels"][row], self.num_classes, sample_id)
-            if self.with_mask:
-                masks[row] = decode_label_map(batch["mask"][row], sample_id, "mask", (image.height, image.width))
-        out = {"id": np.asarray([str(x) for x in batch["id"]], dtype=object), "image": images, "labels": labels}
-        if self.with_mask:
-            out["mask"] = masks
-        return out
+            for key, column in maps.items():
+                column[row] = decode_label_map(batch[key][row], sample_id, key, (image.height, image.width))
+        ids = np.asarray([str(x) for x in batch["id"]], dtype=object)
+        return {"id": ids, "image": images, "labels": labels, **maps}

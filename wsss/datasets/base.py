@@ -13,6 +13,10 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 IGNORE_INDEX = 255
+# Values of a region map (`Sample.region`): plain background, an object's discriminative
+# part, the rest of its body, and a context region that is labelled background (the
+# synthetic benchmark's water under its boats).
+REGION_BACKGROUND, REGION_PART, REGION_BODY, REGION_CONTEXT = 0, 1, 2, 3
 
 
 class DataError(ValueError):
@@ -32,6 +36,8 @@ class Sample:
     labels: tuple[int, ...]  # sorted foreground class indices 1..K present in the image
     height: int
     width: int
+    # uint8 [H, W] REGION_* of each pixel, for evaluation only; None for real datasets
+    region: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from wsss.datasets.augment import EvalTransform
 from wsss.datasets.base import DataError
-from wsss.datasets.shards import Manifest, read_manifest
+from wsss.datasets.shards import Manifest, has_regions, read_manifest
 from wsss.datasets.storage import resolve
 
 NumpyBatch = dict[str, np.ndarray]
@@ -95,9 +95,10 @@ def iter_shard_batches(files: Sequence[str], columns: Sequence[str], batch_size:
 
 
 def eval_rows(data_uri: str, split: str, *, with_mask: bool = True, batch_size: int = 16) -> Iterator[dict]:
-    """Original-size rows {id, image uint8 HWC, mask uint8 HW, labels float32 [K]}."""
+    """Original-size rows {id, image uint8 HWC, mask uint8 HW, labels float32 [K]}, and
+    region uint8 HW where the shards have that column."""
     manifest = read_manifest(data_uri)
-    transform = EvalTransform(manifest.num_classes, with_mask=with_mask)
+    transform = EvalTransform(manifest.num_classes, with_mask=with_mask, with_region=has_regions(manifest, split))
     for batch in iter_shard_batches(manifest.files(split), transform.columns(), batch_size):
         out = transform(batch)
         for row in range(len(out["id"])):

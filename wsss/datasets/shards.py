@@ -10,7 +10,8 @@ intact until the new one is fully staged.
 
 One row per image: `id` string, `image` binary (the original encoded bytes), `mask` binary
 or null (PNG, mode L, pixel = class index, 255 = void), `labels` list<int16> (sorted
-foreground classes 1..K), `height` and `width` int32.
+foreground classes 1..K), `height` and `width` int32; optionally `region` binary (PNG,
+mode L: the kind of region of each pixel, for evaluation only), where the reader gives one.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ SCHEMA = pa.schema([
     pa.field("height", pa.int32(), nullable=False),
     pa.field("width", pa.int32(), nullable=False),
 ])
+REGION_SCHEMA = SCHEMA.append(pa.field("region", pa.binary(), nullable=False))
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
@@ -305,15 +307,17 @@ def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterato
     fs.create_dir(f"{staging}/{split}", recursive=True)
     samples = iter(samples)
     names, counts = [], []
+    schema = None  # the first sample decides whether the split has a region column
     while (first := next(samples, None)) is not None:
+        schema = schema or (SCHEMA if first.region is None else REGION_SCHEMA)
         names.append(f"{split}/part-{len(names):05d}.parquet")
-        rows = map(_row, itertools.chain([first], itertools.islice(samples, rows_per_file - 1)))
-        counts.append(_write_parquet(fs, f"{staging}/{names[-1]}", rows, rows_per_group))
+        rows = (_row(sample, schema) for sample in itertools.chain([first], itertools.islice(samples, rows_per_file - 1)))
+        counts.append(_write_parquet(fs, f"{staging}/{names[-1]}", rows, rows_per_group, schema))
     if len(names) == 1 and counts[0] >= 2:
-        table = pq.read_table(f"{staging}/{names[0]}", filesystem=fs, schema=SCHEMA)
+        table = pq.read_table(f"{staging}/{names[0]}", filesystem=fs, schema=schema)
         half = (len(table) + 1) // 2
         names.append(f"{split}/part-00001.parquet")
-        counts = [_write_parquet(fs, f"{staging}/{name}", part.to_pylist(), rows_per_group)
+        counts = [_write_parquet(fs, f"{staging}/{name}", part.to_pylist(), rows_per_group, schema)
                   for name, part in zip(names, (table.slice(0, half), table.slice(half)))]
     files = []
     for name, count in zip(names, counts):
@@ -322,20 +326,32 @@ def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterato
     return {"rows": sum(counts), "files": files}
 
 
-def _row(sample: Sample) -> dict:
-    return {"id": sample.id, "image": sample.image,
-            "mask": None if sample.mask is None else encode_mask(sample.mask),
-            "labels": list(sample.labels), "height": sample.height, "width": sample.width}
+def _row(sample: Sample, schema: pa.Schema) -> dict:
+    row = {"id": sample.id, "image": sample.image,
+           "mask": None if sample.mask is None else encode_mask(sample.mask),
+           "labels": list(sample.labels), "height": sample.height, "width": sample.width}
+    if (sample.region is not None) != (schema is REGION_SCHEMA):
+        raise DataError(sample.id, "region map: every sample of a split needs one, or none does")
+    if sample.region is not None:
+        row["region"] = encode_mask(sample.region)
+    return row
 
 
-def _write_parquet(fs: pafs.FileSystem, path: str, rows: Iterable[dict], rows_per_group: int) -> int:
+def has_regions(manifest: Manifest, split: str) -> bool:
+    """Whether the split's shards carry the `region` column (read from the first file's footer)."""
+    fs, path = resolve(manifest.files(split)[0])
+    return "region" in pq.read_schema(path, filesystem=fs).names
+
+
+def _write_parquet(fs: pafs.FileSystem, path: str, rows: Iterable[dict], rows_per_group: int,
+                   schema: pa.Schema = SCHEMA) -> int:
     """Stream rows into one file, one row group at a time; returns the row count."""
     rows, count = iter(rows), 0
     # Images and PNG masks are compressed already; dictionaries of unique blobs only cost.
     with fs.open_output_stream(path) as stream, \
-            pq.ParquetWriter(stream, SCHEMA, compression="none", use_dictionary=False) as writer:
+            pq.ParquetWriter(stream, schema, compression="none", use_dictionary=False) as writer:
         while group := list(itertools.islice(rows, rows_per_group)):
-            writer.write_table(pa.Table.from_pylist(group, schema=SCHEMA))
+            writer.write_table(pa.Table.from_pylist(group, schema=schema))
             count += len(group)
     return count
 

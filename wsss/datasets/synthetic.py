@@ -1,7 +1,8 @@
 """A small synthetic WSSS benchmark, written in the VOC directory layout.
 
 The generator writes JPEGImages/*.jpg (quality 90), SegmentationClass/*.png (VOC palette
-PNGs), Annotations/*.xml, ImageSets/Segmentation/{train,val}.txt, classes.txt and
+PNGs), SegmentationRegion/*.png (which kind of region each pixel is: REGION_*),
+Annotations/*.xml, ImageSets/Segmentation/{train,dev,val}.txt, classes.txt and
 synthetic.json (the generation parameters); the `voc` reader is what reads it. The same
 seed gives byte-identical files: every image draws from its own generator seeded by
 (seed, split, index).
@@ -25,8 +26,14 @@ Masks are exact (rendered from the same shapes as the image) except a 1 px void 
 orientation, head placement, background colour and noise vary, so the task is learnable
 by a small ResNet from scratch in a few epochs but not trivial.
 
-Presets: "test" (40 train / 20 val, 64 px, for unit tests) and "demo" (2000 train / 300
-val, 96 px: generate + prepare + a few ResNet-18 epochs on 2 CPUs in minutes).
+The region map makes the problems measurable (`wsss.platform.metrics.region_rates`):
+a method that expands a CAM from the head to the whole object raises its body recall.
+The `dev` split is drawn like train but never trained on: thresholds and other choices
+are made on it, so that val is scored once.
+
+Presets: "test" (40 train / 20 val, 64 px, for unit tests), "demo" (2000 train / 300
+val, 96 px: generate + prepare + a few ResNet-18 epochs on 2 CPUs in minutes) and
+"claims" (1500 train / 300 dev / 300 val, 96 px: `benchmarks/claims.py`).
 """
 
 from __future__ import annotations
@@ -41,25 +48,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsss.datasets.base import IGNORE_INDEX, DataError, register_reader
-from wsss.datasets.voc import VOCReader, voc_colormap
+from wsss.datasets.base import IGNORE_INDEX, REGION_BODY, REGION_CONTEXT, REGION_PART, DataError, register_reader
+from wsss.datasets.voc import REGION_FOLDER, VOCReader, voc_colormap
 
 CLASSES = ("background", "boat", "horse", "rider", "dog", "bird")
 BOAT, HORSE, RIDER, DOG, BIRD = 1, 2, 3, 4, 5
 HEAD_COLOURS = {BOAT: (230, 40, 40), HORSE: (40, 200, 70), RIDER: (245, 215, 30), DOG: (215, 60, 215),
                 BIRD: (250, 250, 250)}
 HEAD_NORMS = {BOAT: 2, HORSE: np.inf, RIDER: 1, DOG: 2, BIRD: np.inf}  # disc, square, diamond
-PRESETS = {"test": {"num_train": 40, "num_val": 20, "size": 64},
-           "demo": {"num_train": 2000, "num_val": 300, "size": 96}}
-SPLIT_CODES = {"train": 0, "val": 1}
+PRESETS = {"test": {"num_train": 40, "num_dev": 0, "num_val": 20, "size": 64},
+           "demo": {"num_train": 2000, "num_dev": 0, "num_val": 300, "size": 96},
+           "claims": {"num_train": 1500, "num_dev": 300, "num_val": 300, "size": 96}}
+SPLIT_CODES = {"train": 0, "val": 1, "dev": 2}
 PAIR_PROBABILITY = 0.8  # horse <-> rider
 EXTRA_PROBABILITY = 0.3  # another object besides a boat, dog or bird
 WATER_WITH_BOAT, WATER_WITHOUT_BOAT = 0.9, 0.15
 JPEG_QUALITY = 90
 PARAMS_FILE = "synthetic.json"
 
-# Values of the `parts` map that `render_image` returns besides the mask.
-PART_BACKGROUND, PART_WATER, PART_BODY, PART_HEAD = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class SyntheticImage:
     image: np.ndarray  # uint8 [S, S, 3]
     mask: np.ndarray  # uint8 [S, S], class indices, 255 = void band
     exact: np.ndarray  # uint8 [S, S], class indices without the void band
-    parts: np.ndarray  # uint8 [S, S], PART_* of every pixel
+    regions: np.ndarray  # uint8 [S, S], REGION_* of every pixel: the head is the discriminative part, water the context
     labels: tuple[int, ...]  # classes present in the mask
 
 
@@ -80,12 +86,12 @@ def render_image(seed: int, split: str, index: int, size: int) -> SyntheticImage
 
     image = _background(rng, yy, xx)
     labelmap = np.zeros((size, size), np.uint8)
-    parts = np.zeros((size, size), np.uint8)
+    regions = np.zeros((size, size), np.uint8)
     horizon = size * rng.uniform(0.4, 0.6)
     if has_water:
         water = yy > horizon + 1.5 * np.sin(xx * rng.uniform(0.2, 0.4) + rng.uniform(0, 2 * np.pi))
         image[water] = _water_texture(rng, yy[water], xx[water])
-        parts[water] = PART_WATER
+        regions[water] = REGION_CONTEXT
 
     placed: list[tuple[np.ndarray, float]] = []  # (centre (y, x), semi-major axis) of each object
     heads = []
@@ -97,19 +103,19 @@ def render_image(seed: int, split: str, index: int, size: int) -> SyntheticImage
         body, head = _object_shape(rng, cls, centre, semi_major, semi_minor, yy, xx, size)
         image[body] = _body_texture(rng, yy[body], xx[body])
         labelmap[body] = cls
-        parts[body] = PART_BODY
+        regions[body] = REGION_BODY
         heads.append((cls, head))
     for cls, head in heads:  # after every body: a rider never hides the horse's head
         image[head] = _head_colour(rng, cls, head.sum())
         labelmap[head] = cls
-        parts[head] = PART_HEAD
+        regions[head] = REGION_PART
 
     image = _soften(image)
     mask = labelmap.copy()
     mask[_inner_boundary(labelmap)] = IGNORE_INDEX
     present = np.unique(mask)
     labels = tuple(int(c) for c in present if 0 < c < len(CLASSES))
-    return SyntheticImage(np.clip(image, 0, 255).round().astype(np.uint8), mask, labelmap, parts, labels)
+    return SyntheticImage(np.clip(image, 0, 255).round().astype(np.uint8), mask, labelmap, regions, labels)
 
 
 def _choose_classes(rng: np.random.Generator) -> list[int]:
@@ -241,10 +247,10 @@ def resolve_params(preset: str = "test", **overrides) -> dict:
 
 def generate_synthetic(root: str | Path, num_train: int = PRESETS["test"]["num_train"],
                        num_val: int = PRESETS["test"]["num_val"], size: int = PRESETS["test"]["size"],
-                       seed: int = 0) -> Path:
+                       seed: int = 0, num_dev: int = 0) -> Path:
     """Write the benchmark into `root` (absent or empty) and return it. It is built in a
     sibling temporary folder and renamed into place, so a failure leaves nothing behind."""
-    params = resolve_params(num_train=num_train, num_val=num_val, size=size, seed=seed)
+    params = resolve_params(num_train=num_train, num_dev=num_dev, num_val=num_val, size=size, seed=seed)
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise DataError(root, "cannot generate: the folder exists and is not empty")
@@ -261,11 +267,13 @@ def generate_synthetic(root: str | Path, num_train: int = PRESETS["test"]["num_t
     return root
 
 
-def _write_tree(out: Path, num_train: int, num_val: int, size: int, seed: int) -> None:
-    for folder in ("JPEGImages", "SegmentationClass", "Annotations", "ImageSets/Segmentation"):
+def _write_tree(out: Path, num_train: int, num_dev: int, num_val: int, size: int, seed: int) -> None:
+    for folder in ("JPEGImages", "SegmentationClass", REGION_FOLDER, "Annotations", "ImageSets/Segmentation"):
         (out / folder).mkdir(parents=True)
     palette = [v for rgb in voc_colormap(256) for v in rgb]
-    for split, count in (("train", num_train), ("val", num_val)):
+    for split, count in (("train", num_train), ("dev", num_dev), ("val", num_val)):
+        if not count and split == "dev":
+            continue
         ids = [f"{split}_{index:05d}" for index in range(count)]
         for index, image_id in enumerate(ids):
             drawn = render_image(seed, split, index, size)
@@ -275,11 +283,12 @@ def _write_tree(out: Path, num_train: int, num_val: int, size: int, seed: int) -
             png = Image.frombytes("P", (size, size), drawn.mask.tobytes())  # pixel = class index
             png.putpalette(palette)
             png.save(out / "SegmentationClass" / f"{image_id}.png")
+            Image.fromarray(drawn.regions).save(out / REGION_FOLDER / f"{image_id}.png")
             xml = _annotation_xml(image_id, size, drawn.exact, drawn.labels)
             (out / "Annotations" / f"{image_id}.xml").write_text(xml)
         (out / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     (out / "classes.txt").write_text("".join(f"{name}\n" for name in CLASSES))
-    params = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed}
+    params = {"num_train": num_train, "num_dev": num_dev, "num_val": num_val, "size": size, "seed": seed}
     (out / PARAMS_FILE).write_text(json.dumps(params, sort_keys=True) + "\n")
 
 

@@ -11,7 +11,8 @@ training set: VOC train ∪ SBD train ∪ SBD val − VOC val (10,582 ids with t
 Its masks come from VOC's PNG when there is one, else from SBD `cls/<id>.mat`.
 
 A `classes.txt` at the root (one name per line, "background" first) replaces the 20 VOC
-classes; the synthetic benchmark declares its classes this way.
+classes; the synthetic benchmark declares its classes this way, and adds a region map per
+image (SegmentationRegion/<id>.png, mode L, REGION_* values), read when that folder exists.
 
 Every bad input is a DataError naming the file and "<problem>: <detail>"; the part
 before the colon is a fixed category, so skipped inputs can be counted per problem.
@@ -29,6 +30,7 @@ from PIL import Image
 
 from wsss.datasets.base import (
     IGNORE_INDEX,
+    REGION_CONTEXT,
     DataError,
     DatasetInfo,
     Sample,
@@ -42,6 +44,7 @@ VOC_CLASSES = (
     "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 TRAIN_AUG = "train_aug"
+REGION_FOLDER = "SegmentationRegion"
 # What PIL raises on bad bytes: truncation and unknown formats are OSErrors, broken chunks
 # SyntaxError or ValueError, absurd sizes DecompressionBombError.
 PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -208,7 +211,19 @@ class VOCReader:
             raise DataError(mask_path, f"mask values out of range: {bad[:8].tolist()} not in 0..{num_classes - 1} "
                                        f"or {IGNORE_INDEX}")
         labels = self._labels(image_id, mask, mask_path)
-        return Sample(id=image_id, image=image, mask=mask, labels=labels, height=height, width=width)
+        return Sample(id=image_id, image=image, mask=mask, labels=labels, height=height, width=width,
+                      region=self._read_region(image_id, mask.shape))
+
+    def _read_region(self, image_id: str, shape: tuple[int, int]) -> np.ndarray | None:
+        if not (self.root / REGION_FOLDER).is_dir():
+            return None
+        path = self.root / REGION_FOLDER / f"{image_id}.png"
+        region = read_png_mask(path)
+        if region.shape != shape:
+            raise DataError(path, f"region map size differs from image size: {region.shape} vs {shape}")
+        if region.max() > REGION_CONTEXT:
+            raise DataError(path, f"region values out of range: {int(region.max())} not in 0..{REGION_CONTEXT}")
+        return region
 
     def _labels(self, image_id: str, mask: np.ndarray, mask_path: Path) -> tuple[int, ...]:
         xml_path = self.root / "Annotations" / f"{image_id}.xml"

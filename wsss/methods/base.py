@@ -68,6 +68,7 @@ class BackboneConfig:
     arch: str = "resnet50"
     output_stride: int = 16
     weights: str = "none"
+    init_from: str = ""  # a wsss checkpoint the platform starts the network from (then `weights` is not loaded)
 
 
 class _Part(nn.Module):
@@ -116,6 +117,9 @@ class Method(_Part):
         self.config = config
         self.num_classes = num_classes
         self.backbone_weights = backbone.weights  # loaded by `on_fresh_start`, never for a resumed run
+        # The platform loads the network from a checkpoint before `on_fresh_start`
+        # (`wsss.platform.checkpoints.start_fresh`); methods may treat such layers as trained.
+        self.started_from_checkpoint = bool(backbone.init_from)
         self.addons = nn.ModuleList()
         self._distributed_network: nn.Module | None = None  # not a submodule: keeps state_dict clean
 
@@ -180,10 +184,11 @@ class Method(_Part):
             addon.on_dataset(stats)
 
     def on_fresh_start(self) -> None:
-        """Called before the first step of a run that does not resume: load starting weights
-        (`backbone_weights`; csrm's `init_checkpoint`). Not when a checkpoint is restored or
+        """Called before the first step of a run that does not resume: load `backbone_weights`
+        unless the network was started from a checkpoint. Not when a checkpoint is restored or
         loaded for inference, so such a checkpoint loads after its starting weights are gone."""
-        self.network.backbone.load_pretrained(self.backbone_weights)
+        if not self.started_from_checkpoint:
+            self.network.backbone.load_pretrained(self.backbone_weights)
 
     def after_step(self, progress):
         for addon in self.addons:

@@ -99,7 +99,6 @@ class CSRMConfig:
     restrict_to_image_labels: bool = True  # teacher targets of L_s2c/L_u only over bg + image classes (authors' code)
     export: str = "segmentation"  # segmentation: stage 2 labels from `segmentation_logits` (pseudo-labels --mode segmentation); cam: CAMs only
     infer_with: str = "teacher"  # network used for inference: teacher (EMA) or student
-    init_checkpoint: str = ""  # stage-1 checkpoint or run dir (path or URI) to start backbone + classifier from
 
     def __post_init__(self):
         def check(ok: bool, key: str, why: str) -> None:
@@ -123,16 +122,6 @@ class CSRMConfig:
         check(self.decoder_lr_mult > 0, "decoder_lr_mult", "must be > 0")
         check(self.export in ("segmentation", "cam"), "export", "must be segmentation or cam")
         check(self.infer_with in ("teacher", "student"), "infer_with", "must be teacher or student")
-
-    def check_inputs(self) -> None:
-        """The starting checkpoint exists (a path or URI)."""
-        from wsss.platform.checkpoints import latest_checkpoint
-
-        if self.init_checkpoint:
-            try:
-                latest_checkpoint(self.init_checkpoint)
-            except FileNotFoundError as error:
-                raise ValueError(f"csrm.init_checkpoint={self.init_checkpoint!r}: {error}") from None
 
 
 class CSRMNetwork(nn.Module):
@@ -170,22 +159,6 @@ class CSRMNetwork(nn.Module):
         return self.segmentation_head(features["high"], features["low"])
 
 
-def load_stage1_weights(network: CSRMNetwork, checkpoint: str) -> None:
-    """Backbone and classifier from any stage-1 method's wsss checkpoint (Sec. 3.2.6)."""
-    from wsss.platform.checkpoints import latest_checkpoint, load_state
-
-    state = load_state(latest_checkpoint(checkpoint))["method"]
-    wanted = {k for k in network.state_dict() if k.startswith(("backbone.", "classifier."))}
-    picked = {k.removeprefix("network."): v for k, v in state.items() if k.removeprefix("network.") in wanted}
-    if set(picked) != wanted:
-        missing = sorted(wanted - set(picked))
-        raise ValueError(f"csrm.init_checkpoint {checkpoint}: no backbone/classifier weights for {missing[:3]}...")
-    try:
-        network.load_state_dict(picked, strict=False)
-    except RuntimeError as error:  # e.g. a different number of classes or backbone
-        raise ValueError(f"csrm.init_checkpoint {checkpoint}: does not fit this network ({error})") from None
-
-
 class _Step:
     """What one training step carries from `views` to `losses` and `after_step`."""
 
@@ -221,10 +194,7 @@ class CSRM(Method):
         return self
 
     def on_fresh_start(self) -> None:
-        if self.config.init_checkpoint:  # replaces backbone_weights: nothing to download
-            load_stage1_weights(self.network, self.config.init_checkpoint)
-        else:
-            super().on_fresh_start()
+        super().on_fresh_start()
         self.teacher.load_state_dict(self.network.state_dict())
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -234,7 +204,7 @@ class CSRM(Method):
         backbone, new = groups[0], groups[1]
         decoders = [*self.network.segmentation_head.parameters(), *self.network.representation_head.parameters()]
         moved = {id(p) for p in decoders}
-        if self.config.init_checkpoint:
+        if self.started_from_checkpoint:  # a stage-1 run's classifier (`init_from`) is not new
             classifier = list(self.network.classifier.parameters())
             backbone["params"] = backbone["params"] + classifier
             moved |= {id(p) for p in classifier}

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsss.datasets.base import REGION_BODY, REGION_CONTEXT, REGION_PART
 from wsss.platform.metrics import miou
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
@@ -75,11 +76,35 @@ def threshold_confusions(cams: torch.Tensor, gt: torch.Tensor, num_classes: int,
     return counts.view(len(thresholds), num_classes, num_classes)
 
 
+def region_counts(predictions: torch.Tensor, gt: torch.Tensor, region: torch.Tensor,
+                  ignore_index: int = 255) -> torch.Tensor:
+    """int64 [T, 6] `wsss.platform.metrics.REGION_COUNTS` of label maps `predictions` [T,H,W]
+    against ground truth `gt` [H,W] and a region map `region` [H,W] (void pixels skipped)."""
+    gt, region = gt.to(predictions.device), region.to(predictions.device)
+    counted = gt != ignore_index
+    hit = predictions == gt[None]
+    out = []
+    for kind in (REGION_PART, REGION_BODY):
+        pixels = counted & (region == kind) & (gt > 0)
+        out += [(hit & pixels[None]).flatten(1).sum(1), pixels.sum().expand(len(predictions))]
+    context = counted & (region == REGION_CONTEXT)
+    out += [((predictions > 0) & context[None]).flatten(1).sum(1), context.sum().expand(len(predictions))]
+    return torch.stack(out, dim=1).long()
+
+
 def best_threshold(confusions: np.ndarray, thresholds=THRESHOLDS) -> dict:
-    """The threshold with the best mIoU, with its per-class IoU."""
+    """The threshold with the best mIoU, with its per-class IoU (see `score_at_threshold`)."""
+    scores = [miou(np.asarray(c))[1] for c in confusions]
+    return score_at_threshold(confusions, thresholds[int(np.nanargmax(scores))], thresholds)
+
+
+def score_at_threshold(confusions: np.ndarray, threshold: float, thresholds=THRESHOLDS) -> dict:
+    """mIoU and per-class IoU at `threshold` (one of `thresholds`, chosen elsewhere, e.g. on a
+    dev split), and the mIoU at every threshold."""
+    if threshold not in thresholds:
+        raise ValueError(f"threshold={threshold!r}: must be one of the swept thresholds {list(thresholds)}")
     scores = [miou(np.asarray(c)) for c in confusions]
-    best = int(np.nanargmax([s[1] for s in scores]))
-    per_class, mean = scores[best]
-    return {"miou": float(mean), "threshold": float(thresholds[best]),
+    per_class, mean = scores[thresholds.index(threshold)]
+    return {"miou": float(mean), "threshold": float(threshold),
             "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class],
             "miou_by_threshold": {str(t): float(s[1]) for t, s in zip(thresholds, scores)}}

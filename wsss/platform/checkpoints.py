@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from wsss.datasets.storage import join, resolve
 from wsss.methods.base import build_method
 from wsss.platform.config import ConfigError
 
+logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 # What makes a checkpoint's model: a run resumes only with the same values (checkpoint.json).
 MODEL_KEYS = ("method", "backbone", "output_stride")
@@ -101,6 +103,39 @@ def check_resumable(run: str, config: dict) -> bool:
     return False
 
 
+def start_fresh(method, init_from: str = "") -> dict[str, list[str]]:
+    """Prepare a run that does not resume: with `init_from` (a run dir, checkpoint dir or URI),
+    copy into `method.network` every tensor of that checkpoint's network whose name and shape
+    match, leaving the rest (new heads) as built; then the method's own `on_fresh_start`
+    (backbone weights unless started from a checkpoint, teachers copied from the network).
+    Method state beside the network (banks, teachers, priors) is never copied: it belongs
+    to the method that made it. Returns {"loaded": names, "fresh": names}."""
+    report = {"loaded": [], "fresh": []}
+    if init_from:
+        checkpoint = latest_checkpoint(init_from)
+        saved = load_state(checkpoint)["method"]
+        own = method.network.state_dict()
+        source = {key.removeprefix("network."): value for key, value in saved.items() if key.startswith("network.")}
+        matching = {key: value for key, value in source.items() if key in own and own[key].shape == value.shape}
+        if not matching:
+            raise ConfigError(f"init_from={init_from!r}: no network weight of {checkpoint} matches this "
+                              f"{type(method).__name__} network in name and shape")
+        method.network.load_state_dict(matching, strict=False)
+        report = {"loaded": sorted(matching), "fresh": sorted(set(own) - set(matching))}
+        logger.info("init_from %s: loaded %s; fresh %s", checkpoint, _modules(report["loaded"]),
+                    _modules(report["fresh"]) or "nothing")
+    method.on_fresh_start()
+    return report
+
+
+def _modules(names: list[str]) -> str:
+    """'backbone (120 tensors), classifier (1)' from tensor names."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + 1
+    return ", ".join(f"{module} ({count})" for module, count in counts.items())
+
+
 def load_method(checkpoint: str, device: torch.device | str = "cpu", method_overrides: dict | None = None):
     """(method in eval mode, state) from a checkpoint dir, run dir or cloud URI.
 
@@ -118,6 +153,6 @@ def load_method(checkpoint: str, device: torch.device | str = "cpu", method_over
                               f"(its sections: {', '.join(config.sections) or 'none'})")
         config = config.with_overrides(method_overrides)
     method = build_method(config.method, len(state["dataset"]["classes"]) - 1, config.sections,
-                          dataclasses.replace(config.backbone_config, weights="none"))
+                          dataclasses.replace(config.backbone_config, weights="none", init_from=""))
     method.load_state_dict(state["method"])
     return method.to(device).eval(), state

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     pass
 
 
+# Keys that were renamed: naming the old one is an error that names the new one.
+RENAMED_KEYS = {"csrm.init_checkpoint": "init_from"}
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run, with its default."""
@@ -47,6 +51,9 @@ class TrainConfig:
     backbone: str = "resnet50"  # resnet18 | resnet50 | resnet101
     output_stride: int = 16  # 16 or 8
     backbone_weights: str = "imagenet"  # none | imagenet | torchvision ResNet state dict (path or URI)
+    # A wsss run or checkpoint (path or URI) to start from: network weights whose names and shapes match are
+    # loaded (e.g. backbone + classifier of a `cam` run), the rest starts fresh; backbone_weights is then not read
+    init_from: str = ""
     num_workers: int = 1  # Ray Train workers (data-parallel replicas)
     device: str = "auto"  # auto (GPU when the cluster has one) | cpu | gpu
     cpu_threads: int = 0  # torch threads per worker training on CPU (0 = the node's cores shared by its workers)
@@ -68,7 +75,7 @@ class TrainConfig:
 
     @property
     def backbone_config(self) -> BackboneConfig:
-        return BackboneConfig(self.backbone, self.output_stride, self.backbone_weights)
+        return BackboneConfig(self.backbone, self.output_stride, self.backbone_weights, self.init_from)
 
     def validate(self) -> None:
         def check(ok: bool, key: str, why: str) -> None:
@@ -112,7 +119,14 @@ class TrainConfig:
         """The files a new run starts from exist. Asked before a new run, not by `validate`
         or for a resumed run: a checkpoint's config names them too, and it must load and
         train on after they are gone."""
-        if self.backbone_weights not in ("none", "imagenet") and not is_file(self.backbone_weights):
+        if self.init_from:
+            from wsss.platform.checkpoints import latest_checkpoint
+
+            try:
+                latest_checkpoint(self.init_from)
+            except FileNotFoundError as error:
+                raise ConfigError(f"init_from={self.init_from!r}: {error}") from None
+        elif self.backbone_weights not in ("none", "imagenet") and not is_file(self.backbone_weights):
             raise ConfigError(f"backbone_weights={self.backbone_weights!r}: must be none, imagenet or an existing "
                               "file (path or URI)")
         for section in self.sections.values():
@@ -202,6 +216,8 @@ def _coerce_fields(cls: type, values: dict, prefix: str) -> dict:
     names = {f.name for f in dataclasses.fields(cls)} - {"sections"}
     out = {}
     for key, value in values.items():
+        if f"{prefix}{key}" in RENAMED_KEYS:
+            raise ConfigError(f"config key '{prefix}{key}' is now '{RENAMED_KEYS[prefix + key]}'")
         if key not in names:
             close = [n for n in names if n.startswith(key[:3])]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""

@@ -30,7 +30,7 @@ from ray.data.datasource import Datasource, ReadTask
 from wsss.datasets.augment import AugmentConfig, EvalTransform, TrainTransform
 from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files, read_shard
-from wsss.datasets.shards import Manifest, read_manifest, verify_checksums
+from wsss.datasets.shards import Manifest, has_regions, read_manifest, verify_checksums
 
 # Rows per decode/augment call. Ray Data waits between calls (fetch, put, dispatch: 12-15 ms
 # median in the CRF actors) next to ~3 ms of decoding per image: 64 rows gave 8% more
@@ -163,6 +163,6 @@ def eval_dataset(data_uri: str, split: str, *, with_mask: bool = True, verify: b
     """Original-size rows: id, image uint8 [H,W,3], mask uint8 [H,W] (255 = void; only
     with `with_mask`, every row must then have one), labels float32 [K] multi-hot."""
     manifest = _open(data_uri, split, verify)
-    transform = EvalTransform(manifest.num_classes, with_mask=with_mask)
+    transform = EvalTransform(manifest.num_classes, with_mask=with_mask, with_region=has_regions(manifest, split))
     rows = _read(ShardDatasource(manifest, split, transform.columns()))
     return rows.map_batches(transform, batch_format="numpy", batch_size=EVAL_BATCH_SIZE)

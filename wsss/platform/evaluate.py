@@ -1,9 +1,11 @@
 """`wsss evaluate`: full-protocol CAM evaluation of a checkpoint as a Ray Data job.
 
 Multi-scale (1.0, 0.5, 1.5, 2.0) + flip CAMs, a background-threshold sweep in one pass
-(per-image confusion matrices for every threshold, summed on the driver), the best
-mIoU with its threshold and per-class IoU, and optionally dense CRF at that threshold
-(a second pass). Inference runs in actors, on GPUs when the cluster has them.
+(per-image confusion matrices for every threshold, summed on the driver), the mIoU at the
+best threshold (or at one chosen on another split) with per-class IoU, and optionally dense
+CRF at that threshold (a second pass). Where the shards have region maps (the synthetic
+benchmark), also where the predictions land on them (`metrics.region_rates`). Inference
+runs in actors, on GPUs when the cluster has them.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ import numpy as np
 import ray
 import torch
 
-from wsss.datasets.shards import read_manifest
+from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import check_bucket, join, write_text
 from wsss.platform.cams import FULL_SCALES, THRESHOLDS, best_threshold, image_tensor, normalized_cams, \
-    threshold_confusions
+    region_counts, score_at_threshold, threshold_confusions, threshold_predictions
 from wsss.platform.checkpoints import load_method
 from wsss.platform.crf import dense_crf
 from wsss.platform.data import eval_dataset
-from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
+from wsss.platform.metrics import confusion_matrix, cooccurrence_confusion, cooccurring_pairs, \
+    foreground_error_rates, miou, region_rates
 from wsss.platform.runtime import ensure_ray, job_batches
 
 
 class CAMScorer:
-    """Ray Data actor: rows -> per-image confusion matrices [T*C*C] (or [C*C] with CRF)."""
+    """Ray Data actor: rows -> per-image confusion matrices [T*C*C] (or [C*C] with CRF), and
+    region counts [T*6] where rows have a region map."""
 
     def __init__(self, checkpoint: str, scales, flip: bool, crf_threshold: float | None, crf_preset: str,
                  method_overrides: dict | None = None):
@@ -37,18 +41,22 @@ class CAMScorer:
         self.crf_threshold, self.crf_preset = crf_threshold, crf_preset
 
     def __call__(self, batch: dict) -> dict:
-        out = []
-        for image, mask, labels in zip(batch["image"], batch["mask"], batch["labels"]):
-            labels = torch.tensor(np.asarray(labels), dtype=torch.float32)  # a copy: Ray batches are read-only
+        out, regions = [], []
+        for row in range(len(batch["image"])):
+            image = batch["image"][row]
+            labels = torch.tensor(np.asarray(batch["labels"][row]), dtype=torch.float32)  # a copy: read-only batches
             cams = normalized_cams(self.method, image_tensor(image, self.device), labels, self.scales, self.flip)
-            gt = torch.as_tensor(np.asarray(mask), dtype=torch.int64)
+            gt = torch.as_tensor(np.asarray(batch["mask"][row]), dtype=torch.int64)
             if self.crf_threshold is None:
                 out.append(threshold_confusions(cams, gt, self.num_classes).cpu().numpy().ravel())
+                if "region" in batch:
+                    region = torch.as_tensor(np.asarray(batch["region"][row]))
+                    regions.append(region_counts(threshold_predictions(cams), gt, region).cpu().numpy().ravel())
             else:
                 prediction = crf_prediction(np.asarray(image, np.uint8), cams.cpu().numpy(), labels.numpy(),
                                             self.crf_threshold, self.crf_preset)
                 out.append(confusion_matrix(prediction, gt.numpy(), self.num_classes).ravel())
-        return {"confusion": np.stack(out)}
+        return {"confusion": np.stack(out), **({"regions": np.stack(regions)} if regions else {})}
 
 
 def crf_prediction(image: np.ndarray, cams: np.ndarray, labels: np.ndarray, threshold: float,
@@ -63,7 +71,7 @@ def crf_prediction(image: np.ndarray, cams: np.ndarray, labels: np.ndarray, thre
 
 
 def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf_preset,
-                       max_images, num_actors, method_overrides) -> np.ndarray:
+                       max_images, num_actors, method_overrides) -> dict[str, np.ndarray]:
     dataset = eval_dataset(data, split)
     if max_images:
         dataset = dataset.limit(max_images)
@@ -74,11 +82,11 @@ def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf
                        fn_constructor_kwargs=dict(checkpoint=checkpoint, scales=scales, flip=flip,
                                                   crf_threshold=crf_threshold, crf_preset=crf_preset,
                                                   method_overrides=method_overrides))
-    total = None
+    total: dict[str, np.ndarray] = {}
     for batch in job_batches(dataset.map_batches(CAMScorer, **scorer_args), batch_size=64, batch_format="numpy"):
-        part = batch["confusion"].sum(axis=0)
-        total = part if total is None else total + part
-    if total is None:
+        for key, values in batch.items():
+            total[key] = total.get(key, 0) + values.sum(axis=0)
+    if not total:
         raise ValueError(f"{data}: split {split!r} has no images to evaluate")
     return total
 
@@ -86,12 +94,16 @@ def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf
 def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scales=FULL_SCALES,
                         flip: bool = True, crf: bool = False, crf_preset: str = "psa",
                         max_images: int = 0, num_actors: int | None = None, out: str | None = None,
-                        method_overrides: dict | None = None) -> dict:
+                        method_overrides: dict | None = None, threshold: float | None = None) -> dict:
     """Full-protocol evaluation; returns (and writes to `out`) the results dict. A bad
-    checkpoint, data, output URI or method override fails before Ray starts (joined or
-    started here). `method_overrides` change inference settings, e.g. {"lnl.export": "shrink"}."""
+    checkpoint, data, output URI, threshold or method override fails before Ray starts
+    (joined or started here). `method_overrides` change inference settings, e.g.
+    {"lnl.export": "shrink"}; `threshold` scores at that background threshold (one chosen on
+    another split) instead of the split's best."""
     _, state = load_method(checkpoint, method_overrides=method_overrides)
-    read_manifest(data)
+    manifest = read_manifest(data)
+    if threshold is not None:
+        score_at_threshold(np.zeros((len(THRESHOLDS), 1, 1)), threshold)  # a bad threshold fails here
     if out:
         check_bucket(out)
     ensure_ray()
@@ -100,23 +112,36 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
     num_actors = num_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)) // 2)
     sweep = _summed_confusions(checkpoint, data, split, scales, flip, None, crf_preset, max_images, num_actors,
                                method_overrides)
-    confusions = sweep.reshape(len(THRESHOLDS), len(classes), len(classes))
-    best = best_threshold(confusions)
-    best_index = THRESHOLDS.index(best["threshold"])
-    fpr, fnr = foreground_error_rates(confusions[best_index])
+    confusions = sweep["confusion"].reshape(len(THRESHOLDS), len(classes), len(classes))
+    scored = best_threshold(confusions) if threshold is None else score_at_threshold(confusions, threshold)
+    index = THRESHOLDS.index(scored["threshold"])
+    fpr, fnr = foreground_error_rates(confusions[index])
     results = {"checkpoint": checkpoint, "data": data, "split": split, "method": state["config"]["method"],
                "epoch": state["epoch"], "method_overrides": dict(method_overrides or {}),
                "scales": list(scales), "flip": flip, "classes": classes,
-               **best, "fg_fpr": fpr, "fg_fnr": fnr}
+               "threshold_chosen_on": split if threshold is None else "given", **scored, "fg_fpr": fpr, "fg_fnr": fnr}
+    results.update(cooccurrence_scores(confusions[index], manifest, state["config"]["train_split"]))
+    if "regions" in sweep:
+        results.update(region_rates(sweep["regions"].reshape(len(THRESHOLDS), -1)[index]))
     if crf:
-        conf = _summed_confusions(checkpoint, data, split, scales, flip, best["threshold"], crf_preset,
-                                  max_images, num_actors, method_overrides).reshape(len(classes), len(classes))
+        conf = _summed_confusions(checkpoint, data, split, scales, flip, scored["threshold"], crf_preset, max_images,
+                                  num_actors, method_overrides)["confusion"].reshape(len(classes), len(classes))
         per_class, mean = miou(conf)
         results["crf"] = {"preset": crf_preset, "miou": mean,
                           "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class]}
     if out:
         write_results(results, out)
     return results
+
+
+def cooccurrence_scores(confusion: np.ndarray, manifest, train_split: str) -> dict:
+    """`cooccurring_pairs` of the run's training split and their `cooccurrence_confusion`
+    in `confusion`; nothing when the data has no such split or no such pair."""
+    pairs = cooccurring_pairs(image_labels(manifest, train_split)) if train_split in manifest.splits else []
+    if not pairs:
+        return {}
+    return {"cooccurring_pairs": [[manifest.classes[a], manifest.classes[b]] for a, b in pairs],
+            "cooccurrence_confusion": cooccurrence_confusion(confusion, pairs)}
 
 
 def results_table(results: dict) -> str:
@@ -126,6 +151,10 @@ def results_table(results: dict) -> str:
              f"mIoU **{100 * results['miou']:.2f}** at background threshold {results['threshold']:.2f}"
              f" (scales {results['scales']}, flip {results['flip']}); foreground FPR "
              f"{results['fg_fpr']:.3f}, FNR {results['fg_fnr']:.3f}", ""]
+    regions = [f"{key} {results[key]:.3f}" for key in ("part_recall", "body_recall", "context_fpr",
+                                                       "cooccurrence_confusion") if key in results]
+    if regions:
+        lines[-1:-1] = ["; ".join(regions)]
     crf = results.get("crf")
     lines += ["| class | IoU |" + (" IoU + CRF |" if crf else ""), "|---|---|" + ("---|" if crf else "")]
     for index, name in enumerate(results["classes"]):

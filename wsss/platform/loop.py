@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from wsss.datasets.augment import AugmentConfig
 from wsss.methods.base import Method, Progress, required_inputs
 from wsss.platform.cams import (THRESHOLDS, best_threshold, image_tensor, normalize_images, normalized_cams,
-                               threshold_confusions)
+                               region_counts, threshold_confusions, threshold_predictions)
 from wsss.platform.config import TrainConfig
-from wsss.platform.metrics import confusion_matrix, miou
+from wsss.platform.metrics import (REGION_COUNTS, confusion_matrix, cooccurrence_confusion, miou,
+                                   region_rates)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,18 +151,22 @@ class Validation:
     cams: np.ndarray | None  # [T,C,C], one per CAM threshold, for methods that validate CAMs
     segmentation: np.ndarray | None  # [C,C] of the segmentation argmax, for methods with that branch
     overlays: list[dict]  # {"id", "image", "ground_truth", and "cams" [K,H,W] or "prediction" [H,W]}
+    regions: np.ndarray | None = None  # [T, len(REGION_COUNTS)] of the CAMs, where rows have region maps
 
 
 @torch.no_grad()
 def evaluate_rows(method: Method, rows: Iterable[dict], *, num_classes: int, device: torch.device,
                   keep_overlays: int = 0, max_images: int = 0) -> Validation:
-    """Single-scale validation over rows {"id","image" HWC,"mask","labels" [K]}: the CAM
-    threshold sweep (methods that validate CAMs) and the segmentation argmax over all K+1
-    classes (methods with a segmentation branch)."""
+    """Single-scale validation over rows {"id","image" HWC,"mask","labels" [K]}, optionally
+    "region" HW: the CAM threshold sweep (methods that validate CAMs), with region counts
+    where rows have a region map, and the segmentation argmax over all K+1 classes (methods
+    with a segmentation branch)."""
     method.eval()
     classes = num_classes + 1
     with_cams = method.validates == "cams"
     cam_total = torch.zeros(len(THRESHOLDS), classes, classes, dtype=torch.int64, device=device)
+    region_total = torch.zeros(len(THRESHOLDS), len(REGION_COUNTS), dtype=torch.int64, device=device)
+    has_regions = False
     seg_total = torch.zeros(classes, classes, dtype=torch.int64, device=device)
     has_segmentation = False
     overlays = []
@@ -175,6 +180,9 @@ def evaluate_rows(method: Method, rows: Iterable[dict], *, num_classes: int, dev
             labels = torch.tensor(np.asarray(row["labels"]), dtype=torch.float32)  # a copy: Ray rows are read-only
             cams = normalized_cams(method, image, labels)
             cam_total += threshold_confusions(cams, gt, classes)
+            if "region" in row:
+                has_regions = True
+                region_total += region_counts(threshold_predictions(cams), gt, torch.as_tensor(np.asarray(row["region"])))
             overlay["cams"] = cams.cpu()
         logits = method.segmentation_logits(image)
         if logits is not None:
@@ -189,15 +197,20 @@ def evaluate_rows(method: Method, rows: Iterable[dict], *, num_classes: int, dev
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(cam_total)
         dist.all_reduce(seg_total)
+        dist.all_reduce(region_total)
     method.train()
     return Validation(cams=cam_total.cpu().numpy() if with_cams else None,
-                      segmentation=seg_total.cpu().numpy() if has_segmentation else None, overlays=overlays)
+                      segmentation=seg_total.cpu().numpy() if has_segmentation else None, overlays=overlays,
+                      regions=region_total.cpu().numpy() if with_cams and has_regions else None)
 
 
-def epoch_metrics(stats: EpochStats, validation: Validation | None, epoch: int) -> dict:
+def epoch_metrics(stats: EpochStats, validation: Validation | None, epoch: int,
+                  cooccurring: list[tuple[int, int]] = ()) -> dict:
     """What every epoch reports: losses, throughput and (when evaluated) the objective
     `miou`: the best CAM threshold's, or the segmentation's for methods that validate it.
-    Methods with a segmentation branch also report its mIoU as `seg_miou`."""
+    Methods with a segmentation branch also report its mIoU as `seg_miou`. At the best CAM
+    threshold, the region rates where validation had region maps, and the confusion of the
+    `cooccurring` class pairs (`metrics.cooccurring_pairs`)."""
     metrics = {"epoch": epoch + 1, **stats.summary()}
     if validation is not None:
         if validation.segmentation is not None and validation.segmentation.sum() > 0:
@@ -206,6 +219,11 @@ def epoch_metrics(stats: EpochStats, validation: Validation | None, epoch: int) 
             if validation.cams.sum() > 0:
                 best = best_threshold(validation.cams)
                 metrics.update(miou=best["miou"], threshold=best["threshold"])
+                index = THRESHOLDS.index(best["threshold"])
+                if validation.regions is not None:
+                    metrics.update(region_rates(validation.regions[index]))
+                if cooccurring:
+                    metrics["cooccurrence_confusion"] = cooccurrence_confusion(validation.cams[index], cooccurring)
         elif "seg_miou" in metrics:
             metrics["miou"] = metrics["seg_miou"]
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}

@@ -126,3 +126,43 @@ def out_of_candidate_rate(pred, image_labels, valid=None) -> tuple[float, float]
     images, pixels = counts["images"], counts["pixels"]
     return (counts["oc_images"] / images if images else float("nan"),
             counts["oc_pixels"] / pixels if pixels else float("nan"))
+
+
+# What `wsss.platform.cams.region_counts` counts per threshold, in this order.
+REGION_COUNTS = ("part_hits", "part_pixels", "body_hits", "body_pixels", "context_fg", "context_pixels")
+
+
+def region_rates(counts) -> dict[str, float]:
+    """Where a prediction lands on the region map (`wsss.datasets.base.REGION_*`), from
+    summed `REGION_COUNTS`: `part_recall` and `body_recall`, the share of objects'
+    discriminative-part / body pixels predicted as their class, and `context_fpr`, the share
+    of context pixels (labelled background) predicted as an object. NaN without such pixels."""
+    counts = dict(zip(REGION_COUNTS, np.asarray(counts, dtype=np.float64)))
+
+    def share(hits: str, pixels: str) -> float:
+        return float(counts[hits] / counts[pixels]) if counts[pixels] > 0 else float("nan")
+
+    return {"part_recall": share("part_hits", "part_pixels"), "body_recall": share("body_hits", "body_pixels"),
+            "context_fpr": share("context_fg", "context_pixels")}
+
+
+def cooccurring_pairs(image_labels, min_share: float = 0.5) -> list[tuple[int, int]]:
+    """Class pairs (a < b, indices into the K+1 classes) where each class appears in at least
+    `min_share` of the images of the other: the pairs a classifier can credit one for the
+    other (OCR's co-occurrence problem). `image_labels` bool [L,K+1], column 0 background."""
+    labels = _numpy("image_labels", image_labels)[:, 1:].astype(np.float64)
+    together = labels.T @ labels
+    images = np.diag(together)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        given = np.where(images[:, None] > 0, together / images[:, None], 0.0)  # P(column | row)
+    return [(a + 1, b + 1) for a in range(len(images)) for b in range(a + 1, len(images))
+            if min(given[a, b], given[b, a]) >= min_share]
+
+
+def cooccurrence_confusion(conf, pairs) -> float:
+    """Share of the pixels of paired classes predicted as the other class of their pair,
+    e.g. horse pixels predicted as rider and rider as horse. NaN without pairs or pixels."""
+    conf = _numpy("conf", conf).astype(np.float64)
+    confused = sum(conf[a, b] + conf[b, a] for a, b in pairs)
+    pixels = sum(conf[a].sum() + conf[b].sum() for a, b in pairs)
+    return float(confused / pixels) if pixels > 0 else float("nan")

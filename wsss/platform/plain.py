@@ -12,7 +12,9 @@ from wsss.datasets.loader import train_loader
 from wsss.datasets.reading import eval_rows
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.methods.base import DatasetStats, Method, build_method
+from wsss.platform.checkpoints import start_fresh
 from wsss.platform.config import TrainConfig
+from wsss.platform.metrics import cooccurring_pairs
 from wsss.platform.loop import augment_config, epoch_metrics, evaluate_rows, make_optimizer, train_epoch
 
 
@@ -27,7 +29,7 @@ def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | N
     method = build_method(config.method, manifest.num_classes, config.sections, config.backbone_config)
     method.on_dataset(DatasetStats(num_images=len(labels), image_labels=torch.from_numpy(labels)))
     method.to(device)
-    method.on_fresh_start()
+    start_fresh(method, config.init_from)
     optimizer = make_optimizer(method, config)
     loader = train_loader(config.data, config.train_split, augment_config(config),
                           batch_size=config.batch_size, num_workers=loader_workers,
@@ -43,6 +45,6 @@ def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | N
             validation = evaluate_rows(method, eval_rows(config.data, config.val_split),
                                        num_classes=manifest.num_classes, device=device,
                                        max_images=config.eval_max_images)
-        history.append(epoch_metrics(stats, validation, epoch))
+        history.append(epoch_metrics(stats, validation, epoch, cooccurring_pairs(labels)))
         on_epoch(history[-1])
     return method, history

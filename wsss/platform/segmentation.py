@@ -32,6 +32,7 @@ from wsss.platform.checkpoints import load_method
 from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_overrides
 from wsss.platform.crf import PRESETS, dense_crf
 from wsss.platform.data import eval_dataset
+from wsss.platform.evaluate import cooccurrence_scores
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou, out_of_candidate_counts
 from wsss.platform.runtime import job_batches
 
@@ -149,7 +150,8 @@ def evaluate_segmentation(checkpoint: str, data: str, *, split: str = "val", sca
     size = len(classes)
     results = {"checkpoint": checkpoint, "data": data, "split": split, "method": state["config"]["method"],
                "epoch": state["epoch"], "scales": list(scales), "flip": flip, "classes": classes,
-               "images": int(totals["oc"][0]), **_scores(totals["confusion"].reshape(size, size), totals["oc"])}
+               "images": int(totals["oc"][0]), **_scores(totals["confusion"].reshape(size, size), totals["oc"]),
+               **cooccurrence_scores(totals["confusion"].reshape(size, size), manifest, state["config"]["train_split"])}
     if crf:
         results["crf"] = {"preset": crf_preset,
                           **_scores(totals["confusion_crf"].reshape(size, size), totals["oc_crf"])}

@@ -15,6 +15,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -23,11 +24,12 @@ import torch
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import canonical, delete_file, join, read_text, write_text
 from wsss.methods.base import DatasetStats, build_method
-from wsss.platform.checkpoints import check_resumable, load_state, restore, save_checkpoint
+from wsss.platform.checkpoints import check_resumable, load_state, restore, save_checkpoint, start_fresh
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.data import eval_dataset, train_dataset
 from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, make_optimizer,
                                 overlay_predictions, train_epoch)
+from wsss.platform.metrics import cooccurring_pairs
 from wsss.platform.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ def train_worker(loop_config: dict) -> None:
     method.to(device)  # after on_dataset: it may create buffers (e.g. the ocr co-occurrence prior)
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
-        method.on_fresh_start()
+        start_fresh(method, config.init_from)
     if context.get_world_size() > 1:
         method.distribute(lambda net: ray.train.torch.prepare_model(
             net, move_to_device=False,
@@ -75,6 +77,7 @@ def train_worker(loop_config: dict) -> None:
 
     # 3. Epochs: train, evaluate, checkpoint, report.
     steps_per_epoch = loop_config["steps_per_epoch"]
+    cooccurring = cooccurring_pairs(np.asarray(loop_config["image_labels"], dtype=bool))
     for epoch in range(start_epoch, config.epochs):
         batches = train_shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True)
         try:
@@ -93,7 +96,7 @@ def train_worker(loop_config: dict) -> None:
             validation = evaluate_rows(
                 method, val_shard.iter_rows(), num_classes=len(dataset["classes"]) - 1, device=device,
                 keep_overlays=config.cam_images if rank == 0 else 0, max_images=config.eval_max_images)
-        metrics = epoch_metrics(stats, validation, epoch) | {"resumed_from_epoch": resumed_from}
+        metrics = epoch_metrics(stats, validation, epoch, cooccurring) | {"resumed_from_epoch": resumed_from}
         tracker.log({f"epoch/{k}": v for k, v in metrics.items()}, step)
         if validation is not None and validation.overlays:
             tracker.log_cam_overlays(overlay_predictions(validation.overlays, metrics.get("threshold")),
