@@ -28,8 +28,7 @@ import torch
 from wsss.datasets.prepare import prepare
 from wsss.datasets.reading import eval_rows
 from wsss.datasets.shards import read_manifest
-from wsss.methods.lnl import EXPORTS, class_maps_with_background, consistency_scores, feature_similarity, \
-    seed_labels
+from wsss.methods.lnl import EXPORTS
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint, load_method
 from wsss.platform.config import TrainConfig
@@ -38,6 +37,8 @@ from wsss.platform.pseudo_labels import generate_pseudo_labels
 from wsss.platform.runtime import ensure_ray
 from wsss.platform.segmentation import evaluate_segmentation, stage2_config
 from wsss.platform.train import fit
+
+from lnl_seeds import choose, seed_counts, summarise  # benchmarks/, beside this script
 
 START_EPOCHS = 24
 COMMON = dict(backbone="resnet18", backbone_weights="none", output_stride=16, crop_size=96, batch_size=16,
@@ -120,13 +121,18 @@ def classification_map(checkpoint: str, data: str, split: str) -> float:
     return float(np.nanmean([average_precision(scores[:, k], labels[:, k]) for k in range(labels.shape[1])]))
 
 
+def checkpoints(run: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first (names are timestamps)."""
+    return sorted(path for path in run.glob("checkpoint_*") if path.is_dir())
+
+
 def run_start(work: Path) -> None:
     data = str(work / "shards")
     with timed(work, "start: train"):
         train(work, {**COMMON, **START})
     curve = []
     with timed(work, "start: score every epoch"):
-        for checkpoint in sorted((work / "runs" / START["name"]).glob("checkpoint_*")):
+        for checkpoint in checkpoints(work / "runs" / START["name"]):
 
             def score(checkpoint=str(checkpoint)):
                 results = evaluate_checkpoint(checkpoint, data, split="dev", scales=(1.0,), flip=False)
@@ -142,7 +148,7 @@ def run_start(work: Path) -> None:
 def start_checkpoint(work: Path) -> str:
     """The start's checkpoint with the best dev CAM mIoU (`run_start`)."""
     best_epoch = json.loads((work / "start.json").read_text())["best_epoch"]
-    for checkpoint in (work / "runs" / START["name"]).glob("checkpoint_*"):
+    for checkpoint in checkpoints(work / "runs" / START["name"]):
         if json.loads((checkpoint / INFO_FILE).read_text())["epoch"] == best_epoch:
             return str(checkpoint)
     raise FileNotFoundError(f"{work / 'runs' / START['name']}: no checkpoint of epoch {best_epoch}")
@@ -161,6 +167,8 @@ def run_name(method: str, seed: int) -> str:
 def stage1_run(work: Path, method: str, seed: int, epochs: int) -> dict:
     data, start = str(work / "shards"), start_checkpoint(work)
     overrides = {k: v for part in method.split("+") for k, v in METHOD_SETTINGS.get(part, {}).items()}
+    if method.startswith("lnl"):
+        overrides.update(seed_setting(work))
     values = {**COMMON, "method": method, "name": run_name(method, seed), "lr": STAGE1_LR, "epochs": epochs,
               "seed": seed, "init_from": start, "eval_max_images": 100}
     checkpoint = train(work, values, overrides)
@@ -184,36 +192,27 @@ def stage1_run(work: Path, method: str, seed: int, epochs: int) -> dict:
     return row
 
 
-@torch.no_grad()
 def seed_quality(checkpoint: str, data: str, split: str) -> dict:
-    """E_s (FSCM seeds, Eqs. 1-3 with erosion, as in training) against the ground truth at
-    feature resolution: coverage and precision of background and foreground seeds."""
+    """E_s of a trained `lnl` run with its own similarity and η, and which classes its
+    prototype bank initialised (a class never seeded has no prototypes to contrast with)."""
     method, _ = load_method(checkpoint)
-    config = method.config
-    counts = np.zeros(4)  # bg seeds, bg right, fg seeds, fg right
-    cells = 0
-    for row in eval_rows(data, split):
-        out = method.network(image_tensor(row["image"], torch.device("cpu")))
-        labels = torch.from_numpy(np.asarray(row["labels"], np.float32))[None]
-        maps = class_maps_with_background(out["cam_logits"], labels)
-        scores = consistency_scores(feature_similarity(out["features"], config.similarity), maps)
-        seeds = seed_labels(scores, config.eta, config.erosion)[0].numpy()
-        truth = cell_truth(np.asarray(row["mask"]), seeds.shape)
-        known = truth != 255
-        cells += int(known.sum())
-        for column, is_class in ((0, seeds == 0), (2, (seeds > 0) & (seeds != 255))):
-            counts[column] += int((is_class & known).sum())
-            counts[column + 1] += int((is_class & known & (seeds == truth)).sum())
-    share = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
-    return {"seed_bg_coverage": share(counts[0], cells), "seed_bg_precision": share(counts[1], counts[0]),
-            "seed_fg_coverage": share(counts[2], cells), "seed_fg_precision": share(counts[3], counts[2])}
+    kind, eta = method.config.similarity, method.config.eta
+    row = summarise(seed_counts(checkpoint, data, split, kinds=(kind,), etas=(eta,)))[0]
+    initialised = method.prototype_bank.initialized.tolist()
+    return {f"seed_{key}": row[key] for key in ("bg_coverage", "bg_precision", "fg_coverage", "fg_precision")} | {
+        "bank_classes_initialised": int(sum(initialised[1:])), "bank_background_initialised": bool(initialised[0])}
 
 
-def cell_truth(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The ground truth at the centres of an h×w grid of feature cells."""
-    rows = ((np.arange(size[0]) + 0.5) * mask.shape[0] / size[0]).astype(int)
-    cols = ((np.arange(size[1]) + 0.5) * mask.shape[1] / size[1]).astype(int)
-    return mask[np.ix_(rows, cols)]
+def seed_setting(work: Path) -> dict:
+    """FSCM's similarity and η for every `lnl` run, chosen on dev from the start's features
+    (benchmarks/lnl_seeds.py)."""
+    def study():
+        rows = summarise(seed_counts(start_checkpoint(work), str(work / "shards"), "dev"))
+        return {"rows": rows, "chosen": choose(rows)}
+
+    with timed(work, "seeds: study on the start"):
+        chosen = cached(work / "seeds.json", study)["chosen"]
+    return {"lnl.similarity": chosen["kind"], "lnl.eta": chosen["eta"]}
 
 
 # ---- stage 2 -------------------------------------------------------------------------------
@@ -322,7 +321,8 @@ def claims_table(rows: list[dict], stage2: list[dict]) -> str:
 
 def results_table(rows: list[dict]) -> str:
     keys = ("miou", "part_recall", "body_recall", "context_fpr", "cooccurrence_confusion", "seg_miou",
-            "seed_fg_coverage", "seed_fg_precision", "seed_bg_coverage", "seed_bg_precision")
+            "seed_fg_coverage", "seed_fg_precision", "seed_bg_coverage", "seed_bg_precision",
+            "bank_classes_initialised")
     lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for method in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == method]

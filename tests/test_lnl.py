@@ -30,7 +30,7 @@ from wsss.methods.lnl import (
 )
 from wsss.methods.lnl_bank import kmeans_plus_plus, lloyd, subsample_per_class
 
-KINDS = ["cosine", "softmax"]
+KINDS = ["cosine", "softmax", "sigmoid"]
 
 
 def pixel_vectors(features: torch.Tensor, b: int) -> list[list[float]]:
@@ -61,7 +61,8 @@ def reference_similarity(features: torch.Tensor, kind: str) -> torch.Tensor:
             else:
                 for j in range(hw):
                     norms = max(math.sqrt(dot(x[i], x[i])), 1e-12) * max(math.sqrt(dot(x[j], x[j])), 1e-12)
-                    out[b, i, j] = max(0.0, dot(x[i], x[j]) / norms)
+                    cosine = dot(x[i], x[j]) / norms
+                    out[b, i, j] = 1 / (1 + math.exp(-cosine)) if kind == "sigmoid" else max(0.0, cosine)
     return out
 
 

@@ -34,7 +34,7 @@ from wsss.methods.cam import CAMNetwork, classification_loss
 from wsss.methods.lnl_bank import PrototypeBank, contrastive_loss, subsample_per_class
 
 IGNORE = 255
-SIMILARITY_KINDS = ("cosine", "softmax")
+SIMILARITY_KINDS = ("cosine", "softmax", "sigmoid")
 EXPORTS = ("shrink", "expand", "fusion")
 
 
@@ -45,15 +45,17 @@ def feature_similarity(features: torch.Tensor, kind: str = "cosine") -> torch.Te
     caps the Eq. 2 score near 1/(object size in pixels): the paper's η = 0.8 is never reached.
     kind="cosine" (the default) is cosine similarity clipped at 0: each element is in [0,1],
     T_i(i) = 1, and Eq. 2 becomes a soft IoU between a class map and pixel i's similarity map.
+    kind="sigmoid" is the authors' released code: the sigmoid of the cosine, in [0.27, 0.73].
     """
     if features.ndim != 4:
         raise ValueError(f"features must be [B,C,H,W], got {tuple(features.shape)}")
     x = features.float().flatten(2).transpose(1, 2)  # [B,HW,C]
     if kind == "softmax":
         return torch.softmax(x @ x.transpose(1, 2), dim=-1)
-    if kind == "cosine":
+    if kind in ("cosine", "sigmoid"):
         x = F.normalize(x, dim=2)
-        return (x @ x.transpose(1, 2)).clamp_min(0.0)
+        cosine = x @ x.transpose(1, 2)
+        return cosine.clamp_min(0.0) if kind == "cosine" else torch.sigmoid(cosine)
     raise ValueError(f"similarity kind must be one of {SIMILARITY_KINDS}, got {kind!r}")
 
 

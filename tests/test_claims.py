@@ -1,0 +1,53 @@
+"""The claims protocol's bookkeeping (benchmarks/claims.py, benchmarks/lnl_seeds.py): verdicts,
+deltas and the seed-setting choice on hand-built numbers. The protocol itself is a long run."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+from claims import claims_table, delta, verdict  # noqa: E402
+from lnl_seeds import choose  # noqa: E402
+
+
+def test_delta_pairs_seeds_and_gives_mean_and_spread():
+    text, mean, std = delta([0.30, 0.32, 0.34], [0.28, 0.28, 0.28])
+    assert mean == pytest.approx(4.0) and std == pytest.approx(2.0) and text == "+4.00 ± 2.00"
+
+
+@pytest.mark.parametrize("mean, std, direction, seeds, expected", [
+    (4.0, 2.0, +1, 3, "holds"),
+    (1.0, 2.0, +1, 3, "inconclusive"),
+    (-3.0, 1.0, +1, 3, "does not"),
+    (-3.0, 1.0, -1, 3, "holds"),
+    (-0.5, 0.3, 0, 3, "holds"),  # kept: a drop within a point
+    (-5.0, 1.0, 0, 3, "does not"),
+    (4.0, 2.0, +1, 2, "inconclusive (fewer than 3 seeds)"),
+    (4.0, math.nan, +1, 3, "inconclusive (fewer than 3 seeds)"),
+])
+def test_verdict(mean, std, direction, seeds, expected):
+    assert verdict(mean, std, direction, seeds) == expected
+
+
+def test_claims_table_compares_each_method_with_cam_and_says_what_has_not_run():
+    rows = [{"method": m, "seed": s, "miou": base + 0.01 * s, "body_recall": body, "part_recall": 0.8}
+            for s in range(3) for m, base, body in (("cam", 0.30, 0.2), ("lnl", 0.34, 0.4))]
+    table = claims_table(rows, [])
+    line = next(line for line in table.splitlines() if line.startswith("| LNL raises CAM mIoU"))
+    assert "| 31.00 ± 1.00 | 35.00 ± 1.00 | +4.00 ± 0.00 | 3 | holds |" in line
+    assert "| FSAE raises CAM mIoU | miou | 31.00 ± 1.00 | — | — | 0 | not run yet |" in table
+    assert "OCR at stage 2: oc_pixel_rate" in table
+
+
+def test_the_seed_setting_is_the_most_covering_of_the_precise_ones():
+    rows = [{"kind": "cosine", "eta": 0.8, "bg_precision": 0.95, "fg_precision": 0.92, "fg_coverage": 0.05},
+            {"kind": "cosine", "eta": 0.6, "bg_precision": 0.93, "fg_precision": 0.91, "fg_coverage": 0.10},
+            {"kind": "cosine", "eta": 0.4, "bg_precision": 0.90, "fg_precision": 0.70, "fg_coverage": 0.30}]
+    assert choose(rows)["eta"] == 0.6
+    imprecise = [dict(row, bg_precision=0.5) for row in rows]
+    assert choose(imprecise)["eta"] == 0.8, "none usable: the most precise foreground"
