@@ -60,6 +60,25 @@ def test_cpu_training_shares_the_nodes_cores_among_its_workers():
         TrainConfig(method="cam", data="x", cpu_threads=-1).validate()
 
 
+def test_cpu_training_flushes_subnormal_floats_unless_turned_off(caplog):
+    import torch
+
+    from wsss.platform.loop import set_flush_denormal
+
+    subnormal = torch.tensor([1e-39])
+    cpu = torch.device("cpu")
+    try:
+        with caplog.at_level("INFO", logger="wsss.platform.loop"):
+            assert set_flush_denormal(TrainConfig(method="cam", data="x"), cpu)  # the default
+        assert "flush_denormal=True" in caplog.text
+        assert float(subnormal * 1.0) == 0.0
+        assert not set_flush_denormal(TrainConfig(method="cam", data="x", flush_denormal=False), cpu)
+        assert float(subnormal * 1.0) > 0.0
+        assert not set_flush_denormal(TrainConfig(method="cam", data="x"), torch.device("cuda"))
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_check_inputs_names_missing_start_files_that_a_rebuilt_config_accepts(tmp_path):
     """A checkpoint's config names the files its run started from; they may be gone since."""
     saved = TrainConfig(method="csrm", data="x", backbone_weights=str(tmp_path / "gone.pth")).to_dict()

@@ -59,6 +59,7 @@ class TrainConfig:
     cpu_threads: int = 0  # torch threads per worker training on CPU (0 = the node's cores shared by its workers)
     amp: bool = True  # bfloat16 mixed precision on GPU
     cpu_amp: bool = False  # the same on CPU: ~2× faster steps on CPUs with AMX (Intel Xeon 4th gen+), slower without
+    flush_denormal: bool = True  # CPU training treats subnormal floats as 0: x86 computes on them up to ~100× slower
     max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
     seed: int = 0
     eval_every: int = 1  # epochs between single-scale val evaluations (0 = never)

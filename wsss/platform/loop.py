@@ -4,6 +4,7 @@ Ray Train workers, `plain.py` feeds it a local loader; both run exactly this cod
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from wsss.platform.cams import (THRESHOLDS, best_threshold, image_tensor, normal
 from wsss.platform.config import TrainConfig
 from wsss.platform.metrics import (REGION_COUNTS, confusion_matrix, cooccurrence_confusion, miou,
                                    region_rates)
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,6 +100,21 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
         if key in out:
             out[key] = out[key].long()
     return out
+
+
+def set_flush_denormal(config: TrainConfig, device: torch.device) -> bool:
+    """On CPU, set this process to flush subnormal floats to zero as `flush_denormal` says;
+    returns whether it flushes. x86 cores take a slow path for every subnormal operand, and
+    trained weights make many in some methods (lnl's attention): their steps then ran
+    several times slower (docs/benchmarks.md). Values that small are below float32's
+    precision beside anything they are added to. GPU kernels flush on their own."""
+    if device.type != "cpu":
+        return False
+    flush = torch.set_flush_denormal(config.flush_denormal) and config.flush_denormal
+    if config.flush_denormal and not flush:
+        logger.warning("flush_denormal=true: this CPU cannot flush subnormal floats; they are computed as is")
+    logger.info("CPU training: flush_denormal=%s", flush)
+    return flush
 
 
 def uses_amp(config: TrainConfig, device: torch.device) -> bool:

@@ -14,8 +14,9 @@ from wsss.datasets.shards import image_labels, read_manifest
 from wsss.methods.base import DatasetStats, Method, build_method
 from wsss.platform.checkpoints import start_fresh
 from wsss.platform.config import TrainConfig
+from wsss.platform.loop import (augment_config, epoch_metrics, evaluate_rows, make_optimizer, set_flush_denormal,
+                                train_epoch)
 from wsss.platform.metrics import cooccurring_pairs
-from wsss.platform.loop import augment_config, epoch_metrics, evaluate_rows, make_optimizer, train_epoch
 
 
 def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | None = None,
@@ -24,6 +25,7 @@ def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | N
     handed to `on_epoch` as each epoch ends."""
     manifest = read_manifest(config.data)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_flush_denormal(config, device)
     torch.manual_seed(config.seed)
     labels = image_labels(manifest, config.train_split)
     method = build_method(config.method, manifest.num_classes, config.sections, config.backbone_config)

@@ -28,7 +28,7 @@ from wsss.platform.checkpoints import check_resumable, load_state, restore, save
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.data import eval_dataset, train_dataset
 from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, make_optimizer,
-                                overlay_predictions, train_epoch)
+                                overlay_predictions, set_flush_denormal, train_epoch)
 from wsss.platform.metrics import cooccurring_pairs
 from wsss.platform.tracking import Tracker
 
@@ -45,6 +45,7 @@ def train_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, context.get_local_world_size()))
+    set_flush_denormal(config, device)
     torch.manual_seed(config.seed)
 
     # 1. Data: this worker's shards of the streaming pipelines.
