@@ -40,7 +40,7 @@ from wsss.platform.train import fit
 
 from lnl_seeds import choose, seed_counts, summarise  # benchmarks/, beside this script
 
-START_EPOCHS = 24
+START_EPOCHS = 12
 COMMON = dict(backbone="resnet18", backbone_weights="none", output_stride=16, crop_size=96, batch_size=16,
               val_split="dev", wandb="offline")
 START = dict(method="cam", name="start-cam", lr=0.05, epochs=START_EPOCHS, seed=0)
@@ -337,7 +337,7 @@ def main() -> None:
     parser.add_argument("--stage", default="all", choices=["all", "start", "stage1", "stage2", "table"])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=4, help="stage-1 epochs from the start")
+    parser.add_argument("--epochs", type=int, default=3, help="stage-1 epochs from the start")
     parser.add_argument("--stage2-epochs", type=int, default=8)
     parser.add_argument("--preset", default="claims", help="synthetic preset (test: a quick check of the script)")
     parser.add_argument("--dev-images", type=int, help="dev split size (default: the preset's)")
@@ -355,8 +355,8 @@ def main() -> None:
     rows_path = work / "stage1.json"
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
     if args.stage in ("all", "stage1"):
-        for seed in range(args.seeds):  # seed-major: a cut session leaves whole seeds behind
-            for method in args.methods.split(","):
+        for method in args.methods.split(","):  # method-major: what is done has all its seeds
+            for seed in range(args.seeds):
                 if any(r["method"] == method and r["seed"] == seed for r in rows):
                     continue
                 with timed(work, f"stage1: {method}"):

@@ -551,6 +551,7 @@ def test_a_csrm_started_from_a_cam_run_copies_it_to_the_teacher_and_keeps_its_cl
     start = tmp_path / "cam-run" / "checkpoint_000004"  # a run directory: its newest checkpoint
     start.mkdir(parents=True)
     torch.save({"method": cam.state_dict()}, start / "state.pt")
+    (start / "checkpoint.json").write_text("{}")  # written last: the checkpoint is complete
     torch.manual_seed(0)
     method = build_method("csrm", K, {"csrm": CSRMConfig(crf_workers=0)},
                           dataclasses.replace(TINY, init_from=str(tmp_path / "cam-run")))

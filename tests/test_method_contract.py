@@ -290,6 +290,7 @@ def test_init_from_a_cam_run_loads_matching_network_weights_and_leaves_the_rest_
     run = tmp_path / "cam-run" / "checkpoint_000002"
     run.mkdir(parents=True)
     torch.save({"method": cam.state_dict()}, run / "state.pt")
+    (run / "checkpoint.json").write_text("{}")  # written last: the checkpoint is complete
     start = BackboneConfig("resnet18", 16, "/never/read.pth", init_from=str(tmp_path / "cam-run"))
     method = build_method(spec, K, TrainConfig(method=spec, data="unused", pseudo_labels="unused").sections, start)
     method.on_dataset(stats())

@@ -168,6 +168,8 @@ def test_init_from_reads_a_cam_run_on_s3(s3):
     torch.save({"method": cam.state_dict()}, buffer)
     with s3.open_output_stream(f"{BUCKET}/runs/cam/checkpoint_000001/state.pt") as stream:
         stream.write(buffer.getvalue())
+    with s3.open_output_stream(f"{BUCKET}/runs/cam/checkpoint_000001/checkpoint.json") as stream:
+        stream.write(b"{}")  # written last: the checkpoint is complete
     config = TrainConfig(method="csrm", data="x", backbone="resnet18", output_stride=16,
                          init_from=f"s3://{BUCKET}/runs/cam").with_overrides({"csrm.crf_workers": 0})
     config.check_inputs()
