@@ -7,7 +7,7 @@ import pytest
 from pydensecrf import densecrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
-from wsss.platform.crf import PRESETS, dense_crf, dense_crf_labels
+from wsss.ops.crf import PRESETS, dense_crf, dense_crf_labels
 
 SIZE = 48
 

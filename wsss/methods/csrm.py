@@ -63,7 +63,7 @@ from wsss.methods.csrm_pseudo import CRFPseudoLabeler
 from wsss.methods.csrm_teacher import broadcast_buffers, ema_decay, ema_update
 from wsss.methods.deeplab import DeepLabV3PlusHead, fuse_layers, init_new_layers, segmentation_loss
 from wsss.methods.ocr import candidate_labels
-from wsss.platform.crf import PRESETS
+from wsss.ops.crf import PRESETS
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class CSRMConfig:
     warmup_epochs: float = 1.0
     fg_threshold: float = 0.35  # δ_fg: CAM above it (after CRF) is foreground (Eq. 6)
     bg_threshold: float = 0.05  # δ_bg: CAM at most it (after CRF) is background; between: 255 (Eq. 6)
-    crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.platform.crf)
+    crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.ops.crf)
     crf_workers: int = -1  # CRF processes; -1: this replica's CPU cores − 1; 0: in the training process
     s2c_weight: float = 1.0  # λ_s2c (Eq. 14)
     s2c_sigma_start: float = 0.1  # σ_s2c (Eq. 8) at the start of training ...

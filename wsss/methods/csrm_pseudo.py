@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss.platform.crf import dense_crf_labels
+from wsss.ops.crf import dense_crf_labels
 
 IGNORE_INDEX = 255
 _POOLS: dict[int, ProcessPoolExecutor] = {}

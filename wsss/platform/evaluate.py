@@ -21,7 +21,7 @@ from wsss.datasets.storage import check_bucket, join, write_text
 from wsss.platform.cams import FULL_SCALES, THRESHOLDS, best_threshold, image_tensor, normalized_cams, \
     region_counts, score_at_threshold, threshold_confusions, threshold_predictions
 from wsss.platform.checkpoints import load_method
-from wsss.platform.crf import dense_crf
+from wsss.ops.crf import dense_crf
 from wsss.platform.data import eval_dataset
 from wsss.platform.metrics import confusion_matrix, cooccurrence_confusion, cooccurring_pairs, \
     foreground_error_rates, miou, region_rates

@@ -30,7 +30,7 @@ from wsss.datasets.storage import join, write_text
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
 from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_overrides
-from wsss.platform.crf import PRESETS, dense_crf
+from wsss.ops.crf import PRESETS, dense_crf
 from wsss.platform.data import eval_dataset
 from wsss.platform.evaluate import cooccurrence_scores
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou, out_of_candidate_counts

@@ -1,0 +1,54 @@
+"""Imports go one way: ops < datasets < methods < platform < tuning < cli. A lower layer never
+imports a higher one (not even inside a function), and Ray stays in platform and tuning."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "wsss"
+LAYERS = ("ops", "datasets", "methods", "platform", "tuning", "cli")
+
+
+def layer(module: str) -> str | None:
+    """'wsss.platform.train' -> 'platform'; None outside wsss or for the package itself."""
+    parts = module.split(".")
+    if parts[0] != "wsss" or len(parts) < 2:
+        return None
+    return "cli" if parts[1] in ("cli", "__main__") else parts[1]
+
+
+def imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    return found
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if layer(module_name(p)) is not None)
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: module_name(p))
+def test_a_module_imports_only_its_own_layer_and_those_below(path):
+    own = layer(module_name(path))
+    for imported in imports(path):
+        target = layer(imported)
+        if target is not None and target in LAYERS:
+            assert LAYERS.index(target) <= LAYERS.index(own), f"{module_name(path)} ({own}) imports {imported}"
+        if imported.split(".")[0] == "ray":
+            assert own in ("platform", "tuning"), f"{module_name(path)} imports Ray"
+
+
+def test_every_subpackage_has_a_layer():
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages <= set(LAYERS), f"add {sorted(packages - set(LAYERS))} to LAYERS"

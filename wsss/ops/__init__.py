@@ -1,0 +1,1 @@
+"""Operations below the methods: dense CRF."""
