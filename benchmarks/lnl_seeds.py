@@ -85,11 +85,12 @@ def summarise(measured: dict) -> list[dict]:
 
 def choose(rows: list[dict]) -> dict:
     """The setting with the most foreground seeds among those whose background and foreground
-    seeds are both at least MIN_PRECISION precise; else the most precise foreground."""
+    seeds are both at least MIN_PRECISION precise; else the one with the most right
+    foreground seeds (coverage × precision)."""
     usable = [r for r in rows if r["bg_precision"] >= MIN_PRECISION and r["fg_precision"] >= MIN_PRECISION]
     if usable:
         return max(usable, key=lambda r: r["fg_coverage"])
-    return max(rows, key=lambda r: np.nan_to_num(r["fg_precision"]))
+    return max(rows, key=lambda r: np.nan_to_num(r["fg_coverage"] * r["fg_precision"]))
 
 
 def table(rows: list[dict]) -> str:
