@@ -5,7 +5,7 @@ Training follows Fig. 2. From one forward pass:
   expansion  DFSM(F_s) -> F_e -> the same CAM head -> M_e; FSCM(F_e, M_e) -> E_e (no erosion)
   contrast   features of F_s under E_e are anchors against the bank's prototypes (Eqs. 15-18)
   L = L_cls(M_s) + L_cls(M_e) + λ·L_con (Eq. 19), λ = 0 during the first `warmup_epochs`,
-  and the bank is left alone until then (docs/deviations.md).
+  and the bank is fed only from the warm-up's last step on (docs/deviations.md).
 
 FSCM needs M with a background channel; the CAM head has K channels. We build M as
 M^k = ReLU(CAM^k) / max_hw ReLU(CAM^k) for classes in the image labels (0 for the others, so
@@ -265,10 +265,11 @@ class LNL(Method):
             terms["con"] = config.lam * contrastive_loss(
                 anchors, anchor_labels, self.prototype_bank.prototypes, config.tau,
                 self.prototype_bank.initialized, config.max_pixels_per_class)
-        # The bank starts with the contrast: its K-means initialisation then clusters features of
-        # the network trained through the warm-up, not the untrained features of step 0.
+        # The bank is fed from the warm-up's last step on, so that the contrast starts with
+        # prototypes whose K-means initialisation clustered features of the network trained
+        # through the warm-up, not the untrained features of step 0.
         # After the loss: it used normalised copies, so the in-place update cannot break backward.
-        if progress.epoch >= config.warmup_epochs:
+        if progress.step + 1 >= config.warmup_epochs * progress.steps_per_epoch:
             bank_features, bank_labels = labelled_pixels(features.detach(), shrunk)
             keep = subsample_per_class(bank_labels, config.bank_pixels_per_class)
             self.prototype_bank.update(bank_features[keep], bank_labels[keep])
