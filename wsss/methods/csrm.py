@@ -78,7 +78,7 @@ class CSRMConfig:
     warmup_epochs: float = 1.0
     fg_threshold: float = 0.35  # δ_fg: CAM above it (after CRF) is foreground (Eq. 6)
     bg_threshold: float = 0.05  # δ_bg: CAM at most it (after CRF) is background; between: 255 (Eq. 6)
-    crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.platform.crf)
+    crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.platform.crf); the paper gives no CRF settings
     crf_workers: int = -1  # CRF processes; -1: this replica's CPU cores − 1; 0: in the training process
     s2c_weight: float = 1.0  # λ_s2c (Eq. 14); the paper gives λ_u = λ_m = 1 and no λ_s2c
     # What ramps over training (docs/deviations.md). "threshold", the paper's text (Sec. 4): σ_s2c
@@ -96,12 +96,12 @@ class CSRMConfig:
     queries_per_class: int = 50  # P: queries drawn per class and step
     negatives_per_query: int = 256  # N: bank entries drawn per query
     temperature: float = 0.5  # τ of InfoNCE (Eq. 13)
-    query_confidence: float = 0.3  # teacher probability of its pseudo-label class a query pixel needs
+    query_confidence: float = 0.3  # teacher probability of its pseudo-label class a query pixel needs (U2PL's; the paper gives none)
     rank_low: int = 3  # γ_l: a class ranked ≤ γ_l but absent from the image labels makes a hard negative
     rank_high: int = 6  # γ_h: a class ranked in (γ_l, γ_h] makes a hard negative
     bank_size: int = 256  # negatives kept per class (the paper: N)
     representation_dim: int = 256  # output channels of the representation branch (Eq. 4)
-    ema_max_decay: float = 0.99  # cap of the teacher's EMA decay
+    ema_max_decay: float = 0.99  # cap of the teacher's EMA decay (the authors' code; the paper gives none)
     # lr of the segmentation and representation branches: lr × this (the paper: 10× for new layers).
     # At lr 0.05 that is 0.5, where a DeepLab head learns nothing even from ground truth, so
     # `wsss demo` sets 0.2 (docs/results.md).

@@ -91,6 +91,8 @@ def rectification_loss(logits: torch.Tensor, image_labels: torch.Tensor, cooc: t
 
 @dataclass(frozen=True)
 class OCRConfig:
+    """The paper's values (Sec. 4.1; Fig. 5 for Δ and α)."""
+
     t: float = 0.2  # IC filter threshold of Eq. 9
     delta: float = 2.0  # margin Δ of Eq. 19
     alpha: float = 1.0  # weight α of L_rec in Eq. 4
