@@ -72,7 +72,8 @@ S2C_WEIGHT_START = 0.1  # the "weight" ramp's first λ_s2c, as a share of s2c_we
 
 @dataclass(frozen=True)
 class CSRMConfig:
-    """CSRM hyperparameters; defaults are the paper's (Sec. 4) unless a comment says otherwise."""
+    """CSRM hyperparameters; defaults are the paper's (Sec. 4) unless a comment says otherwise.
+    crf_workers, export and infer_with are run settings, not the method's."""
 
     # epochs with λ_s2c = λ_u = λ_m = 0 and teacher = student (the authors' code; the paper gives no length)
     warmup_epochs: float = 1.0
