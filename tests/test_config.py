@@ -1,10 +1,15 @@
 """Config: defaults, files, overrides; unknown keys and bad values are named before Ray starts."""
 
 import os
+import tomllib
+from pathlib import Path
 
 import pytest
+import torch
 
 from wsss.platform.config import ConfigError, TrainConfig, load_config
+from wsss.platform.loop import set_lr
+from wsss.platform.segmentation import stage2_config
 
 
 def test_overrides_parse_types_and_method_sections(tmp_path):
@@ -94,3 +99,103 @@ def test_a_renamed_key_names_its_new_name():
     with pytest.raises(ConfigError, match="'csrm.init_checkpoint' is now 'init_from'"):
         TrainConfig(method="csrm", data="x").with_overrides({"csrm.init_checkpoint": "runs/cam"})
 
+
+
+# ---- paper presets (configs/) ------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = sorted(CONFIGS.glob("*/*.toml"))
+
+
+def load_preset(path: Path) -> TrainConfig:
+    """A stage-2 preset (a deeplab method) as `wsss segment --config` reads it, any other as `wsss train --config`."""
+    if "deeplab" in tomllib.loads(path.read_text()).get("method", ""):
+        return stage2_config("data", "pseudo-labels", config_file=str(path))
+    return load_config(str(path))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_preset_loads_and_cites_its_paper(path):
+    config = load_preset(path)
+    assert path.parent.name in config.method.split("+"), f"{path} is under configs/{path.parent.name}/"
+    assert "Sec." in path.read_text(), f"{path} must cite the paper's section"
+
+
+# Values stated in the papers (lnl Sec. IV-B-1, csrm Sec. 4, fsae Sec. 4.1.3, ocr Sec. 4.1).
+PAPER_VALUES = {
+    "lnl/voc.toml": {"backbone": "resnet50", "output_stride": 16, "crop_size": 512, "batch_size": 32, "epochs": 10,
+                     "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "poly", "poly_power": 0.9,
+                     "lnl.warmup_epochs": 2, "lnl.num_prototypes": 500, "lnl.eta": 0.8, "lnl.gamma": 0.9,
+                     "lnl.tau": 0.5, "lnl.lam": 0.1},
+    "lnl/coco.toml": {"batch_size": 8, "epochs": 10, "lr": 0.01, "lnl.warmup_epochs": 2},
+    "csrm/voc.toml": {"epochs": 15, "batch_size": 32, "lr": 0.007, "csrm.decoder_lr_mult": 10.0, "poly_power": 1.0,
+                      "weight_decay": 1e-4, "crop_size": 512, "csrm.s2c_ramp": "threshold",
+                      "csrm.s2c_sigma_start": 0.1, "csrm.s2c_sigma_end": 1.0},
+    "csrm/coco.toml": {"epochs": 15, "lr": 0.004, "csrm.decoder_lr_mult": 10.0, "poly_power": 1.0, "crop_size": 640},
+    "fsae/voc.toml": {"method": "cam+fsae", "batch_size": 16, "lr": 0.05, "epochs": 10, "fsae.lam": 1.0,
+                      "fsae.tau_fae": 0.95, "fsae.tau_sae": 0.8, "fsae.kernel": 3},
+    "ocr/voc.toml": {"method": "deeplab+ocr", "crop_size": 321, "batch_size": 16, "lr": 1e-3, "epochs": 30,
+                     "weight_decay": 5e-4, "momentum": 0.9, "output_stride": 8, "scale_min": 0.7, "scale_max": 1.3,
+                     "lr_schedule": "exponential", "ocr.t": 0.2, "ocr.delta": 2.0, "ocr.alpha": 1.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_VALUES))
+def test_presets_hold_the_papers_values(name):
+    config = load_preset(CONFIGS / name)
+    for key, wanted in PAPER_VALUES[name].items():
+        section, _, sub = key.rpartition(".")
+        value = getattr(config.sections[section], sub) if section else getattr(config, key)
+        assert value == wanted, f"{name}: {key} = {value!r}, the paper's is {wanted!r}"
+
+
+def test_stage2_takes_the_method_of_its_config_file_and_refuses_a_stage1_one(tmp_path):
+    assert stage2_config("d", "p", config_file=str(CONFIGS / "ocr/voc.toml")).method == "deeplab+ocr"
+    file = tmp_path / "run.toml"
+    file.write_text('method = "deeplab"\n')
+    assert stage2_config("d", "p", ocr=True, config_file=str(file)).method == "deeplab+ocr"
+    file.write_text('method = "lnl"\n')
+    with pytest.raises(ConfigError, match="method='lnl': `wsss segment` trains deeplab or deeplab\\+ocr"):
+        stage2_config("d", "p", config_file=str(file))
+
+
+# ---- the lr schedules ----------------------------------------------------------------------
+
+def two_group_optimizer() -> torch.optim.SGD:
+    backbone, head = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    return torch.optim.SGD([{"params": [backbone], "lr_mult": 1.0}, {"params": [head], "lr_mult": 10.0}], lr=1.0)
+
+
+def test_poly_schedule_against_a_hand_computation():
+    config = TrainConfig(lr=0.01, epochs=4, poly_power=0.9)
+    optimizer = two_group_optimizer()
+    # step 25 of 100: 0.01 · (1 − 0.25)^0.9 = 0.01 · 0.771890 = 0.00771890
+    assert set_lr(optimizer, config, 25, 100) == pytest.approx(0.00771890, rel=1e-5)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.00771890, 0.0771890], rel=1e-5)
+    linear = TrainConfig(lr=0.007, epochs=15, poly_power=1.0)  # csrm's linear decay
+    assert set_lr(optimizer, linear, 30, 40) == pytest.approx(0.007 * 0.25)
+    assert set_lr(optimizer, config, 100, 100) == 0.0
+
+
+def test_exponential_schedule_against_a_hand_computation():
+    config = TrainConfig(lr=1e-3, epochs=30, lr_schedule="exponential", lr_decay_per_epoch=0.9)
+    optimizer = two_group_optimizer()
+    total = 10 * 30  # 10 steps per epoch
+    assert set_lr(optimizer, config, 0, total) == pytest.approx(1e-3)
+    # after 15 epochs: 1e-3 · 0.9^15 = 1e-3 · 0.205891 = 2.05891e-4
+    assert set_lr(optimizer, config, 150, total) == pytest.approx(2.05891e-4, rel=1e-5)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.05891e-4, 2.05891e-3], rel=1e-5)
+    # halfway through epoch 1 (step 5): 0.9^0.5 = 0.948683
+    assert set_lr(optimizer, config, 5, total) == pytest.approx(9.48683e-4, rel=1e-5)
+    # the end of training: 0.9^30 = 0.0423912
+    assert set_lr(optimizer, config, total, total) == pytest.approx(4.23912e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize("items, message", [
+    (["lr_schedule=cosine"], "lr_schedule='cosine': must be one of poly, exponential"),
+    (["lr_decay_per_epoch=0"], "lr_decay_per_epoch=0.0: must be in"),
+    (["lr_decay_per_epoch=1.5"], "lr_decay_per_epoch=1.5: must be in"),
+])
+def test_bad_lr_schedules_are_named(items, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, items)

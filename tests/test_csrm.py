@@ -164,6 +164,49 @@ def test_s2c_loss_matches_loop_reference_and_leaves_the_background_alone():
     assert nobody.item() == 0.0 and nobody.requires_grad
 
 
+# σ_s2c ramp: 10 epochs of 10 steps, the first epoch warm-up. "threshold" (the paper's text,
+# Sec. 4): σ rises 0.1 -> 1 over training, λ_s2c fixed. "weight" (the authors' code): σ fixed,
+# λ_s2c rises from 0.1·λ to λ over the steps after the warm-up (steps 10..100).
+S2C_SCHEDULES = {
+    "threshold": [(10, 2.0, 0.1 + 0.9 * 0.1), (55, 2.0, 0.1 + 0.9 * 0.55), (100, 2.0, 1.0)],
+    "weight": [(10, 2.0 * 0.1, 0.5), (55, 2.0 * (0.1 + 0.9 * 0.5), 0.5), (100, 2.0, 0.5)],
+}
+
+
+@pytest.mark.parametrize("ramp", sorted(S2C_SCHEDULES))
+def test_s2c_ramp_sets_weight_and_threshold_by_hand_computation(ramp):
+    method = make_method(s2c_ramp=ramp, s2c_weight=2.0, s2c_sigma=0.5, warmup_epochs=1.0)
+    for step, weight, sigma in S2C_SCHEDULES[ramp]:
+        got = method._s2c_schedule(Progress(epoch=min(step // 10, 9), step=step, steps_per_epoch=10, epochs=10))
+        assert got == pytest.approx((weight, sigma)), f"{ramp} at step {step}"
+
+
+@pytest.mark.parametrize("ramp", sorted(S2C_SCHEDULES))
+def test_the_s2c_term_is_the_ramps_weight_times_eq9_at_the_ramps_threshold(ramp, monkeypatch):
+    import wsss.methods.csrm as csrm_module
+
+    calls = []
+
+    def spy_s2c(*args):
+        calls.append((args[3], s2c_loss(*args)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(csrm_module, "s2c_loss", spy_s2c)
+    method = make_method(s2c_ramp=ramp, s2c_weight=2.0, s2c_sigma=0.5, warmup_epochs=1.0)
+    method.train()
+    step, weight, sigma = S2C_SCHEDULES[ramp][1]
+    terms = method.training_step(random_batch(torch.Generator().manual_seed(0)),
+                                 Progress(epoch=step // 10, step=step, steps_per_epoch=10, epochs=10))
+    (used_sigma, loss), = calls
+    assert used_sigma == pytest.approx(sigma)
+    assert terms["s2c"].item() == pytest.approx(weight * loss.item(), rel=1e-6)
+
+
+def test_bad_s2c_ramp_is_named():
+    with pytest.raises(ValueError, match="csrm.s2c_ramp='sigma': must be one of threshold, weight"):
+        CSRMConfig(s2c_ramp="sigma")
+
+
 # ---- Eq. 13: InfoNCE --------------------------------------------------------------------------
 
 def reference_info_nce(queries, positives, negatives, tau):

@@ -520,6 +520,21 @@ def test_lnl_trains_in_a_plain_loop_and_losses_decrease(one_thread):
     assert totals[-1] < totals[0] and totals[2] < totals[0]
 
 
+def test_only_the_expansion_branchs_classification_loss_trains_dfsm(one_thread):
+    """Eq. 19 as written (L_cls + λ·L_con) gives DFSM no gradient: E_e only selects pixels (no
+    gradient) and L_con's anchors are F_s features. L_cls(M_e) is its only training signal."""
+    method = tiny_lnl(warmup_epochs=0, eta=0.1)  # seeds of two classes, so L_con has negatives
+    batch = fixed_batch()
+    method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=2, epochs=1))  # fills the bank
+    losses = method.training_step(batch, Progress(epoch=0, step=1, steps_per_epoch=2, epochs=1))
+    assert losses["con"].item() > 0
+    dfsm = list(method.network.dfsm.parameters())
+    grads = torch.autograd.grad(losses["cls"] + losses["con"], dfsm, allow_unused=True, retain_graph=True)
+    assert all(g is None or not g.any() for g in grads)
+    grads = torch.autograd.grad(losses["cls_expanded"], dfsm, allow_unused=True)
+    assert all(g is not None and g.any() for g in grads)
+
+
 def test_lnl_exports_and_checkpoints_its_bank(one_thread):
     method = tiny_lnl(warmup_epochs=0)
     batch = fixed_batch()

@@ -201,24 +201,30 @@ def test_addon_builds_prior_from_dataset_and_checkpoints_it():
     fresh.training_step(tiny_batch(), Progress(0, 0, 1, 1))  # usable after a restore
 
 
-def test_addon_loss_is_alpha_times_mean_over_non_ignored_pixels():
+def test_addon_loss_is_alpha_times_mean_over_valid_pixels_with_or_without_a_pseudo_label():
+    """Eq. 19 reads the prediction and the image labels only: pixels whose pseudo-label is 255
+    are rectified too (the paper's m_oc is the only mask); padding is not."""
     method, _ = deeplab_ocr(OCRConfig(t=0.3, delta=1.0, alpha=0.5))
     method.eval()  # fixed batch-norm statistics: two forwards give the same logits
     batch = tiny_batch()
     batch["target"][1, :, :24] = 255
+    batch["valid"] = torch.ones(2, 64, 64, dtype=torch.bool)
+    batch["valid"][0, 40:] = False
     losses = method.training_step(batch, Progress(0, 0, 1, 1))
     logits = method.segmentation_logits(batch["image"])
     image_labels = torch.cat([torch.ones(2, 1, dtype=torch.bool), batch["labels"] > 0.5], dim=1)
     per_pixel = reference_loss(logits.detach(), image_labels, method.addons[0].cooc, 0.3, 1.0)
-    counted = (batch["target"] != 255)[:, ::16, ::16]  # nearest downsampling to the 4×4 logits
+    counted = batch["valid"][:, ::16, ::16]  # nearest downsampling to the 4×4 logits
+    unlabelled = (batch["target"] == 255)[:, ::16, ::16] & counted
+    assert (per_pixel[unlabelled] > 0).any(), "the batch must have OC pixels without a pseudo-label"
     expected = 0.5 * per_pixel[counted].mean()
     assert losses["ocr"].item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_addon_loss_is_zero_when_every_pixel_is_ignored():
+def test_addon_loss_is_zero_when_every_pixel_is_padding():
     method, _ = deeplab_ocr()
     batch = tiny_batch()
-    batch["target"][:] = 255
+    batch["valid"] = torch.zeros(2, 64, 64, dtype=torch.bool)
     loss = method.training_step(batch, Progress(0, 0, 1, 1))["ocr"]
     assert loss.item() == 0.0 and loss.requires_grad
 

@@ -81,8 +81,25 @@ def test_segmentation_mode_is_the_argmax_over_background_and_the_image_classes()
             assert label[y, x] == [0, 2, 4][best]
 
 
+def test_segmentation_crf_mode_cleans_the_argmax_along_the_image(tmp_path):
+    """CSRM's "CSRM + dCRF" (Table 2): a speckle of the argmax inside a uniform region, and a
+    boundary off the image's edge by a few pixels, follow the image after the dense CRF."""
+    image = flat_image(48, 48, 40)
+    image[:, 24:] = 220  # the object: the right half
+    probs = np.zeros((2, 48, 48), np.float32)  # background, class 3
+    probs[0], probs[1] = 0.8, 0.2
+    probs[0, :, 21:], probs[1, :, 21:] = 0.3, 0.7  # the branch's boundary 3 pixels left of the edge
+    probs[0, 10:13, 35:38], probs[1, 10:13, 35:38] = 0.6, 0.4  # a background speckle in the object
+    plain = pseudo_label(image, probs, np.array([3]), PseudoLabelSettings("segmentation"))
+    refined = pseudo_label(image, probs, np.array([3]), PseudoLabelSettings("segmentation-crf"))
+    assert (plain[11, 36], plain[24, 22]) == (0, 3)
+    assert set(np.unique(refined)) <= {0, 3}
+    assert (refined[:, 24:] == 3).mean() > 0.99 and (refined[:, :21] == 0).mean() > 0.99
+    assert refined[11, 36] == 3 and (refined[:, 21:24] == 0).mean() > 0.9
+
+
 def test_an_image_without_classes_is_all_background():
-    for mode, channels in (("crf", 0), ("irn", 0), ("segmentation", 1)):
+    for mode, channels in (("crf", 0), ("irn", 0), ("segmentation", 1), ("segmentation-crf", 1)):
         label = pseudo_label(flat_image(), np.zeros((channels, 48, 48), np.float32), np.array([], int),
                              PseudoLabelSettings(mode))
         assert (label == 0).all()
@@ -286,8 +303,9 @@ def untrained_checkpoint(spec: str, shards: str, directory: Path) -> str:
 
 def test_segmentation_mode_needs_a_segmentation_branch_and_says_so_before_any_work(shards, tmp_path):
     cam = untrained_checkpoint("cam", shards, tmp_path / "cam")
-    with pytest.raises(ValueError, match="segmentation needs a method with a segmentation branch.*'cam' has none"):
-        generate_pseudo_labels(cam, shards, str(tmp_path / "labels"), mode="segmentation")
+    for mode in ("segmentation", "segmentation-crf"):
+        with pytest.raises(ValueError, match=f"--mode {mode} needs a method with a segmentation branch.*'cam' has none"):
+            generate_pseudo_labels(cam, shards, str(tmp_path / "labels"), mode=mode)
     assert not (tmp_path / "labels").exists()
 
 

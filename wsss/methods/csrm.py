@@ -66,19 +66,30 @@ from wsss.methods.ocr import candidate_labels
 from wsss.ops.crf import PRESETS
 
 
+S2C_RAMPS = ("threshold", "weight")
+S2C_WEIGHT_START = 0.1  # the "weight" ramp's first λ_s2c, as a share of s2c_weight (the authors' code)
+
+
 @dataclass(frozen=True)
 class CSRMConfig:
-    """CSRM hyperparameters; defaults are the paper's (Sec. 4) unless a comment says otherwise."""
+    """CSRM hyperparameters; defaults are the paper's (Sec. 4) unless a comment says otherwise.
+    crf_workers, export and infer_with are run settings, not the method's."""
 
     # epochs with λ_s2c = λ_u = λ_m = 0 and teacher = student (the authors' code; the paper gives no length)
     warmup_epochs: float = 1.0
     fg_threshold: float = 0.35  # δ_fg: CAM above it (after CRF) is foreground (Eq. 6)
     bg_threshold: float = 0.05  # δ_bg: CAM at most it (after CRF) is background; between: 255 (Eq. 6)
-    crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.ops.crf)
+    crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.ops.crf); the paper gives no CRF settings
     crf_workers: int = -1  # CRF processes; -1: this replica's CPU cores − 1; 0: in the training process
-    s2c_weight: float = 1.0  # λ_s2c (Eq. 14)
-    s2c_sigma_start: float = 0.1  # σ_s2c (Eq. 8) at the start of training ...
-    s2c_sigma_end: float = 1.0  # ... rising linearly to this at the end
+    s2c_weight: float = 1.0  # λ_s2c (Eq. 14); the paper gives λ_u = λ_m = 1 and no λ_s2c
+    # What ramps over training (docs/deviations.md). "threshold", the paper's text (Sec. 4): σ_s2c
+    # (Eq. 8) rises linearly from s2c_sigma_start to s2c_sigma_end over training, so L_s2c fades
+    # as σ → 1. "weight", the authors' code: σ_s2c stays s2c_sigma and λ_s2c rises linearly from
+    # S2C_WEIGHT_START · s2c_weight to s2c_weight over the epochs after the warm-up.
+    s2c_ramp: str = "threshold"
+    s2c_sigma_start: float = 0.1
+    s2c_sigma_end: float = 1.0
+    s2c_sigma: float = 0.5  # σ_s2c of the "weight" ramp (the authors' code)
     unsup_weight: float = 1.0  # λ_u (Eq. 14)
     unreliable_fraction: float = 0.2  # α₀: L_u drops this share of highest-entropy pixels, falling linearly to 0
     classmix_probability: float = 0.5  # chance that ClassMix pastes into an image of the "mixed" view
@@ -86,12 +97,12 @@ class CSRMConfig:
     queries_per_class: int = 50  # P: queries drawn per class and step
     negatives_per_query: int = 256  # N: bank entries drawn per query
     temperature: float = 0.5  # τ of InfoNCE (Eq. 13)
-    query_confidence: float = 0.3  # teacher probability of its pseudo-label class a query pixel needs
+    query_confidence: float = 0.3  # teacher probability of its pseudo-label class a query pixel needs (U2PL's; the paper gives none)
     rank_low: int = 3  # γ_l: a class ranked ≤ γ_l but absent from the image labels makes a hard negative
     rank_high: int = 6  # γ_h: a class ranked in (γ_l, γ_h] makes a hard negative
     bank_size: int = 256  # negatives kept per class (the paper: N)
     representation_dim: int = 256  # output channels of the representation branch (Eq. 4)
-    ema_max_decay: float = 0.99  # cap of the teacher's EMA decay
+    ema_max_decay: float = 0.99  # cap of the teacher's EMA decay (the authors' code; the paper gives none)
     # lr of the segmentation and representation branches: lr × this (the paper: 10× for new layers).
     # At lr 0.05 that is 0.5, where a DeepLab head learns nothing even from ground truth, so
     # `wsss demo` sets 0.2 (docs/results.md).
@@ -112,7 +123,8 @@ class CSRMConfig:
         check(self.crf_workers >= -1, "crf_workers", "must be >= -1")
         for key in ("s2c_weight", "unsup_weight", "contrast_weight"):
             check(getattr(self, key) >= 0, key, "must be >= 0")
-        for key in ("s2c_sigma_start", "s2c_sigma_end", "unreliable_fraction", "classmix_probability",
+        check(self.s2c_ramp in S2C_RAMPS, "s2c_ramp", f"must be one of {', '.join(S2C_RAMPS)}")
+        for key in ("s2c_sigma_start", "s2c_sigma_end", "s2c_sigma", "unreliable_fraction", "classmix_probability",
                     "query_confidence", "ema_max_decay"):
             check(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
         for key in ("queries_per_class", "negatives_per_query", "bank_size", "representation_dim", "rank_low"):
@@ -224,9 +236,15 @@ class CSRM(Method):
         """α_t: α₀ falling linearly to 0 over training."""
         return self.config.unreliable_fraction * (1.0 - progress.fraction)
 
-    def _sigma(self, progress: Progress) -> float:
-        start, end = self.config.s2c_sigma_start, self.config.s2c_sigma_end
-        return start + (end - start) * progress.fraction
+    def _s2c_schedule(self, progress: Progress) -> tuple[float, float]:
+        """(λ_s2c, σ_s2c) at this step, by `s2c_ramp`."""
+        cfg = self.config
+        if cfg.s2c_ramp == "threshold":
+            return cfg.s2c_weight, cfg.s2c_sigma_start + (cfg.s2c_sigma_end - cfg.s2c_sigma_start) * progress.fraction
+        warmup = self._warmup_steps(progress)
+        after_warmup = (progress.step - warmup) / max(1, progress.total_steps - warmup)
+        ramp = S2C_WEIGHT_START + (1 - S2C_WEIGHT_START) * min(1.0, max(0.0, after_warmup))
+        return cfg.s2c_weight * ramp, cfg.s2c_sigma
 
     # ---- training ------------------------------------------------------------------
     def training_step(self, batch, progress):
@@ -297,7 +315,8 @@ class CSRM(Method):
         if not warming_up:
             cams = F.interpolate(student["cam_logits"].float(), size=size, mode="bilinear", align_corners=False)
             teacher = step.teacher_targets * valid[:, None]  # padding is never confident
-            terms["s2c"] = cfg.s2c_weight * s2c_loss(cams, student["seg_logits"][:, :1], teacher, self._sigma(progress))
+            s2c_weight, sigma = self._s2c_schedule(progress)
+            terms["s2c"] = s2c_weight * s2c_loss(cams, student["seg_logits"][:, :1], teacher, sigma)
             # Entropy of the teacher's own probabilities, the label from its targets (as the authors' code).
             mixed_reliable = reliable_mask(mix_like(step.teacher_probs, step.mix_masks), 1.0 - alpha,
                                            mix_like(valid, step.mix_masks))

@@ -39,12 +39,14 @@ from wsss.methods.base import Addon, Progress, register_addon, valid_at
 
 @dataclass
 class Config:
-    """FSAE hyperparameters; defaults are the paper's (Sec. 4.1.3)."""
+    """FSAE hyperparameters. tau_fae, tau_sae, kernel and lam are the paper's (Sec. 4.1.3), but lam
+    weighs a per-pixel mean where Eq. 9 sums over pixels (docs/deviations.md); background_logit
+    and warmup_epochs are ours."""
 
     tau_fae: float = 0.95  # confidence threshold of the high-confidence mask M (Eq. 6)
     tau_sae: float = 0.8  # confidence threshold of the dilation ring M_bdry (Eq. 7)
     kernel: int = 3  # dilation kernel size k, odd; 1 switches SAE off (Eq. 7)
-    lam: float = 1.0  # weight λ of L_FSAE (Eq. 9)
+    lam: float = 1.0  # weight λ of L_FSAE (Eq. 9), over the mean of the B·H·W cells
     background_logit: float = 0.0  # fixed background score beside the K CAM logits
     warmup_epochs: int = 0  # epochs without FSAE (the paper uses 10 for MCTformer)
 

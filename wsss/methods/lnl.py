@@ -154,7 +154,8 @@ class LNLNetwork(CAMNetwork):
 
 @dataclass(frozen=True)
 class Config:
-    """Hyperparameters of `lnl`; defaults are the paper's unless said otherwise."""
+    """Hyperparameters of `lnl`. eta, gamma, tau, lam, num_prototypes and warmup_epochs are the
+    paper's (Sec. IV-B-1); `similarity` departs from Eq. 1 (docs/deviations.md); the rest are ours."""
 
     eta: float = 0.8  # Eq. 3 confidence threshold η for seeds
     gamma: float = 0.9  # Eq. 14 bank momentum γ

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from wsss.methods.base import Addon, register_addon
 
-IGNORE_INDEX = 255
 # Stands in for "not in this group" inside log-sum-exp: finite (an empty group gives a
 # finite, hugely negative value and zero gradient instead of -inf and NaN gradients), yet
 # exp() of it is exactly 0 next to any real logit.
@@ -92,6 +91,8 @@ def rectification_loss(logits: torch.Tensor, image_labels: torch.Tensor, cooc: t
 
 @dataclass(frozen=True)
 class OCRConfig:
+    """The paper's values (Sec. 4.1; Fig. 5 for Δ and α)."""
+
     t: float = 0.2  # IC filter threshold of Eq. 9
     delta: float = 2.0  # margin Δ of Eq. 19
     alpha: float = 1.0  # weight α of L_rec in Eq. 4
@@ -105,10 +106,11 @@ class OCRConfig:
 class OCR(Addon):
     """Adds {"ocr": α · mean of Eq. 19 over the counted pixels of the "image" view}.
 
-    Counted pixels, at the logits' resolution (nearest downsampling): those whose
-    pseudo-label `target` is not 255 when the batch has one (stage 2), and that are `valid`
-    (not padding) when the batch has that; every pixel otherwise. The co-occurrence prior is
-    a buffer, so it is saved in and restored from checkpoints.
+    Counted pixels, at the logits' resolution (nearest downsampling): the `valid` ones (not
+    padding) when the batch has that, every pixel otherwise. Pixels whose pseudo-label is
+    255 count too: Eq. 19 reads only the prediction and the image labels, never the
+    pseudo-label, so it rectifies the uncertain pixels that L_seg ignores. The co-occurrence
+    prior is a buffer, so it is saved in and restored from checkpoints.
     """
 
     name = "ocr"
@@ -144,11 +146,6 @@ class OCR(Addon):
 
     @staticmethod
     def _counted_pixels(batch: dict, size: torch.Size) -> torch.Tensor:
-        counted = None
-        if "target" in batch:
-            counted = batch["target"] != IGNORE_INDEX
-        if "valid" in batch:
-            counted = batch["valid"] if counted is None else counted & batch["valid"]
-        if counted is None:
+        if "valid" not in batch:
             return torch.ones((batch["labels"].shape[0], *size), device=batch["labels"].device)
-        return F.interpolate(counted[:, None].float(), size=size, mode="nearest")[:, 0]
+        return F.interpolate(batch["valid"][:, None].float(), size=size, mode="nearest")[:, 0]

@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 # Keys that were renamed: naming the old one is an error that names the new one.
 RENAMED_KEYS = {"csrm.init_checkpoint": "init_from"}
+LR_SCHEDULES = ("poly", "exponential")
 
 
 @dataclass
@@ -44,7 +45,9 @@ class TrainConfig:
     lr: float = 0.01  # backbone lr; new layers get lr × the method's new_layer_lr_mult
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    poly_power: float = 0.9  # lr = base · (1 − step/total)^power
+    lr_schedule: str = "poly"  # poly | exponential (see `wsss.platform.loop.set_lr`)
+    poly_power: float = 0.9  # poly: lr = base · (1 − step/total)^power (1 = linear decay)
+    lr_decay_per_epoch: float = 0.9  # exponential: lr = base · this^epochs done (fractional, updated every step)
     crop_size: int = 320
     scale_min: float = 0.7  # random rescale range of the training augmentation
     scale_max: float = 1.3
@@ -100,6 +103,9 @@ class TrainConfig:
         check(self.batch_size >= 2 or "csrm" not in sections, "batch_size",
               "csrm's ClassMix pastes from another image of a worker's batch: must be >= 2")
         check(self.lr > 0, "lr", "must be > 0")
+        check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
+        check(self.poly_power >= 0, "poly_power", "must be >= 0")
+        check(0 < self.lr_decay_per_epoch <= 1, "lr_decay_per_epoch", "must be in (0, 1]")
         check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(self.crop_size >= 16, "crop_size", "must be >= 16")

@@ -42,9 +42,17 @@ def make_optimizer(method: Method, config: TrainConfig) -> torch.optim.SGD:
                            momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def set_poly_lr(optimizer, config: TrainConfig, step: int, total_steps: int) -> float:
-    """Poly decay lr = base · (1 − step/total)^power per group; returns the backbone lr."""
-    factor = (1 - min(step, total_steps) / max(1, total_steps)) ** config.poly_power
+def set_lr(optimizer, config: TrainConfig, step: int, total_steps: int) -> float:
+    """Sets every group's lr to base · lr_mult · the schedule's factor at `step`; returns the backbone lr.
+
+    poly:        (1 − step/total)^poly_power (poly_power 1: linear decay to 0)
+    exponential: lr_decay_per_epoch^(epochs done), epochs done = step / steps per epoch
+    """
+    done = min(step, total_steps) / max(1, total_steps)
+    if config.lr_schedule == "exponential":
+        factor = config.lr_decay_per_epoch ** (done * config.epochs)
+    else:
+        factor = (1 - done) ** config.poly_power
     for group in optimizer.param_groups:
         group["lr"] = config.lr * group.get("lr_mult", 1.0) * factor
     return config.lr * factor
@@ -140,7 +148,7 @@ def train_epoch(method: Method, optimizer, batches: Iterable[dict], *, config: T
             break
         batch = model_inputs(batch, device)
         progress = Progress(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, epochs=config.epochs)
-        lr = set_poly_lr(optimizer, config, step, total_steps)
+        lr = set_lr(optimizer, config, step, total_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             terms = method.training_step(batch, progress)
         loss = sum(terms.values())

@@ -10,6 +10,8 @@ or, for methods with a segmentation branch (`csrm`), instead of CAMs:
   segmentation  the argmax over background and the image's classes of the segmentation
        branch's softmax, averaged over scales and flips (`segmentation.segmentation_probs`);
        CSRM's pseudo-labels come from its segmentation branch directly;
+  segmentation-crf  the same argmax refined by a dense CRF, as CSRM's Table 2 row "CSRM + dCRF"
+       (the authors' code: IRN's label CRF on the argmax);
 or, without a checkpoint:
   ground-truth  the split's own masks, copied: stage 2 trained on them is the fully
        supervised upper bound every WSSS table reports, and shows whether a stage-2 protocol
@@ -43,6 +45,7 @@ from wsss.datasets.reading import read_shard, to_numpy
 from wsss.datasets.shards import Manifest, check_writable, encode_mask, read_manifest, verify_checksums
 from wsss.datasets.storage import join, read_text
 from wsss.methods.csrm_pseudo import cam_pseudo_label
+from wsss.ops.crf import dense_crf_labels
 from wsss.platform.cams import FULL_SCALES, image_tensor, normalized_cams
 from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint, load_method
 from wsss.platform.evaluate import crf_prediction
@@ -51,7 +54,8 @@ from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
 from wsss.platform.runtime import ensure_ray, job_batches
 from wsss.platform.segmentation import segmentation_probs
 
-MODES = ("crf", "irn", "segmentation")  # from a checkpoint; and GROUND_TRUTH
+SEGMENTATION_MODES = ("segmentation", "segmentation-crf")  # labels from a segmentation branch, not CAMs
+MODES = ("crf", "irn", *SEGMENTATION_MODES)  # from a checkpoint; and GROUND_TRUTH
 GROUND_TRUTH = "ground-truth"
 DEFAULT_THRESHOLD = 0.25  # crf background score when neither --threshold nor the checkpoint gives one
 IMAGE_COLUMNS = ["id", "image", "labels", "height", "width", "mask"]
@@ -91,8 +95,11 @@ def pseudo_label(image: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
     `class_ids` (1..K), or in segmentation mode [1+n,H,W], the segmentation probabilities
     of background and those classes. An image without classes is all background."""
     lookup = np.concatenate([[0], class_ids]).astype(np.uint8)
-    if settings.mode == "segmentation":
-        return lookup[scores.argmax(axis=0)]
+    if settings.mode in SEGMENTATION_MODES:
+        best = scores.argmax(axis=0)
+        if settings.mode == "segmentation-crf" and len(class_ids):
+            best = dense_crf_labels(np.ascontiguousarray(image), best, len(scores)).argmax(axis=0)
+        return lookup[best]
     if len(class_ids) == 0:
         return np.zeros(image.shape[:2], np.uint8)
     if settings.mode == "irn":
@@ -143,7 +150,7 @@ class CAMStage:
     def _scores(self, rows: dict, i: int, labels: np.ndarray) -> bytes:
         image = np.asarray(decode_image(rows["image"][i], str(rows["id"][i]), rows["height"][i], rows["width"][i]))
         present = torch.from_numpy(labels > 0.5).to(self.device)
-        if self.mode == "segmentation":
+        if self.mode in SEGMENTATION_MODES:
             probs = segmentation_probs(self.method, image_tensor(image, self.device), self.scales, self.flip)
             scores = probs[torch.cat([present.new_ones(1), present])]  # background and the image's classes
         else:
@@ -168,7 +175,7 @@ class CRFStage:
             # writable copies: pydensecrf refuses read-only buffers (PIL's and frombuffer's are)
             image = np.array(decode_image(batch["image"][i], sample_id, batch["height"][i], batch["width"][i]))
             class_ids = np.flatnonzero(batch["labels"][i] > 0.5) + 1
-            channels = len(class_ids) + (self.settings.mode == "segmentation")  # + background
+            channels = len(class_ids) + (self.settings.mode in SEGMENTATION_MODES)  # + background
             scores = np.frombuffer(batch["scores"][i], np.float32).reshape(channels, *image.shape[:2]).copy()
             label = pseudo_label(image, scores, class_ids, self.settings)
             pngs.append(encode_mask(label))
@@ -192,11 +199,11 @@ def _open_inputs(checkpoint: str, data: str, split: str, out: str, overwrite: bo
     """Fail fast, before any Ray work: checkpoint (with a segmentation branch for that
     mode), data split, matching classes, writable out."""
     method, state = load_method(checkpoint)
-    if mode == "segmentation":
+    if mode in SEGMENTATION_MODES:
         with torch.no_grad():
             branch = method.segmentation_logits(torch.zeros(1, 3, 64, 64))
         if branch is None:
-            raise ValueError(f"{checkpoint}: --mode segmentation needs a method with a segmentation branch "
+            raise ValueError(f"{checkpoint}: --mode {mode} needs a method with a segmentation branch "
                              f"(e.g. csrm); {state['config']['method']!r} has none: use crf or irn")
     images = read_manifest(data)
     images.rows(split)
@@ -305,7 +312,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mode", default="crf", choices=(*MODES, GROUND_TRUTH),
                         help="crf: dense CRF on the CAMs; irn: IRN double threshold (255 between); "
                              "segmentation: argmax of the segmentation branch (e.g. csrm) over "
-                             f"background and the image's classes; {GROUND_TRUTH}: the split's own masks "
+                             "background and the image's classes; segmentation-crf: that argmax refined by "
+                             f"a dense CRF (CSRM's dCRF); {GROUND_TRUTH}: the split's own masks "
                              "(no checkpoint), for the fully supervised upper bound")
     parser.add_argument("--threshold", type=float, default=None,
                         help=f"crf background score (default: the checkpoint's, else {DEFAULT_THRESHOLD})")

@@ -43,19 +43,28 @@ SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 STAGE2_DEFAULTS = {"backbone": "resnet101", "lr": 1e-3, "weight_decay": 5e-4, "epochs": 20}
 STAGE2_OUTPUT_STRIDE = {"v2": 8, "v3plus": 16}
 OC_KEYS = ("images", "oc_images", "pixels", "oc_pixels")
+STAGE2_METHODS = ("deeplab", "deeplab+ocr")
 
 
 def stage2_config(data: str | None = None, pseudo_labels: str | None = None, *, ocr: bool = False,
                   variant: str | None = None, config_file: str | None = None,
                   overrides: list[str] | dict | None = None) -> TrainConfig:
-    """TrainConfig of method deeplab (+ocr). Precedence: TrainConfig defaults < STAGE2_DEFAULTS
-    < config file < the arguments here < `key=value` overrides."""
+    """TrainConfig of method deeplab (+ocr): deeplab+ocr with `ocr` or when the config file names
+    it (configs/ocr/voc.toml). Precedence: TrainConfig defaults < STAGE2_DEFAULTS < config file
+    < the arguments here < `key=value` overrides."""
     overrides = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     if variant is not None:
         overrides.setdefault("deeplab.variant", variant)
-    config = load_config(config_file, overrides, method="deeplab+ocr" if ocr else "deeplab", data=data,
+    try:
+        in_file = tomllib.loads(Path(config_file).read_text()) if config_file else {}
+    except (OSError, tomllib.TOMLDecodeError):
+        in_file = {}  # load_config below names the problem
+    method = "deeplab+ocr" if ocr else in_file.get("method", "deeplab")
+    if method not in STAGE2_METHODS:
+        raise ConfigError(f"--config {config_file}: method={method!r}: `wsss segment` trains "
+                          f"{' or '.join(STAGE2_METHODS)}")
+    config = load_config(config_file, overrides, method=method, data=data,
                          pseudo_labels=pseudo_labels)  # validates the file and every key first
-    in_file = set(tomllib.loads(Path(config_file).read_text())) if config_file else set()
     stage2 = {**STAGE2_DEFAULTS, "output_stride": STAGE2_OUTPUT_STRIDE[config.sections["deeplab"].variant]}
     defaults = {k: v for k, v in stage2.items() if k not in in_file and k not in overrides}
     return config.with_overrides(defaults) if defaults else config
