@@ -40,7 +40,7 @@ from wsss.platform.train import fit
 
 from lnl_seeds import choose, seed_counts, summarise  # benchmarks/, beside this script
 
-START_EPOCHS = 12
+START_EPOCHS = 8
 COMMON = dict(backbone="resnet18", backbone_weights="none", output_stride=16, crop_size=96, batch_size=16,
               val_split="dev", wandb="offline")
 START = dict(method="cam", name="start-cam", lr=0.05, epochs=START_EPOCHS, seed=0)
