@@ -4,8 +4,9 @@
 
 Stages, each resumable (a finished run or evaluation is found and skipped, a cut run resumes):
   start   `cam` from scratch on the `claims` preset (1500 train / 300 dev / 300 val, 96 px),
-          validated on dev; every epoch's checkpoint is then scored on dev (classification
-          mAP, CAM mIoU, part and body recall) and the best is the start of everything else.
+          validated on dev; every epoch's checkpoint is then scored on dev, single scale
+          (classification mAP, CAM mIoU, part and body recall), and the best is the start of
+          everything else.
   stage1  each method from that start (`init_from`), E epochs, seeds 0..S-1; the baseline is
           `cam` continued from the same start for the same E epochs. The background threshold
           (and `lnl`'s export) are chosen on dev, then val is scored once with that choice.
@@ -33,6 +34,7 @@ from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint, load_method
 from wsss.platform.config import TrainConfig
 from wsss.platform.evaluate import evaluate_checkpoint
+from wsss.platform.loop import EpochStats, epoch_metrics, evaluate_rows
 from wsss.platform.pseudo_labels import generate_pseudo_labels
 from wsss.platform.runtime import ensure_ray
 from wsss.platform.segmentation import evaluate_segmentation, stage2_config
@@ -135,10 +137,12 @@ def run_start(work: Path) -> None:
         for checkpoint in checkpoints(work / "runs" / START["name"]):
 
             def score(checkpoint=str(checkpoint)):
-                results = evaluate_checkpoint(checkpoint, data, split="dev", scales=(1.0,), flip=False)
-                keep = ("epoch", "miou", "threshold", "part_recall", "body_recall", "context_fpr",
-                        "cooccurrence_confusion")
-                return {**{k: results[k] for k in keep}, "map": classification_map(checkpoint, data, "dev")}
+                method, state = load_method(checkpoint)
+                validation = evaluate_rows(method, eval_rows(data, "dev"), num_classes=method.num_classes,
+                                           device=torch.device("cpu"))
+                scores = epoch_metrics(EpochStats(), validation, state["epoch"] - 1)
+                keep = ("epoch", "miou", "threshold", "part_recall", "body_recall", "context_fpr")
+                return {**{k: scores[k] for k in keep}, "map": classification_map(checkpoint, data, "dev")}
 
             curve.append(cached(checkpoint / "dev-scores.json", score))
     best = max(curve, key=lambda row: row["miou"])
