@@ -40,7 +40,7 @@ from wsss.platform.runtime import ensure_ray
 from wsss.platform.segmentation import evaluate_segmentation, stage2_config
 from wsss.platform.train import fit
 
-from lnl_seeds import choose, seed_counts, summarise  # benchmarks/, beside this script
+from lnl_seeds import choose, seed_counts, summarise, table  # benchmarks/, beside this script
 
 START_EPOCHS = 8
 COMMON = dict(backbone="resnet18", backbone_weights="none", output_stride=16, crop_size=96, batch_size=16,
@@ -335,6 +335,49 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def start_table(work: Path) -> str:
+    start = json.loads((work / "start.json").read_text())
+    lines = ["| epoch | classification mAP | CAM mIoU | threshold | part recall | body recall | context FPR |",
+             "|---|---|---|---|---|---|---|"]
+    for row in start["curve"]:
+        mark = " (the start)" if row["epoch"] == start["best_epoch"] else ""
+        lines.append(f"| {row['epoch']}{mark} | {100 * row['map']:.2f} | {100 * row['miou']:.2f} | "
+                     f"{row['threshold']:.2f} | {row['part_recall']:.3f} | {row['body_recall']:.3f} | "
+                     f"{row['context_fpr']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def seeds_table(work: Path) -> str:
+    """E_s on the start by similarity at the η that each similarity does best with, and the choice."""
+    study = json.loads((work / "seeds.json").read_text())
+    lines = [table([row for row in study["rows"] if row["eta"] in (0.5, 0.7, 0.8)])]
+    chosen = study["chosen"]
+    lines.append(f"Chosen for every `lnl` run (`lnl_seeds.choose`, over η 0.3–0.9): similarity `{chosen['kind']}`, "
+                 f"η {chosen['eta']}: foreground seeds on {100 * chosen['fg_coverage']:.1f}% of the cells, "
+                 f"{100 * chosen['fg_precision']:.1f}% of them right; background seeds "
+                 f"{100 * chosen['bg_precision']:.1f}% right.\n")
+    return "\n".join(lines)
+
+
+def times_table(work: Path) -> str:
+    times = json.loads((work / "times.json").read_text())
+    lines = ["| stage | wall time (min) |", "|---|---|"]
+    lines += [f"| {stage} | {seconds / 60:.1f} |" for stage, seconds in times.items()]
+    return "\n".join(lines) + "\n"
+
+
+def report(work: Path, rows: list[dict], stage2: list[dict]) -> str:
+    parts = ["### Claims\n", claims_table(rows, stage2), "### Stage 1 on val (mean ± std over seeds)\n",
+             results_table(rows)]
+    if (work / "start.json").exists():
+        parts += ["### The start: `cam` from scratch, scored on dev after each epoch\n", start_table(work)]
+    if (work / "seeds.json").exists():
+        parts += ["### `lnl`'s seeds E_s on the start (dev)\n", seeds_table(work)]
+    if (work / "times.json").exists():
+        parts += ["### Wall time of each stage\n", times_table(work)]
+    return "\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="folder for shards, runs and results (resumable)")
@@ -371,9 +414,9 @@ def main() -> None:
     if args.stage in ("all", "stage2"):
         stage2 = run_stage2(work, rows, args.seeds, args.stage2_epochs)
         stage2_path.write_text(json.dumps(stage2, indent=1))
-    table = "## Claims\n\n" + claims_table(rows, stage2) + "\n## Stage 1 on val\n\n" + results_table(rows)
-    (work / "claims.md").write_text(table)
-    print(table)
+    text = report(work, rows, stage2)
+    (work / "claims.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
