@@ -117,7 +117,10 @@ class TrainConfig:
                               "file (path or URI)")
         for section in self.sections.values():
             if hasattr(section, "check_inputs"):
-                section.check_inputs()  # raises a ValueError naming `section.key`
+                try:
+                    section.check_inputs()  # raises a ValueError naming `section.key`
+                except ValueError as error:
+                    raise ConfigError(str(error)) from None
 
     def to_dict(self) -> dict:
         """Plain, JSON-able dict (what checkpoints, W&B and Ray workers receive)."""
