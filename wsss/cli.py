@@ -269,13 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args) -> int:
-    if callable(args.run):
-        return args.run(args)
-    module, function = args.run.split(":")
-    return getattr(importlib.import_module(module), function)(args)
-
-
 def _input_error(error: BaseException, argv: list[str]) -> bool:
     """The project's own errors about what the user gave (config keys, data, a file the
     user named): one line. Anything else is a bug and keeps its traceback."""
@@ -298,8 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:  # argparse's errors (code 2), --help and --version (0)
         return exit.code
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return _run_guarded(args, argv)
+
+
+def _run_guarded(args, argv: list[str]) -> int:
+    """Runs the command; an input error is one line and exit code 2."""
     try:
-        return _run(args)
+        if callable(args.run):
+            return args.run(args)
+        module, function = args.run.split(":")
+        return getattr(importlib.import_module(module), function)(args)
     except Exception as error:
         if not _input_error(error, argv):
             raise

@@ -25,7 +25,7 @@ def epoch_line(metrics: dict, epochs: int, seconds_left: float | None) -> str:
     if "miou" in metrics:
         parts.append(f"miou {100 * metrics['miou']:.2f}%")
     parts += [f"{metrics['images_per_s']:.1f} images/s",
-              f"input wait {metrics['input_wait_s']:.1f}/{metrics['epoch_time_s']:.1f} s"]
+              f"input wait {metrics['input_wait_s']:.1f} of {metrics['epoch_time_s']:.1f} s"]
     if seconds_left is not None:
         parts.append(f"time left {duration(seconds_left)}")
     return " | ".join(parts)

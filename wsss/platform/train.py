@@ -9,6 +9,7 @@ reported checkpoints there). Tune trials call `make_trainer` with their own call
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -31,6 +32,7 @@ from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metric
                                 overlay_predictions, train_epoch)
 from wsss.platform.tracking import Tracker
 
+logger = logging.getLogger(__name__)
 DIVERGED_FILE = "diverged.txt"
 CONFIG_FILE = "config.toml"
 
@@ -45,6 +47,7 @@ def train_worker(loop_config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, context.get_local_world_size()))
     torch.manual_seed(config.seed)
+    quiet_report_log()
 
     # 1. Data: this worker's shards of the streaming pipelines.
     train_shard = ray.train.get_dataset_shard("train")
@@ -96,9 +99,9 @@ def train_worker(loop_config: dict) -> None:
                 method, val_shard.iter_rows(), num_classes=len(dataset["classes"]) - 1, device=device,
                 keep_overlays=config.cam_images if rank == 0 else 0, max_images=config.eval_max_images)
         metrics = epoch_metrics(stats, validation, epoch) | {"resumed_from_epoch": resumed_from}
-        if rank == 0:
-            print(epoch_line(metrics, config.epochs, seconds_left(started, time.perf_counter(),
-                                                                  epoch + 1 - start_epoch, config.epochs - epoch - 1)))
+        if rank == 0:  # a log record, not print(): Ray Train's print patch doubles prints while W&B wraps stdout
+            logger.info(epoch_line(metrics, config.epochs, seconds_left(
+                started, time.perf_counter(), epoch + 1 - start_epoch, config.epochs - epoch - 1)))
         tracker.log({f"epoch/{k}": v for k, v in metrics.items()}, step)
         if validation is not None and validation.overlays:
             tracker.log_cam_overlays(overlay_predictions(validation.overlays, metrics.get("threshold")),
@@ -110,6 +113,14 @@ def train_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory)
                              if rank == 0 else None)
     tracker.finish()
+
+
+def quiet_report_log() -> None:
+    """Ray Train 2.60 logs every `ray.train.report`'s metrics dict at INFO from a logger
+    named after its file, outside the `ray.train` loggers that its LoggingConfig quiets."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchTrainer:
@@ -157,8 +168,10 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         run_config=ray.train.RunConfig(
             name=name, storage_path=canonical(config.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            # Train's own INFO lines (worker group started, each report's dict) stay in its log files
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Train's own lines (worker group started, each checkpoint; on a busy machine, tracebacks of
+            # retried requests) stay in its log files: the epoch lines are the output, and a failure
+            # that ends the run is raised by fit()
+            logging_config=ray.train.LoggingConfig(log_level="ERROR"),
             callbacks=list(callbacks)),
         datasets=datasets,
     )
