@@ -15,7 +15,7 @@ from wsss.cli import main
 def test_prepare_then_bad_train_arguments_are_named(tmp_path, capsys):
     out = tmp_path / "shards"
     assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", str(out),
-                 "--option", "preset=test", "--option", "num_val=4"]) == 0
+                 "preset=test", "num_val=4"]) == 0
     assert (out / "manifest.json").is_file()
     assert "wrote" in capsys.readouterr().out
 

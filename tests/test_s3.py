@@ -90,8 +90,8 @@ def read_json(filesystem: pafs.FileSystem, path: str) -> dict:
 @pytest.mark.slow
 def test_prepare_train_resume_and_evaluate_on_s3(s3_env, s3, tmp_path, capsys):
     shards, runs = f"s3://{BUCKET}/shards", f"s3://{BUCKET}/runs"
-    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards, "--option",
-                 "preset=test", "--option", "num_train=16", "--option", "num_val=4"]) == 0  # no Ray: in-process
+    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards,
+                 "preset=test", "num_train=16", "num_val=4"]) == 0  # no Ray: in-process
     manifest = read_json(s3, f"{BUCKET}/shards/manifest.json")
     assert manifest["splits"]["train"]["rows"] == 16
 
@@ -135,7 +135,7 @@ def test_prepare_train_resume_and_evaluate_on_s3(s3_env, s3, tmp_path, capsys):
 
 def test_prepare_into_a_missing_bucket_fails_before_reading_the_dataset(s3, tmp_path, capsys):
     assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", f"{MISSING}/shards",
-                 "--option", "preset=test"]) == 2
+                 "preset=test"]) == 2
     assert f"{MISSING}/shards: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
     assert not (tmp_path / "tree").exists(), "the synthetic tree was generated before the check"
 
@@ -146,8 +146,8 @@ def test_train_names_a_missing_bucket_before_ray_starts(s3, tmp_path, capsys):
     assert f"{MISSING}/shards: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
 
     shards = f"s3://{BUCKET}/tiny"
-    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards, "--option",
-                 "preset=test", "--option", "num_train=2", "--option", "num_val=2"]) == 0
+    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards,
+                 "preset=test", "num_train=2", "num_val=2"]) == 0
     assert main(["train", "--method", "cam", "--data", shards, f"storage_path={MISSING}/runs"]) == 2
     assert f"{MISSING}/runs: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
     assert ray.is_initialized() == ray_was_running

@@ -287,11 +287,27 @@ def _input_error(error: BaseException, argv: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
     except SystemExit as exit:  # argparse's errors (code 2), --help and --version (0)
         return exit.code
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return _run_guarded(args, argv)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """argparse takes a positional list in one piece: KEY=VALUE arguments after a later
+    option (`--trials 1 epochs=2 --name x lr=0.1`) come back unparsed; they join the list."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    listed = "options" if args.command == "prepare" else "overrides"
+    if extra and hasattr(args, listed) and not any(item.startswith("-") for item in extra):
+        try:
+            setattr(args, listed, [*getattr(args, listed), *map(_key_value, extra)])
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error))
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _run_guarded(args, argv: list[str]) -> int:
