@@ -181,10 +181,10 @@ def ingest_options(preserve_order: bool) -> ExecutionOptions:
                             verbose_progress=current.verbose_progress, label_selector=current.label_selector)
 
 
-def quiet_console(dataset: ray.data.Dataset) -> None:
-    """No progress bars and only errors on the console from this dataset's executions;
-    Ray Data's full logs still go to its log folder (`logs/ray-data` of the Ray session)."""
-    context = dataset.context
+def quiet_console(context: DataContext) -> None:
+    """No progress bars and only errors on the console from the executions of datasets with
+    this context (a dataset's own, or the current one for datasets made after); Ray Data's
+    full logs still go to its log folder (`logs/ray-data` of the Ray session)."""
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     if _QuietConsole not in context.custom_execution_callback_classes:

@@ -140,7 +140,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
     if config.val_split:
         datasets["val"] = eval_dataset(config.data, config.val_split)
     for dataset in datasets.values():
-        quiet_console(dataset)  # the epoch lines are the progress; Ray Data's logs stay in its log folder
+        quiet_console(dataset.context)  # the epoch lines are the progress; Ray Data's logs stay in its log folder
     rows = manifest.rows(config.train_split)
     steps_per_epoch = rows // (config.batch_size * config.num_workers)
     if steps_per_epoch < 1:
