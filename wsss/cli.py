@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", action=_Moved, new_form="storage_path=URI")
     _overrides(p, "epochs=10 backbone=resnet18 storage_path=s3://bucket/sweeps", "base config of every trial")
 
-    p = _command(commands, "report", "wsss.tuning.report:main", "the comparison table of methods, with plots, from sweeps and runs")
+    p = _command(commands, "report", "wsss.tuning.report:main",
+                 "the comparison table of methods, with plots, from sweeps and runs")
     p.add_argument("dirs", nargs="+", metavar="SWEEP_OR_RUN_DIR", help="sweep or run directories")
     p.add_argument("--out", required=True, help="directory for tables and plots")
     p.add_argument("--wandb-project", default="wsss", help="W&B project when W&B is online")

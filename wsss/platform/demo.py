@@ -98,7 +98,8 @@ def run_demo(out: str = "wsss-demo", methods=("cam",), epochs: int | None = None
             started = time.perf_counter()
             # beside the checkpoints, where `wsss report` finds it
             results = evaluate_checkpoint(checkpoint, data, scales=(1.0, 0.5, 1.5), out=str(run_dir))
-            print(f"      evaluated in {duration(time.perf_counter() - started)}: CAM mIoU {100 * results['miou']:.2f}%")
+            print(f"      evaluated in {duration(time.perf_counter() - started)}: "
+                  f"CAM mIoU {100 * results['miou']:.2f}%")
         runs.append({"method": config.method, "seed": config.seed, "miou": results["miou"],
                      "threshold": results["threshold"], "checkpoint": results["checkpoint"],
                      "wandb": wandb_dir(config.storage_path, config.name)})
