@@ -174,6 +174,7 @@ def test_only_input_errors_are_one_line():
     assert _input_error(ConfigError("epochs=0: must be >= 1"), argv)
     assert _input_error(DataError("shards/manifest.json", "manifest missing"), argv)
     assert _input_error(FileNotFoundError("runs/r1: neither a checkpoint nor a run directory"), argv)
+    assert _input_error(FileNotFoundError(2, "No such file or directory", "shards/manifest.json"), argv)
     assert not _input_error(FileNotFoundError("/tmp/x/state.pt: no such file"), argv), "a file nobody named: a bug"
     assert not _input_error(ValueError("operands could not be broadcast together"), argv)
 

@@ -98,14 +98,14 @@ def test_prepare_train_resume_and_evaluate_on_s3(s3_env, s3, tmp_path, capsys):
     train = ["train", "--method", "cam", "--data", shards, f"storage_path={runs}", "name=s3run",
              "batch_size=8", "crop_size=64", "backbone=resnet18", "backbone_weights=none",
              "eval_max_images=4", "wandb=offline"]
-    first = wsss([*train, "epochs=1"], s3_env, tmp_path)
+    first = wsss([*train, "epochs=1", "--json"], s3_env, tmp_path)
     assert first["metrics"]["epoch"] == 1 and first["metrics"]["resumed_from_epoch"] == 0
     assert first["run"] == f"{runs}/s3run" and first["checkpoint"].startswith(f"{runs}/s3run/checkpoint_")
     epoch_one = checkpoint_dirs(s3, f"{BUCKET}/runs/s3run")
     assert [f"s3://{path}" for path in epoch_one] == [first["checkpoint"]]
 
     # The same name and storage_path again, with more epochs: continues from S3.
-    second = wsss([*train, "epochs=2"], s3_env, tmp_path)
+    second = wsss([*train, "epochs=2", "--json"], s3_env, tmp_path)
     assert second["metrics"]["epoch"] == 2 and second["metrics"]["resumed_from_epoch"] == 1
     checkpoints = checkpoint_dirs(s3, f"{BUCKET}/runs/s3run")
     assert len(checkpoints) == 2 and checkpoints[0] == epoch_one[0]

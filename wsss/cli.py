@@ -71,7 +71,10 @@ def _train(args) -> int:
     started = time.perf_counter()
     result = fit(config)
     run, checkpoint = result_locations(config, result)
-    print(run_summary(config.method, result.metrics or {}, time.perf_counter() - started, run, checkpoint))
+    if args.json:
+        print(json.dumps({"run": run, "checkpoint": checkpoint, "metrics": _scalars(result.metrics)}, indent=2))
+    else:
+        print(run_summary(config.method, result.metrics or {}, time.perf_counter() - started, run, checkpoint))
     return 0
 
 
@@ -101,6 +104,10 @@ def _literal(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def _scalars(metrics: dict | None) -> dict:
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}
 
 
 def _key_value(text: str) -> str:
@@ -183,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true",
                    help="list every config key (type, default, meaning), with --method its sections' keys too")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument("--json", action="store_true",
+                   help="end with the run, its last checkpoint and final metrics as one JSON object (for scripts) "
+                        "instead of the summary")
     _overrides(p, "epochs=10 lnl.eta=0.7")
 
     p = _command(commands, "evaluate", _evaluate, "full-protocol CAM evaluation of a checkpoint")
@@ -279,9 +289,10 @@ def _input_error(error: BaseException, argv: list[str]) -> bool:
             kinds.append(getattr(sys.modules[module], name))
     if isinstance(error, tuple(kinds)):
         return True
-    if isinstance(error, FileNotFoundError):
-        named = [value for item in argv for value in (item, item.partition("=")[2]) if value]
-        return any(value in str(error) for value in named if "/" in value or "." in value)
+    if isinstance(error, FileNotFoundError):  # about a path the user named, or a file inside it
+        named = {value for item in argv for value in (item, item.partition("=")[2]) if value and value[0] != "-"}
+        where = str(error.filename) if error.filename is not None else str(error)
+        return any(where.startswith(value) for value in named)
     return False
 
 
