@@ -163,7 +163,7 @@ TINY_RUN = ("epochs=1 batch_size=8 crop_size=64 backbone=resnet18 backbone_weigh
 def test_ray_job_submit_runs_a_tiny_sweep(local_head, shards, tmp_path):
     storage = tmp_path / "sweeps"
     submit_job(local_head, f"{sys.executable} -m wsss tune --method cam --data {shards} "
-                           f"--trials 1 --storage-path {storage} --name job --no-eval {TINY_RUN}")
+                           f"--trials 1 storage_path={storage} --name job --no-eval {TINY_RUN}")
     best = json.loads((storage / "job" / "best.json").read_text())
     assert best["finished"] == 1 and 0.0 <= best["miou"] <= 1.0
 

@@ -3,7 +3,6 @@ job end to end from a real (tiny) stage-1 checkpoint on a real local Ray."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import uuid
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.ray_state import alive_actors, all_cpus_free
+from wsss.cli import build_parser
 from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import decode_mask, read_manifest, verify_checksums
@@ -22,7 +22,6 @@ from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.pseudo_labels import (
     DEFAULT_THRESHOLD,
     PseudoLabelSettings,
-    add_arguments,
     checkpoint_threshold,
     generate_pseudo_labels,
     ground_truth_labels,
@@ -216,9 +215,7 @@ def test_a_new_writer_sweeps_what_a_killed_job_left(shards, tmp_path):
 # ---- ground truth as label shards (the fully supervised upper bound) ------------------------
 
 def run_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)  # the `wsss pseudo-labels` command
-    return main(parser.parse_args(argv))
+    return main(build_parser().parse_args(["pseudo-labels", *argv]))
 
 
 def test_ground_truth_mode_writes_the_masks_as_label_shards(shards, tmp_path, capsys):
@@ -374,9 +371,7 @@ def test_failed_job_leaves_no_output_and_a_rerun_works(ray_local, shards, checkp
     first = read_manifest(str(out))
     with pytest.raises(DataError, match="manifest exists"):
         generate_pseudo_labels(checkpoint, shards, str(out), scales=(1.0,), flip=False)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)  # the `wsss pseudo-labels` command
-    main(parser.parse_args(["--checkpoint", checkpoint, "--data", shards, "--out", str(out), "--mode", "irn",
+    main(build_parser().parse_args(["pseudo-labels", "--checkpoint", checkpoint, "--data", shards, "--out", str(out), "--mode", "irn",
                             "--scales", "1.0", "--no-flip", "--overwrite"]))
     assert f"wrote {first.rows('train')} pseudo-labels (irn)" in capsys.readouterr().out
     second = read_manifest(str(out))

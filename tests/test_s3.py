@@ -90,22 +90,22 @@ def read_json(filesystem: pafs.FileSystem, path: str) -> dict:
 @pytest.mark.slow
 def test_prepare_train_resume_and_evaluate_on_s3(s3_env, s3, tmp_path, capsys):
     shards, runs = f"s3://{BUCKET}/shards", f"s3://{BUCKET}/runs"
-    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards, "--option",
-                 "preset=test", "--option", "num_train=16", "--option", "num_val=4"]) == 0  # no Ray: in-process
+    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards,
+                 "preset=test", "num_train=16", "num_val=4"]) == 0  # no Ray: in-process
     manifest = read_json(s3, f"{BUCKET}/shards/manifest.json")
     assert manifest["splits"]["train"]["rows"] == 16
 
     train = ["train", "--method", "cam", "--data", shards, f"storage_path={runs}", "name=s3run",
              "batch_size=8", "crop_size=64", "backbone=resnet18", "backbone_weights=none",
              "eval_max_images=4", "wandb=offline"]
-    first = wsss([*train, "epochs=1"], s3_env, tmp_path)
+    first = wsss([*train, "epochs=1", "--json"], s3_env, tmp_path)
     assert first["metrics"]["epoch"] == 1 and first["metrics"]["resumed_from_epoch"] == 0
     assert first["run"] == f"{runs}/s3run" and first["checkpoint"].startswith(f"{runs}/s3run/checkpoint_")
     epoch_one = checkpoint_dirs(s3, f"{BUCKET}/runs/s3run")
     assert [f"s3://{path}" for path in epoch_one] == [first["checkpoint"]]
 
     # The same name and storage_path again, with more epochs: continues from S3.
-    second = wsss([*train, "epochs=2"], s3_env, tmp_path)
+    second = wsss([*train, "epochs=2", "--json"], s3_env, tmp_path)
     assert second["metrics"]["epoch"] == 2 and second["metrics"]["resumed_from_epoch"] == 1
     checkpoints = checkpoint_dirs(s3, f"{BUCKET}/runs/s3run")
     assert len(checkpoints) == 2 and checkpoints[0] == epoch_one[0]
@@ -135,7 +135,7 @@ def test_prepare_train_resume_and_evaluate_on_s3(s3_env, s3, tmp_path, capsys):
 
 def test_prepare_into_a_missing_bucket_fails_before_reading_the_dataset(s3, tmp_path, capsys):
     assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", f"{MISSING}/shards",
-                 "--option", "preset=test"]) == 2
+                 "preset=test"]) == 2
     assert f"{MISSING}/shards: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
     assert not (tmp_path / "tree").exists(), "the synthetic tree was generated before the check"
 
@@ -146,8 +146,8 @@ def test_train_names_a_missing_bucket_before_ray_starts(s3, tmp_path, capsys):
     assert f"{MISSING}/shards: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
 
     shards = f"s3://{BUCKET}/tiny"
-    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards, "--option",
-                 "preset=test", "--option", "num_train=2", "--option", "num_val=2"]) == 0
+    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", shards,
+                 "preset=test", "num_train=2", "num_val=2"]) == 0
     assert main(["train", "--method", "cam", "--data", shards, f"storage_path={MISSING}/runs"]) == 2
     assert f"{MISSING}/runs: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
     assert ray.is_initialized() == ray_was_running

@@ -4,7 +4,6 @@ out-of-candidate rate)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wsss.cli import build_parser
 from wsss.datasets.reading import read_shard
 from wsss.datasets.shards import read_manifest
 from wsss.methods.base import BackboneConfig, build_method
@@ -19,7 +19,6 @@ from wsss.methods.deeplab import DeepLabConfig
 from wsss.platform.config import ConfigError
 from wsss.platform.segmentation import (
     STAGE2_DEFAULTS,
-    add_arguments,
     evaluate_segmentation,
     main,
     segmentation_probs,
@@ -107,9 +106,7 @@ def tiny_overrides(tmp_path, name):
 
 
 def run_segment(argv):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
+    return main(build_parser().parse_args(["segment", *argv]))
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from wsss.platform.config import ConfigError, TrainConfig
+from wsss.platform.config import ConfigError, TrainConfig, load_config
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,8 @@ def test_train_evaluate_resume_and_stop_on_divergence(ray_local, shards, tmp_pat
 
     result = fit(tiny(shards, tmp_path))
     assert result.metrics["epoch"] == 2 and result.metrics["resumed_from_epoch"] == 0
+    written = load_config(str(tmp_path / "runs" / "run" / "config.toml"))  # the resolved config, beside checkpoints
+    assert written.to_dict() == tiny(shards, tmp_path).to_dict()
     assert 0 <= result.metrics["miou"] <= 1 and result.metrics["images_per_s"] > 0
     assert 0 < result.metrics["input_wait_s"] < result.metrics["epoch_time_s"]
     info = json.loads((Path(result.checkpoint.path) / "checkpoint.json").read_text())

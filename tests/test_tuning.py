@@ -251,7 +251,7 @@ def test_cli_requires_method_data_trials_unless_resuming(shards, tmp_path):
 
     assert main(["tune", "--data", shards, "--trials", "2"]) == 2  # no --method
     assert main(["tune", "--resume"]) == 2  # no --name
-    assert main(["tune", "--resume", "--name", "nothing", "--storage-path", str(tmp_path)]) == 2
+    assert main(["tune", "--resume", "--name", "nothing", f"storage_path={tmp_path}"]) == 2
 
 
 @pytest.mark.slow
@@ -369,7 +369,7 @@ def test_killed_driver_resumes_and_finishes_the_requested_trials(ray_local, shar
 
     storage, trials = tmp_path / "sweeps", 2
     command = [sys.executable, "-m", "wsss", "tune", "--method", "cam", "--data", shards, "--trials",
-               str(trials), "--storage-path", str(storage), "--name", "killed", "--seed", "5", "--no-eval",
+               str(trials), f"storage_path={storage}", "--name", "killed", "--seed", "5", "--no-eval",
                "epochs=1", "batch_size=8", "crop_size=64", "backbone=resnet18", "backbone_weights=none",
                "eval_max_images=4", "wandb=offline"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -389,7 +389,7 @@ def test_killed_driver_resumes_and_finishes_the_requested_trials(ray_local, shar
              if p.read_text().strip()]
     assert len(first) >= 1
 
-    assert main(["tune", "--resume", "--name", "killed", "--storage-path", str(storage), "--no-eval"]) == 0
+    assert main(["tune", "--resume", "--name", "killed", f"storage_path={storage}", "--no-eval"]) == 0
     best = json.loads((sweep_dir / "best.json").read_text())
     assert best["trials"] == trials and best["finished"] == trials
     finals = [json.loads(p.read_text().splitlines()[-1]) for p in sweep_dir.glob("trial_*/result.json")]

@@ -36,21 +36,21 @@ class TrainConfig:
     method: str = "cam"  # base method plus add-ons, e.g. "lnl+fsae"
     data: str = ""  # URI of prepared shards (directory holding manifest.json)
     pseudo_labels: str = ""  # URI of pseudo-label shards (`wsss pseudo-labels`), the stage-2 target
-    train_split: str = "train"
+    train_split: str = "train"  # split of `data` to train on (e.g. train_aug for VOC with SBD)
     val_split: str = "val"  # held-out split for the per-epoch objective ("" to skip)
     name: str = ""  # run name; the same name and storage_path resumes the run ("" = generated)
     storage_path: str = "runs"  # local directory or cloud URI (s3://, gs://) for checkpoints
-    epochs: int = 5
+    epochs: int = 5  # total epochs; a resumed run with more epochs trains on to them
     batch_size: int = 16  # per worker
     lr: float = 0.01  # backbone lr; new layers get lr × the method's new_layer_lr_mult
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
     lr_schedule: str = "poly"  # poly | exponential (see `wsss.platform.loop.set_lr`)
     poly_power: float = 0.9  # poly: lr = base · (1 − step/total)^power (1 = linear decay)
     lr_decay_per_epoch: float = 0.9  # exponential: lr = base · this^epochs done (fractional, updated every step)
-    crop_size: int = 320
+    crop_size: int = 320  # side of the square training crop, pixels
     scale_min: float = 0.7  # random rescale range of the training augmentation
-    scale_max: float = 1.3
+    scale_max: float = 1.3  # (see scale_min)
     backbone: str = "resnet50"  # resnet18 | resnet50 | resnet101
     output_stride: int = 16  # 16 or 8
     backbone_weights: str = "imagenet"  # none | imagenet | torchvision ResNet state dict (path or URI)
@@ -64,11 +64,11 @@ class TrainConfig:
     cpu_amp: bool = False  # the same on CPU: ~2× faster steps on CPUs with AMX (Intel Xeon 4th gen+), slower without
     flush_denormal: bool = True  # CPU training treats subnormal floats as 0: x86 computes on them up to ~100× slower
     max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
-    seed: int = 0
+    seed: int = 0  # seeds model init, augmentation and shard order: the same seed repeats a run
     eval_every: int = 1  # epochs between single-scale val evaluations (0 = never)
     eval_max_images: int = 0  # cap on val images per evaluation (0 = all)
     wandb: str = "auto"  # auto (online if W&B is configured, else offline) | online | offline | disabled
-    wandb_project: str = "wsss"
+    wandb_project: str = "wsss"  # W&B project of the run
     wandb_group: str = ""  # e.g. the sweep name
     log_every: int = 10  # steps between W&B scalar logs
     cam_images: int = 4  # CAM overlays logged per evaluation
@@ -138,7 +138,10 @@ class TrainConfig:
                               "file (path or URI)")
         for section in self.sections.values():
             if hasattr(section, "check_inputs"):
-                section.check_inputs()  # raises a ValueError naming `section.key`
+                try:
+                    section.check_inputs()  # raises a ValueError naming `section.key`
+                except ValueError as error:
+                    raise ConfigError(str(error)) from None
 
     def to_dict(self) -> dict:
         """Plain, JSON-able dict (what checkpoints, W&B and Ray workers receive)."""

@@ -5,7 +5,8 @@ Training: read the shards (only the needed columns; file order reshuffled every 
 platform calls `ray.train.get_dataset_shard("train").iter_torch_batches(...)` on each
 worker. Evaluation: the same read → decode at original size; images differ in size, so
 `image` and `mask` are variable-shaped tensor columns (iterate rows, or batches in numpy
-format). Progress shows as Ray Data's progress bars (RAY_DATA_DISABLE_PROGRESS_BARS=1 hides them).
+format). Progress shows as Ray Data's progress bars (RAY_DATA_DISABLE_PROGRESS_BARS=1 hides them),
+except in training (`quiet_console`), whose progress is one line per epoch.
 
 Reads go through `ShardDatasource` rather than `ray.data.read_parquet`: in Ray 2.60 the
 latter packs small shard files into one read task (so one CPU decoded everything in
@@ -17,13 +18,16 @@ both sides and aligns rows by arrival order.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
-from ray.data import DataContext
+from ray.data import DataContext, ExecutionOptions
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.data._internal.logging import SessionFileHandler
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -166,3 +170,34 @@ def eval_dataset(data_uri: str, split: str, *, with_mask: bool = True, verify: b
     transform = EvalTransform(manifest.num_classes, with_mask=with_mask, with_region=has_regions(manifest, split))
     rows = _read(ShardDatasource(manifest, split, transform.columns()))
     return rows.map_batches(transform, batch_format="numpy", batch_size=EVAL_BATCH_SIZE)
+
+
+def ingest_options(preserve_order: bool) -> ExecutionOptions:
+    """Ray Train's default ingest options (the driver's DataContext), built without
+    `exclude_resources`: Ray 2.60 deprecates it and warns whenever it is passed, as
+    `DataConfig.default_ingest_options()` does for every dataset it is not given options for."""
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=preserve_order,
+                            verbose_progress=current.verbose_progress, label_selector=current.label_selector)
+
+
+def quiet_console(context: DataContext) -> None:
+    """No progress bars and only errors on the console from the executions of datasets with
+    this context (a dataset's own, or the current one for datasets made after); Ray Data's
+    full logs still go to its log folder (`logs/ray-data` of the Ray session)."""
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    if _QuietConsole not in context.custom_execution_callback_classes:
+        context.custom_execution_callback_classes = [*context.custom_execution_callback_classes, _QuietConsole]
+
+
+class _QuietConsole(ExecutionCallback):
+    """Raises Ray Data's console handlers to ERROR in the process that executes the
+    dataset (for a Ray Train dataset, its split coordinator actor, where no code of ours
+    runs otherwise). Ray Data builds its callbacks before it starts an execution, so this
+    also hides its "progress bars disabled" notice and its issue detectors' warnings."""
+
+    def __init__(self):
+        for handler in logging.getLogger("ray.data").handlers:
+            if not isinstance(handler, SessionFileHandler):
+                handler.setLevel(logging.ERROR)

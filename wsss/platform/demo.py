@@ -8,6 +8,7 @@ table with the trivial all-background prediction as the floor every method must 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,10 @@ def run_demo(out: str = "wsss-demo", methods=("cam",), epochs: int | None = None
     """Train and evaluate every method with `seeds` seeds, each config with `overrides`
     (`key` / `section.key`) applied; prints and returns the table rows."""
     # Ray only here: demo_config also serves where Ray is not installed (benchmarks/gpu_train.py)
+    from ray.data import DataContext
+
+    from wsss.platform.console import duration
+    from wsss.platform.data import quiet_console
     from wsss.platform.evaluate import evaluate_checkpoint
     from wsss.platform.runtime import ensure_ray
     from wsss.platform.train import fit, wandb_dir
@@ -77,6 +82,7 @@ def run_demo(out: str = "wsss-demo", methods=("cam",), epochs: int | None = None
         print(f"[1/3] generating the synthetic benchmark ({preset}) and writing shards to {data}")
         prepare("synthetic", str(out_dir / "synthetic"), data, preset=preset)
     ensure_ray()
+    quiet_console(DataContext.get_current())  # the steps below are the demo's progress: it fits one screen
     runs = []
     for config in configs:
         run_dir = Path(config.storage_path) / config.name
@@ -85,10 +91,15 @@ def run_demo(out: str = "wsss-demo", methods=("cam",), epochs: int | None = None
             print(f"[2/3] {config.method} (seed {config.seed}): already trained and evaluated in {run_dir}")
         else:
             print(f"[2/3] training {config.method} (seed {config.seed}) for {config.epochs} epochs on Ray Train")
+            started = time.perf_counter()
             checkpoint = fit(config).checkpoint.path
-            print(f"[3/3] evaluating {config.method} (multi-scale + flip CAMs, threshold sweep) on Ray Data")
+            print(f"      trained in {duration(time.perf_counter() - started)}\n"
+                  f"[3/3] evaluating {config.method} (multi-scale + flip CAMs, threshold sweep) on Ray Data")
+            started = time.perf_counter()
             # beside the checkpoints, where `wsss report` finds it
             results = evaluate_checkpoint(checkpoint, data, scales=(1.0, 0.5, 1.5), out=str(run_dir))
+            print(f"      evaluated in {duration(time.perf_counter() - started)}: "
+                  f"CAM mIoU {100 * results['miou']:.2f}%")
         runs.append({"method": config.method, "seed": config.seed, "miou": results["miou"],
                      "threshold": results["threshold"], "checkpoint": results["checkpoint"],
                      "wandb": wandb_dir(config.storage_path, config.name)})

@@ -48,6 +48,7 @@ from wsss.methods.csrm_pseudo import cam_pseudo_label
 from wsss.ops.crf import dense_crf_labels
 from wsss.platform.cams import FULL_SCALES, image_tensor, normalized_cams
 from wsss.platform.checkpoints import INFO_FILE, latest_checkpoint, load_method
+from wsss.platform.config import ConfigError
 from wsss.platform.evaluate import crf_prediction
 from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
@@ -303,43 +304,22 @@ def _quality(confusion: np.ndarray, images: int, classes: int) -> dict | None:
             "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class]}
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", help="stage-1 checkpoint or run directory, or URI (every mode but "
-                                             f"{GROUND_TRUTH})")
-    parser.add_argument("--data", required=True, help="URI of the prepared image shards")
-    parser.add_argument("--out", required=True, help="directory or URI for the pseudo-label shards")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--mode", default="crf", choices=(*MODES, GROUND_TRUTH),
-                        help="crf: dense CRF on the CAMs; irn: IRN double threshold (255 between); "
-                             "segmentation: argmax of the segmentation branch (e.g. csrm) over "
-                             "background and the image's classes; segmentation-crf: that argmax refined by "
-                             f"a dense CRF (CSRM's dCRF); {GROUND_TRUTH}: the split's own masks "
-                             "(no checkpoint), for the fully supervised upper bound")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help=f"crf background score (default: the checkpoint's, else {DEFAULT_THRESHOLD})")
-    parser.add_argument("--fg", type=float, default=0.30, help="irn foreground threshold δ_fg")
-    parser.add_argument("--bg", type=float, default=0.05, help="irn background threshold δ_bg")
-    parser.add_argument("--scales", default=",".join(str(s) for s in FULL_SCALES))
-    parser.add_argument("--no-flip", action="store_true")
-    parser.add_argument("--cam-actors", type=int, default=None, help="most CAM actors (default: GPUs, else CPUs - 1)")
-    parser.add_argument("--crf-actors", type=int, default=None, help="most CRF actors (default: CPUs - GPUs, as each "
-                                                                      "GPU's CAM actor holds a CPU; else CPUs - 1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace pseudo-labels already at --out")
-
-
 def main(args) -> int:
     if args.mode == GROUND_TRUTH:
         if args.checkpoint:
-            raise ValueError(f"--mode {GROUND_TRUTH} copies the masks; it takes no --checkpoint")
+            raise ConfigError(f"--mode {GROUND_TRUTH} copies the masks; it takes no --checkpoint")
         ground_truth_labels(args.data, args.out, split=args.split, overwrite=args.overwrite)
         print(f"wrote the {read_manifest(args.out).rows(args.split)} ground-truth masks of split "
               f"{args.split!r} as label shards to {args.out}")
         return 0
     if not args.checkpoint:
-        raise ValueError(f"--mode {args.mode} needs --checkpoint")
-    scales = tuple(float(s) for s in args.scales.split(","))
+        raise ConfigError(f"--mode {args.mode} needs --checkpoint")
+    scales = args.scales  # a tuple: `wsss.cli` parses them
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    PseudoLabelSettings(args.mode, threshold, args.fg, args.bg, scales)  # bad values fail before the checkpoint loads
+    try:  # bad values fail before the checkpoint loads
+        PseudoLabelSettings(args.mode, threshold, args.fg, args.bg, scales)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     source = generate_pseudo_labels(args.checkpoint, args.data, args.out, split=args.split, mode=args.mode,
                                     threshold=args.threshold, fg_threshold=args.fg, bg_threshold=args.bg,
                                     scales=scales, flip=not args.no_flip, cam_actors=args.cam_actors,

@@ -188,28 +188,10 @@ def segmentation_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--data", help="URI of the prepared image shards")
-    parser.add_argument("--pseudo-labels", help="URI of the pseudo-label shards (`wsss pseudo-labels`)")
-    parser.add_argument("--ocr", action="store_true", help="add the ocr rectification loss (deeplab+ocr)")
-    parser.add_argument("--variant", choices=("v2", "v3plus"), help="DeepLab variant (default: v2)")
-    parser.add_argument("--config", help="TOML config file")
-    parser.add_argument("--checkpoint", help="skip training: evaluate this checkpoint (any method with a "
-                                             "segmentation branch, e.g. csrm)")
-    parser.add_argument("--split", default=None, help="evaluation split (default: the config's val_split)")
-    parser.add_argument("--scales", default=",".join(str(s) for s in SEG_SCALES))
-    parser.add_argument("--no-flip", action="store_true")
-    parser.add_argument("--crf", action="store_true", help="also score dense-CRF-refined predictions")
-    parser.add_argument("--crf-preset", default="psa", choices=sorted(PRESETS))
-    parser.add_argument("--max-images", type=int, default=0)
-    parser.add_argument("--out", help="directory for results.json and results.md (default: in the run directory)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. epochs=10 ocr.alpha=0.5")
-
-
 def main(args) -> int:
     from wsss.platform.runtime import ensure_ray
 
-    scales = tuple(float(s) for s in args.scales.split(","))
+    scales = args.scales  # a tuple: `wsss.cli` parses them
     if args.checkpoint:
         if not args.data:
             raise ConfigError("--data is required")

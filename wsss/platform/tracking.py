@@ -55,7 +55,9 @@ class Tracker:
             Path(directory).mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(project=project, name=name, id=_run_id(name), resume="allow",
                                   group=group or None, mode=mode, dir=str(directory), tags=tags,
-                                  config=public_config(config), reinit="finish_previous")
+                                  config=public_config(config), reinit="finish_previous",
+                                  # the run's own epoch lines are the console output; W&B's are in its folder
+                                  settings=wandb.Settings(silent=True))
         except Exception as error:  # unreachable server, bad key...: train anyway
             logger.warning("W&B disabled for this run: %s", error)
             self.run = None

@@ -26,7 +26,9 @@ from wsss.datasets.storage import canonical, delete_file, join, read_text, write
 from wsss.methods.base import DatasetStats, build_method
 from wsss.platform.checkpoints import check_resumable, load_state, restore, save_checkpoint, start_fresh
 from wsss.platform.config import ConfigError, TrainConfig
-from wsss.platform.data import eval_dataset, train_dataset
+from wsss.platform.config_text import to_toml
+from wsss.platform.console import epoch_line, seconds_left
+from wsss.platform.data import eval_dataset, ingest_options, quiet_console, train_dataset
 from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, make_optimizer,
                                 overlay_predictions, set_flush_denormal, train_epoch)
 from wsss.platform.metrics import cooccurring_pairs
@@ -34,6 +36,7 @@ from wsss.platform.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 DIVERGED_FILE = "diverged.txt"
+CONFIG_FILE = "config.toml"
 
 
 def train_worker(loop_config: dict) -> None:
@@ -47,6 +50,7 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(cpu_threads(config.cpu_threads, context.get_local_world_size()))
     set_flush_denormal(config, device)
     torch.manual_seed(config.seed)
+    quiet_report_log()
 
     # 1. Data: this worker's shards of the streaming pipelines.
     train_shard = ray.train.get_dataset_shard("train")
@@ -79,6 +83,7 @@ def train_worker(loop_config: dict) -> None:
     # 3. Epochs: train, evaluate, checkpoint, report.
     steps_per_epoch = loop_config["steps_per_epoch"]
     cooccurring = cooccurring_pairs(np.asarray(loop_config["image_labels"], dtype=bool))
+    started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         batches = train_shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True)
         try:
@@ -98,6 +103,9 @@ def train_worker(loop_config: dict) -> None:
                 method, val_shard.iter_rows(), num_classes=len(dataset["classes"]) - 1, device=device,
                 keep_overlays=config.cam_images if rank == 0 else 0, max_images=config.eval_max_images)
         metrics = epoch_metrics(stats, validation, epoch, cooccurring) | {"resumed_from_epoch": resumed_from}
+        if rank == 0:  # a log record, not print(): Ray Train's print patch doubles prints while W&B wraps stdout
+            logger.info(epoch_line(metrics, config.epochs, seconds_left(
+                started, time.perf_counter(), epoch + 1 - start_epoch, config.epochs - epoch - 1)))
         tracker.log({f"epoch/{k}": v for k, v in metrics.items()}, step)
         if validation is not None and validation.overlays:
             tracker.log_cam_overlays(overlay_predictions(validation.overlays, metrics.get("threshold")),
@@ -109,6 +117,14 @@ def train_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory)
                              if rank == 0 else None)
     tracker.finish()
+
+
+def quiet_report_log() -> None:
+    """Ray Train 2.60 logs every `ray.train.report`'s metrics dict at INFO from a logger
+    named after its file, outside the `ray.train` loggers that its LoggingConfig quiets."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchTrainer:
@@ -127,6 +143,8 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
                                        label_uri=config.pseudo_labels or None)}
     if config.val_split:
         datasets["val"] = eval_dataset(config.data, config.val_split)
+    for dataset in datasets.values():
+        quiet_console(dataset.context)  # the epoch lines are the progress; Ray Data's logs stay in its log folder
     rows = manifest.rows(config.train_split)
     steps_per_epoch = rows // (config.batch_size * config.num_workers)
     if steps_per_epoch < 1:
@@ -145,19 +163,24 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
     }
     # The same seed repeats a run: by default Ray Data hands out blocks in the order their
     # tasks finish, so the batches (and the result) would change from run to run.
-    ordered = ray.train.DataConfig.default_ingest_options()
-    ordered.preserve_order = True
-    return ray.train.torch.TorchTrainer(
+    options = {name: ingest_options(preserve_order=name == "train") for name in datasets}
+    trainer = ray.train.torch.TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
-        dataset_config=ray.train.DataConfig(execution_options={"train": ordered}),
+        dataset_config=ray.train.DataConfig(execution_options=options),
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=name, storage_path=canonical(config.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # Train's own lines (worker group started, each checkpoint; on a busy machine, tracebacks of
+            # retried requests) stay in its log files: the epoch lines are the output, and a failure
+            # that ends the run is raised by fit()
+            logging_config=ray.train.LoggingConfig(log_level="ERROR"),
             callbacks=list(callbacks)),
         datasets=datasets,
     )
+    write_text(join(run_dir, CONFIG_FILE), to_toml(loop_config["config"]))  # `--config` of it repeats the run
+    return trainer
 
 
 def check_start(config: TrainConfig, run_dir: str | None = None) -> None:
@@ -175,13 +198,11 @@ def fit(config: TrainConfig) -> ray.train.Result:
     trainer = make_trainer(config)
     diverged = join(trainer.train_loop_config["run_dir"], DIVERGED_FILE)
     delete_file(diverged)  # a note left by an earlier attempt of this run
-    started = time.perf_counter()
     result = trainer.fit()
     note = read_text(diverged)
     if note is not None:
         where = result.checkpoint.path if result.checkpoint else "none (diverged in the first epoch)"
         raise NonFiniteLossError(f"{note}; last good checkpoint: {where}")
-    logger.info("training finished in %.1f s", time.perf_counter() - started)
     return result
 
 

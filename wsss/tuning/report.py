@@ -295,12 +295,6 @@ def _json(path: Path) -> dict | None:
 
 # ---- command line ------------------------------------------------------------------
 
-def add_arguments(parser) -> None:
-    parser.add_argument("dirs", nargs="+", metavar="SWEEP_OR_RUN_DIR", help="sweep or run directories")
-    parser.add_argument("--out", required=True, help="directory for tables and plots")
-    parser.add_argument("--wandb-project", default="wsss", help="W&B project when W&B is online")
-
-
 def main(args) -> int:
     summary = make_report(args.dirs, args.out, args.wandb_project)
     print((Path(args.out) / "table.md").read_text())

@@ -32,7 +32,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from wsss.datasets.shards import read_manifest
 from wsss.datasets.storage import canonical, is_uri, join, resolve
-from wsss.platform.config import ConfigError, TrainConfig, load_config
+from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_overrides
 from wsss.platform.runtime import ensure_ray
 from wsss.platform.tracking import public_config, resolve_mode
 from wsss.tuning.spaces import SearchSpace, build_space, load_space_file
@@ -320,29 +320,11 @@ def write_json(location: str, data: dict) -> None:
 
 # ---- command line ------------------------------------------------------------------
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--method", help="e.g. lnl, lnl+fsae (not needed with --resume)")
-    parser.add_argument("--data", help="URI of prepared shards (not needed with --resume)")
-    parser.add_argument("--trials", type=int, help="number of trials (not needed with --resume)")
-    parser.add_argument("--config", help="TOML config file for the base run")
-    parser.add_argument("--space", help="TOML or JSON file narrowing or replacing parameters")
-    parser.add_argument("--scheduler", default="asha", help="asha | none")
-    parser.add_argument("--concurrency", type=int, help="max trials at once (default: what fits)")
-    parser.add_argument("--resume", action="store_true", help="continue the sweep --name")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
-    parser.add_argument("--storage-path", help="local directory or URI for the sweep (default: runs)")
-    parser.add_argument("--name", help="sweep name (default: tune-METHOD-TIME)")
-    parser.add_argument("--study-storage", help="Optuna storage URL (default: SQLite in the sweep)")
-    parser.add_argument("--no-eval", action="store_true", help="skip the full evaluation of the best trial")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="base config, e.g. epochs=10 backbone=resnet18")
-
-
 def main(args) -> int:
     if args.resume:
         if not args.name:
             raise ConfigError("--resume needs the --name of the sweep to continue")
-        storage = args.storage_path or TrainConfig().storage_path
+        storage = parse_overrides(args.overrides).get("storage_path", TrainConfig().storage_path)
         saved = read_json(join(storage, args.name, SWEEP_FILE))
         if saved is None:
             raise ConfigError(f"--resume: no sweep {args.name!r} under {storage}")
@@ -355,8 +337,7 @@ def main(args) -> int:
         for flag in ("method", "data", "trials"):
             if getattr(args, flag) is None:
                 raise ConfigError(f"--{flag} is required (unless --resume)")
-        config = load_config(args.config, args.overrides, method=args.method, data=args.data,
-                             storage_path=args.storage_path)
+        config = load_config(args.config, args.overrides, method=args.method, data=args.data)
         specs = load_space_file(args.space) if args.space else None
         summary = run_sweep(config, trials=args.trials, space_specs=specs, scheduler=args.scheduler,
                             concurrency=args.concurrency, seed=args.seed, name=args.name,
