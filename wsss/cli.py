@@ -50,7 +50,8 @@ def _evaluate(args) -> int:
     scales = tuple(float(s) for s in args.scales.split(","))
     results = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, scales=scales,
                                   flip=not args.no_flip, crf=args.crf, max_images=args.max_images,
-                                  out=args.out, method_overrides=parse_overrides(args.set))
+                                  out=args.out, method_overrides=parse_overrides(args.set),
+                                  choice=args.checkpoint_choice, verify_data=not args.no_verify_data)
     print(results_table(results))
     if args.out:
         print(f"written to {args.out}/results.json and results.md")
@@ -102,12 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("evaluate", help="full-protocol CAM evaluation of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or URI")
+    p.add_argument("--checkpoint-choice", choices=["best", "latest"], default="best",
+                   help="of a run directory: the checkpoint with the best val miou, or the newest")
     p.add_argument("--data", required=True, help="URI of prepared shards")
     p.add_argument("--split", default="val")
     p.add_argument("--scales", default="1.0,0.5,1.5,2.0")
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--crf", action="store_true", help="also score dense-CRF-refined CAMs")
     p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--no-verify-data", action="store_true",
+                   help="skip the shards' sha256 check (otherwise done until one full pass has recorded it)")
     p.add_argument("--out", help="directory for results.json and results.md")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="inference setting of the checkpoint's method, e.g. lnl.export=shrink (repeatable)")

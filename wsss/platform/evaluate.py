@@ -16,9 +16,10 @@ import torch
 
 from wsss.datasets.shards import read_manifest
 from wsss.datasets.storage import check_bucket, join, write_text
+from wsss.datasets.verification import remember_verified
 from wsss.platform.cams import FULL_SCALES, THRESHOLDS, best_threshold, image_tensor, normalized_cams, \
     threshold_confusions
-from wsss.platform.checkpoints import load_method
+from wsss.platform.checkpoints import CHECKPOINT_CHOICES, load_method
 from wsss.platform.crf import dense_crf
 from wsss.platform.data import eval_dataset
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
@@ -63,8 +64,8 @@ def crf_prediction(image: np.ndarray, cams: np.ndarray, labels: np.ndarray, thre
 
 
 def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf_preset,
-                       max_images, num_actors, method_overrides) -> np.ndarray:
-    dataset = eval_dataset(data, split)
+                       max_images, num_actors, method_overrides, verify) -> np.ndarray:
+    dataset = eval_dataset(data, split, verify=verify)
     if max_images:
         dataset = dataset.limit(max_images)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -86,10 +87,14 @@ def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf
 def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scales=FULL_SCALES,
                         flip: bool = True, crf: bool = False, crf_preset: str = "psa",
                         max_images: int = 0, num_actors: int | None = None, out: str | None = None,
-                        method_overrides: dict | None = None) -> dict:
+                        method_overrides: dict | None = None, choice: str = "best",
+                        verify_data: bool = True) -> dict:
     """Full-protocol evaluation; returns (and writes to `out`) the results dict. A bad
     checkpoint, data, output URI or method override fails before Ray starts (joined or
-    started here). `method_overrides` change inference settings, e.g. {"lnl.export": "shrink"}."""
+    started here). `method_overrides` change inference settings, e.g. {"lnl.export": "shrink"}.
+    A run directory is evaluated at its `choice` (best or latest) checkpoint, named in the results.
+    `verify_data`: the read tasks check the shards' sha256 until a full pass has recorded them."""
+    checkpoint = CHECKPOINT_CHOICES[choice](checkpoint)
     _, state = load_method(checkpoint, method_overrides=method_overrides)
     read_manifest(data)
     if out:
@@ -99,7 +104,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
     resources = ray.cluster_resources()
     num_actors = num_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)) // 2)
     sweep = _summed_confusions(checkpoint, data, split, scales, flip, None, crf_preset, max_images, num_actors,
-                               method_overrides)
+                               method_overrides, verify_data)
+    if verify_data and not max_images:
+        remember_verified(read_manifest(data), split)
     confusions = sweep.reshape(len(THRESHOLDS), len(classes), len(classes))
     best = best_threshold(confusions)
     best_index = THRESHOLDS.index(best["threshold"])
@@ -110,7 +117,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
                **best, "fg_fpr": fpr, "fg_fnr": fnr}
     if crf:
         conf = _summed_confusions(checkpoint, data, split, scales, flip, best["threshold"], crf_preset,
-                                  max_images, num_actors, method_overrides).reshape(len(classes), len(classes))
+                                  max_images, num_actors, method_overrides, False).reshape(len(classes), len(classes))
         per_class, mean = miou(conf)
         results["crf"] = {"preset": crf_preset, "miou": mean,
                           "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class]}
