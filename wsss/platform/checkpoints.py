@@ -37,7 +37,9 @@ def save_checkpoint(directory: str | Path, method, optimizer, *, epoch: int, ste
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                directory / STATE_FILE)
     info = {"epoch": epoch, "step": step, "metrics": metrics or {},
-            **{key: config[key] for key in MODEL_KEYS}}
+            **{key: config[key] for key in MODEL_KEYS},
+            # what `wsss report` shows, so that it never downloads the weights
+            "config": config, "dataset": dataset.get("name", "?")}
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2, default=float))
 
 
