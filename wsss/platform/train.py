@@ -110,8 +110,9 @@ def report_checkpoint(metrics: dict, config: TrainConfig, rank: int, save) -> No
     """`ray.train.report` of the epoch's metrics with rank 0's checkpoint, written by `save`
     into a local directory. Async: Ray uploads it in a thread of its own while the next epoch
     trains, then deletes the directory. The score Ray keeps checkpoints by is `miou`, and
-    -inf in an epoch without one, so an unevaluated checkpoint is never kept as a best."""
-    metrics = metrics | {CHECKPOINT_SCORE: metrics.get("miou", float("-inf"))}
+    -1 (below any mIoU) in an epoch without one, so an unevaluated checkpoint is never kept
+    as a best (-inf would reach result JSON as the non-standard `-Infinity`)."""
+    metrics = metrics | {CHECKPOINT_SCORE: metrics.get("miou", -1.0)}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
