@@ -75,10 +75,8 @@ def test_a_run_keeps_its_newest_and_best_checkpoints(ray_local, shards, tmp_path
     assert result.checkpoint.path.endswith(max(p.parent.name for p in run.glob("checkpoint_*/state.pt")))
     assert not list(Path(tempfile.gettempdir()).glob("wsss-checkpoint-*")), "Ray deletes the local copy after upload"
 
-    results = evaluate_checkpoint(str(run), shards, scales=(1.0,), flip=False, max_images=4)
-    assert results["checkpoint"] == best
-    latest = evaluate_checkpoint(str(run), shards, scales=(1.0,), flip=False, max_images=4, choice="latest")
-    assert latest["epoch"] == 3
+    results = evaluate_checkpoint(str(run), shards, scales=(1.0,), flip=False, max_images=2)
+    assert results["checkpoint"] == best and results["epoch"] == best_epoch
 
     resumed = fit(tiny(shards, tmp_path, epochs=4, eval_every=2, keep_checkpoints=1))
     assert resumed.metrics["resumed_from_epoch"] == 3 and resumed.metrics["epoch"] == 4
