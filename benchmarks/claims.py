@@ -45,7 +45,7 @@ from lnl_seeds import choose, seed_counts, summarise, table  # benchmarks/, besi
 START_EPOCHS = 8
 COMMON = dict(backbone="resnet18", backbone_weights="none", output_stride=16, crop_size=96, batch_size=16,
               val_split="dev", wandb="offline")
-START = dict(method="cam", name="start-cam", lr=0.05, epochs=START_EPOCHS, seed=0)
+START = dict(method="cam", name="start-cam", lr=0.05, epochs=START_EPOCHS, seed=0, keep_checkpoints=0)  # every epoch is scored
 # From the trained start: lr 0.01 (new layers 10×). lnl's warm-up is the paper's 2 of 10
 # epochs scaled to E; csrm's decoders train at 0.01, where a DeepLab head learns here
 # (docs/results.md), not at the paper's 10×.

@@ -97,7 +97,7 @@ def test_prepare_train_resume_and_evaluate_on_s3(s3_env, s3, tmp_path, capsys):
 
     train = ["train", "--method", "cam", "--data", shards, f"storage_path={runs}", "name=s3run",
              "batch_size=8", "crop_size=64", "backbone=resnet18", "backbone_weights=none",
-             "eval_max_images=4", "wandb=offline"]
+             "eval_max_images=4", "wandb=offline", "keep_checkpoints=0"]  # every checkpoint: compared below
     first = wsss([*train, "epochs=1", "--json"], s3_env, tmp_path)
     assert first["metrics"]["epoch"] == 1 and first["metrics"]["resumed_from_epoch"] == 0
     assert first["run"] == f"{runs}/s3run" and first["checkpoint"].startswith(f"{runs}/s3run/checkpoint_")
@@ -201,3 +201,52 @@ def test_backbone_weights_are_read_from_the_bucket(s3):
     with pytest.raises(ConfigError, match=f"backbone_weights='s3://{BUCKET}/weights/none.pth': must be none, "
                                           "imagenet or an existing file"):
         config.with_overrides({"backbone_weights": f"s3://{BUCKET}/weights/none.pth"}).check_inputs()
+
+
+def write_sweep(folder, mious: list[float]) -> None:
+    """A sweep directory as `wsss tune` leaves it: one trial, its per-epoch results and params."""
+    trial = folder / "trial_0001"
+    trial.mkdir(parents=True)
+    run = {"method": "cam", "dataset": "synthetic", "seed": 0, "epochs": len(mious)}
+    (trial / "params.json").write_text(json.dumps({"lr": 0.03, "run": run}))
+    (trial / "result.json").write_text("".join(
+        json.dumps({"miou": m, "epoch": e, "trial_id": "0001", "timestamp": 100 + e, "time_total_s": e}) + "\n"
+        for e, m in enumerate(mious, start=1)))
+    (folder / "best.json").write_text(json.dumps({"trial_id": "0001", "evaluation": {"miou": 0.5}}))
+
+
+def test_report_reads_sweeps_and_runs_straight_from_s3(s3, tmp_path):
+    """The same tables as from local copies, runs named by their URI, and no weights
+    downloaded except for a run whose checkpoint.json predates the recorded config."""
+    from tests.test_tuning import write_run
+    from wsss.tuning.report import collect, make_report
+
+    local = tmp_path / "local"
+    write_run(local / "runs", "cam-s0", [0.20, 0.30], seed=0, lr=0.02, full=0.36)
+    old = write_run(local / "runs", "cam-s1", [0.25, 0.34], seed=1, lr=0.02)
+    newest = sorted(old.glob("checkpoint_*"))[-1] / "checkpoint.json"
+    info = json.loads(newest.read_text())
+    del info["config"], info["dataset"]  # as written before checkpoint.json recorded them
+    newest.write_text(json.dumps(info))
+    write_sweep(local / "sweeps" / "sw", [0.1, 0.4])
+    pafs.copy_files(str(local), f"{BUCKET}/report", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
+
+    uris = [f"s3://{BUCKET}/report/runs", f"s3://{BUCKET}/report/sweeps/sw"]
+    from_s3 = make_report(uris, str(tmp_path / "from-s3"))
+    from_disk = make_report([str(local / "runs"), str(local / "sweeps" / "sw")], str(tmp_path / "from-disk"))
+    assert from_s3["records"] == from_disk["records"] == 3
+    table = (tmp_path / "from-s3" / "table.md").read_text()
+    assert table == (tmp_path / "from-disk" / "table.md").read_text().replace(str(local), f"s3://{BUCKET}/report")
+    assert f"s3://{BUCKET}/report/runs/cam-s1" in (tmp_path / "from-s3" / "records.csv").read_text()
+
+    records, _ = collect(uris, tmp_path / "scratch")
+    copied_weights = [p.relative_to(tmp_path / "scratch") for p in (tmp_path / "scratch").rglob("state.pt")]
+    assert [p.parts[-3:] for p in copied_weights] == [("cam-s1", newest.parent.name, "state.pt")]
+
+
+def test_report_names_an_empty_s3_folder(s3, tmp_path):
+    from wsss.platform.config import ConfigError
+    from wsss.tuning.report import make_report
+
+    with pytest.raises(ConfigError, match=f"s3://{BUCKET}/nothing-here: nothing there"):
+        make_report([f"s3://{BUCKET}/nothing-here"], str(tmp_path / "out"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -65,6 +66,39 @@ def test_train_evaluate_resume_and_stop_on_divergence(ray_local, shards, tmp_pat
         fit(tiny(shards, tmp_path, epochs=5, lr=1e30))
 
 
+def test_a_run_keeps_its_newest_and_best_checkpoints(ray_local, shards, tmp_path):
+    """keep_checkpoints=1 over 3 epochs, the first not evaluated: Ray deletes that one (its
+    score is -inf), keeps the newest and the best by miou; a resumed run continues from the
+    newest and `wsss evaluate` of the run directory scores the best."""
+    from wsss.platform.checkpoints import best_checkpoint
+    from wsss.platform.evaluate import evaluate_checkpoint
+    from wsss.platform.train import fit
+
+    result = fit(tiny(shards, tmp_path, epochs=3, eval_every=2, keep_checkpoints=1))
+    run = tmp_path / "runs" / "run"
+    kept = {json.loads(p.read_text())["epoch"]: json.loads(p.read_text())["metrics"]
+            for p in run.glob("checkpoint_*/checkpoint.json")}
+    assert 3 in kept and 1 not in kept and set(kept) <= {2, 3}, kept
+    assert all((p.parent / "state.pt").is_file() for p in run.glob("checkpoint_*/checkpoint.json"))
+    best_epoch = max(kept, key=lambda epoch: (kept[epoch]["miou"], epoch))
+    best = best_checkpoint(str(run))
+    assert json.loads((Path(best) / "checkpoint.json").read_text())["epoch"] == best_epoch
+    assert result.checkpoint.path.endswith(max(p.parent.name for p in run.glob("checkpoint_*/state.pt")))
+    assert not list(Path(tempfile.gettempdir()).glob("wsss-checkpoint-*")), "Ray deletes the local copy after upload"
+
+    results = evaluate_checkpoint(str(run), shards, scales=(1.0,), flip=False, max_images=2)
+    assert results["checkpoint"] == best and results["epoch"] == best_epoch
+
+    resumed = fit(tiny(shards, tmp_path, epochs=4, eval_every=2, keep_checkpoints=1))
+    assert resumed.metrics["resumed_from_epoch"] == 3 and resumed.metrics["epoch"] == 4
+
+    # the run read every training shard, checked by its read tasks: later runs skip the check
+    from wsss.datasets.shards import read_manifest
+    from wsss.datasets.verification import is_verified
+
+    assert is_verified(read_manifest(shards), "train")
+
+
 def test_the_same_seed_repeats_a_run(ray_local, tmp_path):
     """Same seed, same batches, same losses: the reads of many small shard files finish
     in any order, but Train hands their blocks over in order."""
@@ -85,7 +119,8 @@ def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, t
 
     from wsss.platform.train import fit
 
-    config = tiny(shards, tmp_path, epochs=6, max_failures=1, eval_every=0, batch_size=2)
+    # keep_checkpoints=0: the wait below counts checkpoints on disk
+    config = tiny(shards, tmp_path, epochs=6, max_failures=1, eval_every=0, batch_size=2, keep_checkpoints=0)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=fit(config)), daemon=True)
     thread.start()

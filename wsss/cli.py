@@ -84,7 +84,8 @@ def _evaluate(args) -> int:
     results = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, scales=args.scales,
                                   flip=not args.no_flip, crf=args.crf, max_images=args.max_images,
                                   out=args.out, method_overrides=_key_values(args.overrides),
-                                  threshold=args.threshold)
+                                  threshold=args.threshold, choice=args.checkpoint_choice,
+                                  verify_data=not args.no_verify_data)
     print(results_table(results))
     if args.out:
         print(f"written to {args.out}/results.json and results.md")
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(commands, "evaluate", _evaluate, "full-protocol CAM evaluation of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or URI")
+    p.add_argument("--checkpoint-choice", choices=["best", "latest"], default="best",
+                   help="of a run directory: the checkpoint with the best val miou, or the newest")
     p.add_argument("--data", required=True, help="URI of prepared shards")
     p.add_argument("--split", default="val", help="split to evaluate")
     p.add_argument("--scales", type=_scales, default=FULL_SCALES, help="CAM scales, comma-separated")
@@ -206,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0 = all)")
     p.add_argument("--threshold", type=float, default=None,
                    help="score at this background threshold, chosen on another split (default: this split's best)")
+    p.add_argument("--no-verify-data", action="store_true",
+                   help="skip the shards' sha256 check (otherwise done until one full pass has recorded it)")
     p.add_argument("--out", help="directory for results.json and results.md")
     p.add_argument("--set", action=_Moved, new_form="SECTION.KEY=VALUE (e.g. lnl.export=shrink)")
     _overrides(p, "lnl.export=shrink", "inference settings of the checkpoint's method")

@@ -7,6 +7,7 @@ module keeps each new worker from spending seconds importing it.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -32,19 +33,21 @@ def pseudo_label_files(manifest: Manifest, labels: Manifest, split: str) -> list
     return labels.files(split)
 
 
-def read_shard(uri: str, columns: Sequence[str], label_uri: str | None = None) -> pa.Table:
+def read_shard(uri: str, columns: Sequence[str], label_uri: str | None = None, *,
+               sha256: str | None = None, label_sha256: str | None = None) -> pa.Table:
     """One shard's `columns`; with `label_uri`, its pseudo-label mirror's mask joined as
-    `target` after checking that the ids match row for row."""
-    fs, path = resolve(uri)
+    `target` after checking that the ids match row for row. With `sha256` (`label_sha256`),
+    the file's bytes are read once, checked against it and parsed from memory."""
     try:
-        table = pq.read_table(path, columns=list(columns), filesystem=fs)
+        source, fs = _checked_source(uri, sha256)
+        table = pq.read_table(source, columns=list(columns), filesystem=fs)
     except (OSError, pa.ArrowException) as error:
         raise DataError(uri, f"shard unreadable: {error}") from None
     if label_uri is None:
         return table
-    label_fs, label_path = resolve(label_uri)
     try:
-        labels = pq.read_table(label_path, columns=["id", "mask"], filesystem=label_fs)
+        source, fs = _checked_source(label_uri, label_sha256)
+        labels = pq.read_table(source, columns=["id", "mask"], filesystem=fs)
     except (OSError, pa.ArrowException) as error:
         raise DataError(label_uri, f"pseudo-label shard unreadable: {error}") from None
     if len(labels) != len(table) or not labels.column("id").equals(table.column("id")):
@@ -55,6 +58,21 @@ def read_shard(uri: str, columns: Sequence[str], label_uri: str | None = None) -
         raise DataError(label_uri, f"pseudo-labels do not match the image shard {uri} row for row: "
                                    f"row {where} is {found!r}, the image shard has {expected!r}")
     return table.append_column("target", labels.column("mask"))
+
+
+def _checked_source(uri: str, sha256: str | None) -> tuple:
+    """(source, filesystem) pyarrow reads the shard from: its path (only the columns' bytes
+    are fetched), or with `sha256` all its bytes, once they hash to it (DataError naming
+    the shard otherwise)."""
+    fs, path = resolve(uri)
+    if sha256 is None:
+        return path, fs
+    with fs.open_input_stream(path) as stream:
+        data = stream.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise DataError(uri, f"checksum mismatch: sha256 {digest}, the manifest says {sha256}")
+    return pa.BufferReader(data), None
 
 
 def to_numpy(table: pa.Table) -> NumpyBatch:

@@ -39,7 +39,9 @@ def save_checkpoint(directory: str | Path, method, optimizer, *, epoch: int, ste
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                directory / STATE_FILE)
     info = {"epoch": epoch, "step": step, "metrics": metrics or {},
-            **{key: config[key] for key in MODEL_KEYS}}
+            **{key: config[key] for key in MODEL_KEYS},
+            # what `wsss report` shows, so that it never downloads the weights
+            "config": config, "dataset": dataset.get("name", "?")}
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2, default=float))
 
 
@@ -81,6 +83,33 @@ def latest_checkpoint(location: str) -> str:
         if filesystem.get_file_info(f"{path}/{name}/{STATE_FILE}").type == FileType.File:
             return join(location, name)
     raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with checkpoints")
+
+
+def best_checkpoint(location: str) -> str:
+    """`location` (a path or URI) itself if it is a checkpoint, else the run's complete
+    checkpoint with the highest val `miou` in its checkpoint.json: the newest of equals, and
+    the newest checkpoint when none was evaluated. A run keeps its best checkpoints and its
+    newest (`keep_checkpoints`), so this is the one `wsss evaluate` scores by default."""
+    filesystem, path = resolve(location)
+    if filesystem.get_file_info(f"{path}/{STATE_FILE}").type == FileType.File:
+        return location
+    chosen, chosen_score = None, None
+    for name in checkpoint_names(filesystem, path):  # newest first
+        if filesystem.get_file_info(f"{path}/{name}/{STATE_FILE}").type != FileType.File:
+            continue  # an upload cut short
+        try:
+            with filesystem.open_input_stream(f"{path}/{name}/{INFO_FILE}") as stream:
+                score = json.loads(stream.read()).get("metrics", {}).get("miou")
+        except FileNotFoundError:
+            score = None
+        if chosen is None or (score is not None and (chosen_score is None or score > chosen_score)):
+            chosen, chosen_score = name, score
+    if chosen is None:
+        raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with checkpoints")
+    return join(location, chosen)
+
+
+CHECKPOINT_CHOICES = {"best": best_checkpoint, "latest": latest_checkpoint}
 
 
 def check_resumable(run: str, config: dict) -> bool:

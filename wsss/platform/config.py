@@ -36,6 +36,7 @@ class TrainConfig:
     method: str = "cam"  # base method plus add-ons, e.g. "lnl+fsae"
     data: str = ""  # URI of prepared shards (directory holding manifest.json)
     pseudo_labels: str = ""  # URI of pseudo-label shards (`wsss pseudo-labels`), the stage-2 target
+    verify_data: bool = True  # check the shards' sha256 in the read tasks until a run has read them all once
     train_split: str = "train"  # split of `data` to train on (e.g. train_aug for VOC with SBD)
     val_split: str = "val"  # held-out split for the per-epoch objective ("" to skip)
     name: str = ""  # run name; the same name and storage_path resumes the run ("" = generated)
@@ -64,6 +65,8 @@ class TrainConfig:
     cpu_amp: bool = False  # the same on CPU: ~2× faster steps on CPUs with AMX (Intel Xeon 4th gen+), slower without
     flush_denormal: bool = True  # CPU training treats subnormal floats as 0: x86 computes on them up to ~100× slower
     max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
+    keep_checkpoints: int = 1  # the N best checkpoints by val `miou` are kept, and always the newest (0 = all)
+    checkpoint_upload: str = "async"  # async: training goes on while a checkpoint uploads | sync
     seed: int = 0  # seeds model init, augmentation and shard order: the same seed repeats a run
     eval_every: int = 1  # epochs between single-scale val evaluations (0 = never)
     eval_max_images: int = 0  # cap on val images per evaluation (0 = all)
@@ -117,6 +120,8 @@ class TrainConfig:
         check(self.cpu_threads >= 0, "cpu_threads", "must be >= 0 (0 = the node's cores shared by its workers)")
         check(self.device in ("auto", "cpu", "gpu"), "device", "must be auto, cpu or gpu")
         check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
+        check(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep every checkpoint)")
+        check(self.checkpoint_upload in ("async", "sync"), "checkpoint_upload", "must be async or sync")
         check(self.eval_every >= 0, "eval_every", "must be >= 0")
         check(self.wandb in ("auto", "online", "offline", "disabled"), "wandb",
               "must be auto, online, offline or disabled")

@@ -34,7 +34,8 @@ from ray.data.datasource import Datasource, ReadTask
 from wsss.datasets.augment import AugmentConfig, EvalTransform, TrainTransform
 from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files, read_shard
-from wsss.datasets.shards import Manifest, has_regions, read_manifest, verify_checksums
+from wsss.datasets.shards import Manifest, has_regions, read_manifest
+from wsss.datasets.verification import is_verified
 
 # Rows per decode/augment call. Ray Data waits between calls (fetch, put, dispatch: 12-15 ms
 # median in the CRF actors) next to ~3 ms of decoding per image: 64 rows gave 8% more
@@ -65,13 +66,15 @@ MIN_READ_TASKS = 4
 MAP_CPUS = 0.75
 
 
-def _read_file(uri: str, columns: Sequence[str], label_uri: str | None) -> Iterator[pa.Table]:
-    yield read_shard(uri, columns, label_uri)
+def _read_file(uri: str, columns: Sequence[str], label_uri: str | None, sha256: str | None,
+               label_sha256: str | None) -> Iterator[pa.Table]:
+    yield read_shard(uri, columns, label_uri, sha256=sha256, label_sha256=label_sha256)
 
 
 class ShardDatasource(Datasource):
     """One read task per shard file (joined with its pseudo-label mirror when given),
-    in manifest order, or shuffled anew each execution (epoch) when `seed` is set.
+    in manifest order, or shuffled anew each execution (epoch) when `seed` is set. With
+    `checksums` (`label_checksums`), each task checks its file's sha256 as it reads it.
 
     Each file is one block: Ray Data merges what a read task yields up to its target
     block size (128 MiB), so slicing a file into smaller blocks here changes nothing.
@@ -80,9 +83,11 @@ class ShardDatasource(Datasource):
     (docs/benchmarks.md, 2026-12-06)."""
 
     def __init__(self, manifest: Manifest, split: str, columns: Sequence[str], *,
-                 label_files: Sequence[str] | None = None, seed: int | None = None):
+                 label_files: Sequence[str] | None = None, seed: int | None = None,
+                 checksums: Sequence[str] | None = None, label_checksums: Sequence[str] | None = None):
         self.files, self.entries = manifest.files(split), manifest.splits[split]["files"]
         self.columns, self.label_files, self.seed = list(columns), label_files, seed
+        self.checksums, self.label_checksums = checksums, label_checksums
 
     def get_name(self) -> str:
         return "Shards"
@@ -101,7 +106,9 @@ class ShardDatasource(Datasource):
             label = self.label_files[index] if self.label_files is not None else None
             metadata = BlockMetadata(num_rows=self.entries[index]["rows"], size_bytes=self.entries[index].get("bytes"),
                                      input_files=[self.files[index]], exec_stats=None)
-            read = functools.partial(_read_file, self.files[index], self.columns, label)
+            read = functools.partial(_read_file, self.files[index], self.columns, label,
+                                     self.checksums[index] if self.checksums else None,
+                                     self.label_checksums[index] if self.label_checksums else None)
             tasks.append(ReadTask(read, metadata))
         return tasks
 
@@ -128,12 +135,14 @@ def _read(source: ShardDatasource, num_cpus: float = READ_CPUS) -> ray.data.Data
     return ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=tasks)
 
 
-def _open(data_uri: str, split: str, verify: bool) -> Manifest:
+def _open(data_uri: str, split: str, verify: bool) -> tuple[Manifest, list[str] | None]:
+    """The manifest, and the shards' sha256 for the read tasks to check: none when `verify`
+    is off or the split was verified before (`wsss.datasets.verification`)."""
     manifest = read_manifest(data_uri)
     manifest.rows(split)  # DataError naming the split if it does not exist
-    if verify:
-        verify_checksums(manifest.location, manifest, split)
-    return manifest
+    if not verify or is_verified(manifest, split):
+        return manifest, None
+    return manifest, [entry["sha256"] for entry in manifest.splits[split]["files"]]
 
 
 def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_classes: int,
@@ -143,16 +152,20 @@ def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_clas
     """Augmented training batches (keys of `wsss.methods.base`) streamed from shards.
 
     `label_uri`: pseudo-label shards mirroring the image shards file for file and row
-    for row (columns id, mask); their masks become `target`. `verify`: check every
-    shard's sha256 against its manifest first (reads all bytes once). `map_cpus`,
+    for row (columns id, mask); their masks become `target`. `verify`: each read task
+    checks its shard's sha256, until the split has a verification record. `map_cpus`,
     `read_cpus` and `reserve_cpus` exist for benchmarks/ingest.py, which measured the defaults best."""
-    manifest = _open(data_uri, split, verify)
+    manifest, checksums = _open(data_uri, split, verify)
     if num_classes != manifest.num_classes:
         raise DataError(manifest.location, f"num_classes={num_classes}, but the manifest lists "
                                            f"{manifest.num_classes} foreground classes")
     config = augment.for_labels(label_uri is not None)
-    targets = pseudo_label_files(manifest, _open(label_uri, split, verify), split) if label_uri else None
-    source = ShardDatasource(manifest, split, config.columns(), label_files=targets, seed=config.seed)
+    targets, label_checksums = None, None
+    if label_uri:
+        labels, label_checksums = _open(label_uri, split, verify)
+        targets = pseudo_label_files(manifest, labels, split)
+    source = ShardDatasource(manifest, split, config.columns(), label_files=targets, seed=config.seed,
+                             checksums=checksums, label_checksums=label_checksums)
     rows = _read(source, read_cpus)
     transform = _EpochTransform(TrainTransform(config, num_classes))
     batches = rows.map_batches(transform, batch_format="numpy", batch_size=map_batch_size, num_cpus=map_cpus)
@@ -166,9 +179,9 @@ def train_dataset(data_uri: str, split: str, augment: AugmentConfig, *, num_clas
 def eval_dataset(data_uri: str, split: str, *, with_mask: bool = True, verify: bool = True) -> ray.data.Dataset:
     """Original-size rows: id, image uint8 [H,W,3], mask uint8 [H,W] (255 = void; only
     with `with_mask`, every row must then have one), labels float32 [K] multi-hot."""
-    manifest = _open(data_uri, split, verify)
+    manifest, checksums = _open(data_uri, split, verify)
     transform = EvalTransform(manifest.num_classes, with_mask=with_mask, with_region=has_regions(manifest, split))
-    rows = _read(ShardDatasource(manifest, split, transform.columns()))
+    rows = _read(ShardDatasource(manifest, split, transform.columns(), checksums=checksums))
     return rows.map_batches(transform, batch_format="numpy", batch_size=EVAL_BATCH_SIZE)
 
 

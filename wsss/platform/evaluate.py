@@ -18,9 +18,10 @@ import torch
 
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import check_bucket, join, write_text
+from wsss.datasets.verification import remember_verified
 from wsss.platform.cams import FULL_SCALES, THRESHOLDS, best_threshold, image_tensor, normalized_cams, \
     region_counts, score_at_threshold, threshold_confusions, threshold_predictions
-from wsss.platform.checkpoints import load_method
+from wsss.platform.checkpoints import CHECKPOINT_CHOICES, load_method
 from wsss.ops.crf import dense_crf
 from wsss.platform.data import eval_dataset
 from wsss.platform.metrics import confusion_matrix, cooccurrence_confusion, cooccurring_pairs, \
@@ -71,8 +72,8 @@ def crf_prediction(image: np.ndarray, cams: np.ndarray, labels: np.ndarray, thre
 
 
 def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf_preset,
-                       max_images, num_actors, method_overrides) -> dict[str, np.ndarray]:
-    dataset = eval_dataset(data, split)
+                       max_images, num_actors, method_overrides, verify) -> dict[str, np.ndarray]:
+    dataset = eval_dataset(data, split, verify=verify)
     if max_images:
         dataset = dataset.limit(max_images)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -94,12 +95,16 @@ def _summed_confusions(checkpoint, data, split, scales, flip, crf_threshold, crf
 def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scales=FULL_SCALES,
                         flip: bool = True, crf: bool = False, crf_preset: str = "psa",
                         max_images: int = 0, num_actors: int | None = None, out: str | None = None,
-                        method_overrides: dict | None = None, threshold: float | None = None) -> dict:
+                        method_overrides: dict | None = None, threshold: float | None = None,
+                        choice: str = "best", verify_data: bool = True) -> dict:
     """Full-protocol evaluation; returns (and writes to `out`) the results dict. A bad
     checkpoint, data, output URI, threshold or method override fails before Ray starts
     (joined or started here). `method_overrides` change inference settings, e.g.
     {"lnl.export": "shrink"}; `threshold` scores at that background threshold (one chosen on
-    another split) instead of the split's best."""
+    another split) instead of the split's best. A run directory is evaluated at its `choice`
+    (best or latest) checkpoint, named in the results. `verify_data`: the read tasks check
+    the shards' sha256 until a full pass has recorded them."""
+    checkpoint = CHECKPOINT_CHOICES[choice](checkpoint)
     _, state = load_method(checkpoint, method_overrides=method_overrides)
     manifest = read_manifest(data)
     if threshold is not None:
@@ -111,7 +116,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
     resources = ray.cluster_resources()
     num_actors = num_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)) // 2)
     sweep = _summed_confusions(checkpoint, data, split, scales, flip, None, crf_preset, max_images, num_actors,
-                               method_overrides)
+                               method_overrides, verify_data)
+    if verify_data and not max_images:
+        remember_verified(read_manifest(data), split)
     confusions = sweep["confusion"].reshape(len(THRESHOLDS), len(classes), len(classes))
     scored = best_threshold(confusions) if threshold is None else score_at_threshold(confusions, threshold)
     index = THRESHOLDS.index(scored["threshold"])
@@ -125,7 +132,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
         results.update(region_rates(sweep["regions"].reshape(len(THRESHOLDS), -1)[index]))
     if crf:
         conf = _summed_confusions(checkpoint, data, split, scales, flip, scored["threshold"], crf_preset, max_images,
-                                  num_actors, method_overrides)["confusion"].reshape(len(classes), len(classes))
+                                  num_actors, method_overrides, False)["confusion"].reshape(len(classes), len(classes))
         per_class, mean = miou(conf)
         results["crf"] = {"preset": crf_preset, "miou": mean,
                           "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class]}

@@ -23,6 +23,7 @@ import torch
 
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import canonical, delete_file, join, read_text, write_text
+from wsss.datasets.verification import remember_verified
 from wsss.methods.base import DatasetStats, build_method
 from wsss.platform.checkpoints import check_resumable, load_state, restore, save_checkpoint, start_fresh
 from wsss.platform.config import ConfigError, TrainConfig
@@ -37,6 +38,7 @@ from wsss.platform.tracking import Tracker
 logger = logging.getLogger(__name__)
 DIVERGED_FILE = "diverged.txt"
 CONFIG_FILE = "config.toml"
+CHECKPOINT_SCORE = "checkpoint_score"  # what Ray Train ranks a run's checkpoints by (see report_checkpoint)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -110,12 +112,9 @@ def train_worker(loop_config: dict) -> None:
         if validation is not None and validation.overlays:
             tracker.log_cam_overlays(overlay_predictions(validation.overlays, metrics.get("threshold")),
                                      dataset["classes"], step)
-        with tempfile.TemporaryDirectory() as directory:
-            if rank == 0:
-                save_checkpoint(directory, method, optimizer, epoch=epoch + 1, step=step,
-                                config=config.to_dict(), dataset=dataset, metrics=metrics)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory)
-                             if rank == 0 else None)
+        report_checkpoint(metrics, config, rank, lambda directory: save_checkpoint(
+            directory, method, optimizer, epoch=epoch + 1, step=step, config=config.to_dict(),
+            dataset=dataset, metrics=metrics))
     tracker.finish()
 
 
@@ -125,6 +124,24 @@ def quiet_report_log() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def report_checkpoint(metrics: dict, config: TrainConfig, rank: int, save) -> None:
+    """`ray.train.report` of the epoch's metrics with rank 0's checkpoint, written by `save`
+    into a local directory. Async: Ray uploads it in a thread of its own while the next epoch
+    trains, then deletes the directory. The score Ray keeps checkpoints by is `miou`, and
+    -1 (below any mIoU) in an epoch without one, so an unevaluated checkpoint is never kept
+    as a best (-inf would reach result JSON as the non-standard `-Infinity`)."""
+    metrics = metrics | {CHECKPOINT_SCORE: metrics.get("miou", -1.0)}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    directory = tempfile.mkdtemp(prefix="wsss-checkpoint-")
+    save(directory)
+    upload = ray.train.CheckpointUploadMode.ASYNC if config.checkpoint_upload == "async" \
+        else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                     checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
 
 
 def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchTrainer:
@@ -140,9 +157,9 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
     use_gpu = resolve_use_gpu(config.device)
     datasets = {"train": train_dataset(config.data, config.train_split, augment_config(config),
                                        num_classes=manifest.num_classes,
-                                       label_uri=config.pseudo_labels or None)}
+                                       label_uri=config.pseudo_labels or None, verify=config.verify_data)}
     if config.val_split:
-        datasets["val"] = eval_dataset(config.data, config.val_split)
+        datasets["val"] = eval_dataset(config.data, config.val_split, verify=config.verify_data)
     for dataset in datasets.values():
         quiet_console(dataset.context)  # the epoch lines are the progress; Ray Data's logs stay in its log folder
     rows = manifest.rows(config.train_split)
@@ -176,6 +193,10 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
             # retried requests) stay in its log files: the epoch lines are the output, and a failure
             # that ends the run is raised by fit()
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
+            # Ray deletes the others; the newest is always kept, so a resumed run continues from it
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.keep_checkpoints or None, checkpoint_score_attribute=CHECKPOINT_SCORE,
+                checkpoint_score_order="max"),
             callbacks=list(callbacks)),
         datasets=datasets,
     )
@@ -203,7 +224,21 @@ def fit(config: TrainConfig) -> ray.train.Result:
     if note is not None:
         where = result.checkpoint.path if result.checkpoint else "none (diverged in the first epoch)"
         raise NonFiniteLossError(f"{note}; last good checkpoint: {where}")
+    if config.verify_data and result.metrics.get("epoch", 0) > result.metrics.get("resumed_from_epoch", 0):
+        remember_read_splits(config)
     return result
+
+
+def remember_read_splits(config: TrainConfig) -> None:
+    """Record the splits a finished run read in full, their checksums checked by the read
+    tasks: the training split (and its pseudo-labels) in every epoch, the val split when
+    every val image was evaluated."""
+    manifest = read_manifest(config.data)
+    remember_verified(manifest, config.train_split)
+    if config.pseudo_labels:
+        remember_verified(read_manifest(config.pseudo_labels), config.train_split)
+    if config.val_split and config.eval_every and not config.eval_max_images:
+        remember_verified(manifest, config.val_split)
 
 
 def result_locations(config: TrainConfig, result: ray.train.Result) -> tuple[str, str | None]:

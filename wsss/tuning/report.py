@@ -1,9 +1,10 @@
 """`wsss report`: the comparison table of methods for a paper, with plots, from sweeps and runs.
 
-Reads local directories: Tune sweeps made by `wsss tune` (trial_*/result.json and
-params.json; best.json adds the full-protocol evaluation of the best trial) and Train
-runs made by `wsss train` (checkpoint_*/checkpoint.json, the config in state.pt); a
-directory holding either one level down (a storage_path of many runs) works too.
+Reads directories, local or on cloud storage (s3://, gs://: what it reads is copied to a
+temporary folder first, `mirror.py`): Tune sweeps made by `wsss tune` (trial_*/result.json
+and params.json; best.json adds the full-protocol evaluation of the best trial) and Train
+runs made by `wsss train` (checkpoint_*/checkpoint.json, the config there or in state.pt);
+a directory holding either one level down (a storage_path of many runs) works too.
 
 Table: one row per (method, dataset). Records whose configurations differ only in the
 seed are one configuration; the row shows the configuration with the highest mean
@@ -21,11 +22,13 @@ import csv
 import html
 import json
 import statistics
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from wsss.platform.config import ConfigError
+from wsss.tuning.mirror import mirror
 from wsss.tuning.plots import scatter_png, tile_png
 
 OBJECTIVE = "miou"
@@ -55,18 +58,20 @@ class Record:
     folders: list[Path] = field(default_factory=list)  # where its images may be
 
 
-def collect(paths: list[str]) -> tuple[list[Record], dict[str, list[Record]]]:
-    """Records from every directory, and the trials of each sweep by sweep name."""
+def collect(paths: list[str], scratch: Path | None = None) -> tuple[list[Record], dict[str, list[Record]]]:
+    """Records from every directory, and the trials of each sweep by sweep name. Cloud
+    URIs are copied under `scratch` first (a temporary folder when not given)."""
     records: list[Record] = []
     sweeps: dict[str, list[Record]] = {}
-    for location in paths:
+    for index, location in enumerate(paths):
         if "://" in location:
-            raise ConfigError(f"{location}: wsss report reads local directories; copy it first "
-                              f"(e.g. aws s3 sync {location} ./{Path(location).name})")
-        root = Path(location)
+            scratch = scratch or Path(tempfile.mkdtemp(prefix="wsss-report-"))
+            root = mirror(location, scratch / str(index) / location.rstrip("/").rsplit("/", 1)[-1])
+        else:
+            root = Path(location)
         if not root.is_dir():
             raise ConfigError(f"{location}: no such directory")
-        found = 0
+        first, found = len(records), 0
         for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
             if list(folder.glob("trial_*/result.json")):
                 trials = read_sweep(folder)
@@ -81,6 +86,9 @@ def collect(paths: list[str]) -> tuple[list[Record], dict[str, list[Record]]]:
         if not found:
             raise ConfigError(f"{location}: holds no sweep (trial_*/result.json) and no run "
                               f"(checkpoint_*/checkpoint.json), nor one a level down")
+        if "://" in location:  # name runs by their URI, not the local copy
+            for record in records[first:]:
+                record.source = record.source.replace(str(root), location.rstrip("/"), 1)
     return records, sweeps
 
 
@@ -116,12 +124,14 @@ def read_run(folder: Path) -> Record:
     history = [i["metrics"][OBJECTIVE] for i in infos if OBJECTIVE in i.get("metrics", {})]
     if not history:
         raise ConfigError(f"{folder}: its checkpoints hold no {OBJECTIVE!r} (trained without val_split?)")
-    # mmap: read the config without loading the weights
-    state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=False, mmap=True)
-    config = state["config"]
+    if "config" in infos[-1]:
+        config, dataset = infos[-1]["config"], infos[-1].get("dataset", "?")
+    else:  # checkpoints from before checkpoint.json recorded the config; mmap: not the weights
+        state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+        config, dataset = state["config"], state["dataset"].get("name", "?")
     evaluation = _json(folder / "results.json") or {}  # `wsss evaluate --out RUN_DIR`
     return Record(
-        method=config["method"], dataset=state["dataset"].get("name", "?"), seed=config.get("seed", 0),
+        method=config["method"], dataset=dataset, seed=config.get("seed", 0),
         params=_shown_params(config), configuration=_identity(_configuration(config)),
         miou=history[-1], history=history, source=str(folder), name=folder.name,
         full_miou=evaluation.get(OBJECTIVE), folders=[folder])
@@ -258,12 +268,13 @@ def comparison_report(markdown: str, *, project: str, entity: str, run_name: str
 
 
 def make_report(paths: list[str], out: str, wandb_project: str = "wsss") -> dict:
-    records, sweeps = collect(paths)
-    rows = comparison_rows(records)
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_tables(rows, records, directory)
-    plots = write_plots(sweeps, rows, directory)
+    with tempfile.TemporaryDirectory(prefix="wsss-report-") as scratch:  # copies of cloud folders
+        records, sweeps = collect(paths, Path(scratch))
+        rows = comparison_rows(records)
+        directory = Path(out)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_tables(rows, records, directory)
+        plots = write_plots(sweeps, rows, directory)
     return {"rows": len(rows), "records": len(records), "out": str(directory),
             "plots": [str(p) for p in plots],
             "wandb": log_to_wandb(rows, plots, wandb_project, (directory / "table.md").read_text())}

@@ -109,7 +109,7 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
 
 def run_trial(params: dict, base: dict, train_storage: str) -> None:
     """One Tune trial: a Train V2 run of the base config with this trial's overrides."""
-    from wsss.platform.train import make_trainer
+    from wsss.platform.train import make_trainer, remember_read_splits
 
     overrides = {k: v for k, v in params.items() if k != "run"}
     # The trial's name is its Tune id, so a trial restarted by --resume continues its Train
@@ -122,6 +122,8 @@ def run_trial(params: dict, base: dict, train_storage: str) -> None:
         tune.report(finished)
         return
     make_trainer(config, callbacks=[ObjectiveReport()]).fit()
+    if config.verify_data:  # later trials read the shards without checking them again
+        remember_read_splits(config)
 
 
 def finished_run_metrics(run_dir: str, epochs: int) -> dict | None:
