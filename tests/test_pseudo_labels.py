@@ -193,7 +193,7 @@ def test_a_new_writer_sweeps_what_a_killed_job_left(shards, tmp_path):
                 writer.write(index, *ground_truth_rows(uri))
             writer.publish({})
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".staging-mine"]
-    verify_checksums(str(out), read_manifest(str(out)), "train")
+    verify_checksums(read_manifest(str(out)), "train")
 
 
 # ---- ground truth as label shards (the fully supervised upper bound) ------------------------

@@ -20,6 +20,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import re
 import uuid
 from collections import Counter
@@ -36,6 +37,7 @@ from pyarrow import fs as pafs
 from wsss.datasets.base import DataError, DatasetInfo, DatasetReader, Sample
 from wsss.datasets.storage import canonical, check_bucket, join, resolve
 
+logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SCHEMA = pa.schema([
@@ -89,7 +91,12 @@ class Manifest:
 
     def files(self, split: str) -> list[str]:
         """The split's shards as full URIs or paths, in manifest order."""
-        return [join(self.location, entry["path"]) for entry in self._split(split)["files"]]
+        return [self.shard(entry["path"]) for entry in self._split(split)["files"]]
+
+    def shard(self, relative: str) -> str:
+        """The full URI or path of the shard the manifest lists as `relative`: the one place
+        a manifest entry becomes a location, for reading, checksums and deletion alike."""
+        return shard_location(self.location, relative)
 
     def rows(self, split: str) -> int:
         return self._split(split)["rows"]
@@ -104,6 +111,28 @@ class Manifest:
             raise DataError(join(self.location, MANIFEST_NAME),
                             f"unknown split: {split!r}; the manifest has {', '.join(self.splits) or 'none'}")
         return self.splits[split]
+
+
+def shard_location(location: str, relative: str) -> str:
+    """`relative` (a manifest entry) inside the dataset folder `location`; DataError naming
+    the manifest and the entry if it could point outside the folder."""
+    problem = _outside_problem(relative)
+    if problem:
+        raise DataError(join(location, MANIFEST_NAME), f"invalid manifest: shard path {relative!r} {problem}")
+    return join(location, relative)
+
+
+def _outside_problem(relative: object) -> str | None:
+    """Why a manifest's shard path could name a file outside its dataset folder, or None."""
+    if not isinstance(relative, str) or not relative:
+        return "is not a relative path"
+    if ":" in relative:
+        return "is a URI or a drive path; shard paths are relative to the manifest's folder"
+    if relative.startswith(("/", "\\")):
+        return "is absolute; shard paths are relative to the manifest's folder"
+    if any(part in ("", ".", "..") for part in relative.replace("\\", "/").split("/")):
+        return "has an empty, '.' or '..' segment; shard paths stay inside the manifest's folder"
+    return None
 
 
 def image_labels(manifest: Manifest, split: str) -> np.ndarray:
@@ -158,17 +187,21 @@ def _check_manifest(name: str, data: object) -> None:
             complete = False
         if not complete:
             raise DataError(name, f"invalid manifest: split {split!r} needs files with path, rows and sha256")
+        for file in files:
+            problem = _outside_problem(file["path"])
+            if problem:
+                raise DataError(name, f"invalid manifest: split {split!r} shard path {file['path']!r} {problem}")
         if rows != entry.get("rows"):
             raise DataError(name, f"invalid manifest: split {split!r} says {entry.get('rows')} rows, its files {rows}")
 
 
-def verify_checksums(uri: str, manifest: Manifest, split: str) -> None:
+def verify_checksums(manifest: Manifest, split: str) -> None:
     """DataError naming the first shard of `split` whose bytes differ from the manifest."""
-    fs, root = resolve(uri)
     for entry in manifest._split(split)["files"]:
-        name = join(uri, entry["path"])
+        name = manifest.shard(entry["path"])
+        fs, path = resolve(name)
         try:
-            digest, _ = _sha256(fs, f"{root}/{entry['path']}")
+            digest, _ = _sha256(fs, path)
         except OSError as error:
             raise DataError(name, f"shard missing: listed in the manifest but unreadable ({error})") from None
         if digest != entry["sha256"]:
@@ -234,7 +267,7 @@ class DatasetPublisher:
         _delete_file(self.fs, f"{self.root}/{MANIFEST_NAME}")  # from here on the old dataset is gone
         for entry in manifest.splits.values():
             for file in entry["files"]:
-                target = f"{self.root}/{file['path']}"
+                target = resolve(shard_location(self.location, file["path"]))[1]
                 self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
                 self.fs.move(f"{self.staging}/{file['path']}", target)
                 self._placed.append(target)
@@ -357,13 +390,14 @@ def _skip_summary(reader: DatasetReader) -> dict:
 
 
 def _listed_files(location: str) -> list[str]:
-    """Paths (inside the filesystem) of the shards an existing manifest lists; none if unreadable."""
+    """Paths (inside the filesystem) of the shards an existing manifest lists, all inside
+    `location`; none if the manifest is unreadable or names a file outside it."""
     try:
         manifest = read_manifest(location)
-    except DataError:
+    except DataError as error:
+        logger.warning("%s; none of the files it lists is deleted", error)
         return []
-    root = resolve(location)[1]
-    return [f"{root}/{file['path']}" for entry in manifest.splits.values() for file in entry["files"]]
+    return [resolve(manifest.shard(file["path"]))[1] for entry in manifest.splits.values() for file in entry["files"]]
 
 
 def _delete_file(fs: pafs.FileSystem, path: str) -> None:

@@ -172,9 +172,10 @@ class CSRMNetwork(nn.Module):
 
 def load_stage1_weights(network: CSRMNetwork, checkpoint: str) -> None:
     """Backbone and classifier from any stage-1 method's wsss checkpoint (Sec. 3.2.6)."""
-    from wsss.platform.checkpoints import latest_checkpoint, load_state
+    from wsss.platform.checkpoints import load_latest
 
-    state = load_state(latest_checkpoint(checkpoint))["method"]
+    _, state = load_latest(checkpoint)
+    state = state["method"]
     wanted = {k for k in network.state_dict() if k.startswith(("backbone.", "classifier."))}
     picked = {k.removeprefix("network."): v for k, v in state.items() if k.removeprefix("network.") in wanted}
     if set(picked) != wanted:

@@ -128,7 +128,7 @@ def _open(data_uri: str, split: str, verify: bool) -> Manifest:
     manifest = read_manifest(data_uri)
     manifest.rows(split)  # DataError naming the split if it does not exist
     if verify:
-        verify_checksums(manifest.location, manifest, split)
+        verify_checksums(manifest, split)
     return manifest
 
 

@@ -109,7 +109,7 @@ def read_sweep(folder: Path) -> list[Record]:
 
 
 def read_run(folder: Path) -> Record:
-    import torch
+    from wsss.platform.checkpoints import load_state  # torch: only when a run is read
 
     checkpoints = sorted(p.parent for p in folder.glob("checkpoint_*/checkpoint.json"))
     infos = [_json(p / "checkpoint.json") for p in checkpoints]
@@ -117,7 +117,7 @@ def read_run(folder: Path) -> Record:
     if not history:
         raise ConfigError(f"{folder}: its checkpoints hold no {OBJECTIVE!r} (trained without val_split?)")
     # mmap: read the config without loading the weights
-    state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+    state = load_state(str(checkpoints[-1]), mmap=True)
     config = state["config"]
     evaluation = _json(folder / "results.json") or {}  # `wsss evaluate --out RUN_DIR`
     return Record(
