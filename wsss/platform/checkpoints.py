@@ -26,7 +26,7 @@ import torch
 from pyarrow.fs import FileSelector, FileType
 
 from wsss.datasets.base import DataError
-from wsss.datasets.storage import join, resolve
+from wsss.datasets.storage import join, resolve, write_text
 from wsss.methods.base import build_method
 from wsss.platform.config import ConfigError
 
@@ -46,15 +46,19 @@ def save_checkpoint(directory: str | Path, method, optimizer, *, epoch: int, ste
     """Write the checkpoint files into `directory` (rank 0 only): `state.pt`, then
     `checkpoint.json`, whose presence marks the checkpoint complete."""
     directory = Path(directory)
-    torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "step": step, "config": config, "dataset": dataset,
-                "torch_rng": torch.get_rng_state(),
-                # dropout on a GPU draws from the device's own generator
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               directory / STATE_FILE)
     info = {"epoch": epoch, "step": step, "metrics": metrics or {},
             **{key: config[key] for key in MODEL_KEYS}}
-    (directory / INFO_FILE).write_text(json.dumps(info, indent=2, default=float))
+    try:
+        torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "step": step, "config": config, "dataset": dataset,
+                    "torch_rng": torch.get_rng_state(),
+                    # dropout on a GPU draws from the device's own generator
+                    "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   directory / STATE_FILE)
+        write_text(str(directory / INFO_FILE), json.dumps(info, indent=2, default=float))
+    except BaseException:  # a full disk, an interrupt: leave no half of a checkpoint
+        (directory / STATE_FILE).unlink(missing_ok=True)
+        raise
 
 
 def load_state(checkpoint: str | Path, *, mmap: bool = False) -> dict:
@@ -163,7 +167,7 @@ def check_resumable(run: str, config: dict) -> bool:
         try:
             with filesystem.open_input_stream(f"{path}/{name}/{INFO_FILE}") as stream:
                 recorded = json.loads(stream.read())
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):
             continue  # an upload cut short; Train resumes from an earlier one
         for key in MODEL_KEYS:
             if key in recorded and recorded[key] != config[key]:
