@@ -429,3 +429,21 @@ def test_prepare_overwrite_never_deletes_a_file_an_old_manifest_points_outside_t
     assert victim.read_text() == "keep me"
     assert "'../victim.txt'" in caplog.text and "none of the files it lists is deleted" in caplog.text
     assert read_manifest(str(out)).rows("train") > 0
+
+
+@pytest.mark.parametrize("change, problem", [
+    (dict(mask=np.full((12, 16), 50, np.uint8)), "bad mask: value 50, expected classes 0..2 or 255"),
+    (dict(labels=(-1,)), r"bad labels \[-1\]: expected sorted distinct classes 1..2"),
+    (dict(labels=(0, 1)), r"bad labels \[0, 1\]"),
+    (dict(labels=(2, 1)), r"bad labels \[2, 1\]"),
+    (dict(labels=(3,)), r"bad labels \[3\]"),
+    (dict(mask=np.zeros((12, 15), np.uint8)), r"bad mask: shape \[12, 15\], the image is 12x16"),
+])
+def test_write_shards_refuses_values_no_class_has_naming_the_sample(tmp_path, change, problem):
+    import dataclasses
+
+    bad = dataclasses.replace(tiny_sample(3), **change)
+    reader = ListReader({"train": [tiny_sample(i) for i in range(3)] + [bad]})
+    with pytest.raises(DataError, match=problem) as error:
+        write_shards(reader, str(tmp_path / "out"))
+    assert error.value.path == "img003" and not (tmp_path / "out").exists()

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pyarrow import fs as pafs
 
-from wsss.datasets.base import DataError, DatasetInfo, DatasetReader, Sample
+from wsss.datasets.base import IGNORE_INDEX, DataError, DatasetInfo, DatasetReader, Sample
 from wsss.datasets.storage import canonical, check_bucket, join, resolve
 
 logger = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | No
         entries = {}
         for split in splits:
             entries[split] = _stage_split(publisher.fs, publisher.staging, split, reader.samples(split),
-                                          rows_per_file, rows_per_group)
+                                          rows_per_file, rows_per_group, num_classes=len(reader.info.classes) - 1)
             if not entries[split]["rows"]:
                 raise DataError(f"{reader.info.name} split {split!r}", "no samples: nothing valid to write")
         info = reader.info
@@ -334,13 +334,14 @@ def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | No
 
 
 def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterator[Sample],
-                 rows_per_file: int, rows_per_group: int) -> dict:
+                 rows_per_file: int, rows_per_group: int, num_classes: int) -> dict:
     fs.create_dir(f"{staging}/{split}", recursive=True)
     samples = iter(samples)
     names, counts = [], []
     while (first := next(samples, None)) is not None:
         names.append(f"{split}/part-{len(names):05d}.parquet")
-        rows = map(_row, itertools.chain([first], itertools.islice(samples, rows_per_file - 1)))
+        rows = (_row(sample, num_classes)
+                for sample in itertools.chain([first], itertools.islice(samples, rows_per_file - 1)))
         counts.append(_write_parquet(fs, f"{staging}/{names[-1]}", rows, rows_per_group))
     if len(names) == 1 and counts[0] >= 2:
         table = pq.read_table(f"{staging}/{names[0]}", filesystem=fs, schema=SCHEMA)
@@ -355,10 +356,30 @@ def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterato
     return {"rows": sum(counts), "files": files}
 
 
-def _row(sample: Sample) -> dict:
+def _row(sample: Sample, num_classes: int) -> dict:
+    _check_sample(sample, num_classes)
     return {"id": sample.id, "image": sample.image,
             "mask": None if sample.mask is None else encode_mask(sample.mask),
             "labels": list(sample.labels), "height": sample.height, "width": sample.width}
+
+
+def _check_sample(sample: Sample, num_classes: int) -> None:
+    """DataError naming the sample if its labels or mask hold values no class has: a reader
+    bug that would otherwise surface as a wrong loss, or an index error mid-training."""
+    labels = list(sample.labels)
+    if any(not isinstance(label, (int, np.integer)) or not 1 <= label <= num_classes for label in labels) \
+            or labels != sorted(set(labels)):
+        raise DataError(sample.id, f"bad labels {labels}: expected sorted distinct classes 1..{num_classes}")
+    if sample.mask is None:
+        return
+    mask = np.asarray(sample.mask)
+    if mask.shape != (sample.height, sample.width):
+        raise DataError(sample.id, f"bad mask: shape {list(mask.shape)}, the image is "
+                                   f"{sample.height}x{sample.width}")
+    bad = mask[(mask > num_classes) & (mask != IGNORE_INDEX)]
+    if bad.size:
+        raise DataError(sample.id, f"bad mask: value {int(bad[0])}, expected classes 0..{num_classes} "
+                                   f"or {IGNORE_INDEX} (ignore)")
 
 
 def _write_parquet(fs: pafs.FileSystem, path: str, rows: Iterable[dict], rows_per_group: int) -> int:
