@@ -550,6 +550,7 @@ def test_starts_backbone_and_classifier_from_a_cam_checkpoint(tmp_path):
     start = tmp_path / "cam-run" / "checkpoint_000004"  # a run directory: its newest checkpoint
     start.mkdir(parents=True)
     torch.save({"method": cam.state_dict()}, start / "state.pt")
+    (start / "checkpoint.json").write_text("{}")  # written last: the checkpoint is complete
     method = make_method(init_checkpoint=str(tmp_path / "cam-run"))
     assert not torch.equal(method.network.classifier.weight, cam.network.classifier.weight), "read at start only"
     method.on_fresh_start()

@@ -113,6 +113,7 @@ def test_csrm_starts_from_a_cam_run_and_resumes_after_that_run_is_gone(ray_local
     cam_run = tmp_path / "cam-run"
     (cam_run / "checkpoint_000001").mkdir(parents=True)
     torch.save({"method": cam.state_dict()}, cam_run / "checkpoint_000001" / "state.pt")
+    (cam_run / "checkpoint_000001" / "checkpoint.json").write_text("{}")  # written last: complete
     config = tiny(shards, tmp_path, method="csrm", name="csrm", epochs=1, batch_size=4, lr=1e-9, eval_every=0,
                   wandb="disabled").with_overrides({"csrm.init_checkpoint": str(cam_run), "csrm.crf_workers": 0})
     state = load_state(fit(config).checkpoint.path)["method"]
