@@ -325,7 +325,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--space", help="TOML or JSON file narrowing or replacing parameters")
     parser.add_argument("--scheduler", default="asha", help="asha | none")
     parser.add_argument("--concurrency", type=int, help="max trials at once (default: what fits)")
-    parser.add_argument("--resume", action="store_true", help="continue the sweep --name")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the sweep --name (unpickles its Ray/Optuna state: trusted storage only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
     parser.add_argument("--storage-path", help="local directory or URI for the sweep (default: runs)")
     parser.add_argument("--name", help="sweep name (default: tune-METHOD-TIME)")
