@@ -337,3 +337,15 @@ def test_target_view_needs_pseudo_labels():
     with pytest.raises(ValueError, match="label_uri"):
         AugmentConfig(views={"target"}).for_labels(False)
     assert "target" in AugmentConfig().for_labels(True).views
+
+
+def test_a_16_bit_image_in_a_shard_is_refused_not_clipped():
+    """Shards that `wsss prepare` did not check (written by other tools): the mode alone
+    tells, so the check costs nothing per step."""
+    from wsss.datasets.augment import decode_image
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(80, dtype=np.uint16) * 800).reshape(8, 10)).save(buffer, format="PNG")
+    with pytest.raises(DataError, match="unsupported image: mode I;16") as error:
+        decode_image(buffer.getvalue(), "img-16bit", 8, 10)
+    assert error.value.path == "img-16bit"

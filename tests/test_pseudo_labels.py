@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from tests.ray_state import alive_actors, all_cpus_free
 from wsss.cli import build_parser
@@ -118,8 +119,8 @@ def test_bad_settings_name_the_value(values, message):
 def test_checkpoint_threshold_comes_from_checkpoint_json(tmp_path):
     checkpoint = tmp_path / "run" / "checkpoint_000001"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "state.pt").write_bytes(b"")
-    assert checkpoint_threshold(str(tmp_path / "run")) is None  # no checkpoint.json
+    torch.save({}, checkpoint / "state.pt")
+    assert checkpoint_threshold(str(tmp_path / "run")) is None  # no checkpoint.json: incomplete
     (checkpoint / "checkpoint.json").write_text(json.dumps({"metrics": {"miou": 0.4, "threshold": 0.35}}))
     assert checkpoint_threshold(str(tmp_path / "run")) == 0.35
     assert checkpoint_threshold(str(checkpoint)) == 0.35
@@ -209,7 +210,7 @@ def test_a_new_writer_sweeps_what_a_killed_job_left(shards, tmp_path):
                 writer.write(index, *ground_truth_rows(uri))
             writer.publish({})
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".staging-mine"]
-    verify_checksums(str(out), read_manifest(str(out)), "train")
+    verify_checksums(read_manifest(str(out)), "train")
 
 
 # ---- ground truth as label shards (the fully supervised upper bound) ------------------------

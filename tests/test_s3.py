@@ -104,10 +104,15 @@ def test_prepare_train_resume_and_evaluate_on_s3(s3_env, s3, tmp_path, capsys):
     epoch_one = checkpoint_dirs(s3, f"{BUCKET}/runs/s3run")
     assert [f"s3://{path}" for path in epoch_one] == [first["checkpoint"]]
 
-    # The same name and storage_path again, with more epochs: continues from S3.
+    # An upload cut short (the server stopped): state.pt there, checkpoint.json never written.
+    cut = f"{BUCKET}/runs/s3run/checkpoint_2999-01-01_00-00-00.000000"
+    s3.copy_file(f"{epoch_one[0]}/state.pt", f"{cut}/state.pt")
+
+    # The same name and storage_path again, with more epochs: continues from S3, from the
+    # last complete checkpoint.
     second = wsss([*train, "epochs=2", "--json"], s3_env, tmp_path)
     assert second["metrics"]["epoch"] == 2 and second["metrics"]["resumed_from_epoch"] == 1
-    checkpoints = checkpoint_dirs(s3, f"{BUCKET}/runs/s3run")
+    checkpoints = [path for path in checkpoint_dirs(s3, f"{BUCKET}/runs/s3run") if path != cut]
     assert len(checkpoints) == 2 and checkpoints[0] == epoch_one[0]
     assert f"s3://{checkpoints[1]}" == second["checkpoint"]
     info = read_json(s3, f"{checkpoints[1]}/checkpoint.json")
@@ -159,6 +164,37 @@ def test_evaluate_names_a_missing_checkpoint_uri(s3, capsys):
     assert main(["evaluate", "--checkpoint", checkpoint, "--data", f"s3://{BUCKET}/shards"]) == 2
     assert f"{checkpoint}: neither a checkpoint nor a run directory" in capsys.readouterr().err
     assert ray.is_initialized() == ray_was_running
+
+
+def test_a_checkpoint_whose_upload_was_cut_is_never_loaded(s3, tmp_path, caplog):
+    """The server stopped mid-upload: the newest folder holds half a state.pt, or a whole one
+    without its checkpoint.json (written last). Loading the run takes the complete one."""
+    from wsss.platform.checkpoints import load_method, save_checkpoint
+    from wsss.platform.config import TrainConfig
+
+    config = TrainConfig(method="cam", data="x", backbone="resnet18", backbone_weights="none")
+    cam = build_method("cam", 2, config.sections, config.backbone_config)
+    optimizer = torch.optim.SGD(cam.parameters(), lr=0.1)
+    run = f"s3://{BUCKET}/runs/cut"
+    for epoch in (1, 2, 3):
+        local = tmp_path / f"epoch{epoch}"
+        local.mkdir()
+        save_checkpoint(local, cam, optimizer, epoch=epoch, step=epoch, config=config.to_dict(),
+                        dataset={"classes": ["background", "a", "b"]})
+        for name in ("state.pt", "checkpoint.json"):
+            data = (local / name).read_bytes()
+            if epoch == 3 and name == "checkpoint.json":
+                continue  # epoch 3: the upload stopped before its last file
+            if epoch == 2 and name == "state.pt":
+                data = data[:len(data) // 2]  # epoch 2: the upload stopped inside state.pt
+            with s3.open_output_stream(f"{BUCKET}/runs/cut/checkpoint_00000{epoch}/{name}") as stream:
+                stream.write(data)
+    with caplog.at_level(logging.WARNING, logger="wsss.platform.checkpoints"):
+        assert latest_checkpoint(run) == f"{run}/checkpoint_000001"
+        _, state = load_method(run)
+    assert state["epoch"] == 1
+    assert f"skipping checkpoint {run}/checkpoint_000003: no checkpoint.json" in caplog.text
+    assert f"skipping checkpoint {run}/checkpoint_000002: state.pt is incomplete" in caplog.text
 
 
 def test_init_from_reads_a_cam_run_on_s3(s3):

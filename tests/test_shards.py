@@ -171,7 +171,7 @@ def test_row_groups_are_small(tmp_path):
 
 def test_checksum_mismatch_and_missing_shard_name_the_shard(tmp_path):
     manifest = write_shards(tiny_reader(), str(tmp_path))
-    verify_checksums(str(tmp_path), manifest, "train")
+    verify_checksums(manifest, "train")
     shard = manifest.files("train")[1]
     with open(shard, "r+b") as file:  # flip one byte in the middle
         file.seek(os.path.getsize(shard) // 2)
@@ -179,11 +179,11 @@ def test_checksum_mismatch_and_missing_shard_name_the_shard(tmp_path):
         file.seek(-1, os.SEEK_CUR)
         file.write(bytes([byte ^ 0xFF]))
     with pytest.raises(DataError, match="checksum mismatch") as error:
-        verify_checksums(str(tmp_path), manifest, "train")
+        verify_checksums(manifest, "train")
     assert error.value.path == shard
     os.remove(manifest.files("val")[0])
     with pytest.raises(DataError, match="shard missing") as error:
-        verify_checksums(str(tmp_path), manifest, "val")
+        verify_checksums(manifest, "val")
     assert error.value.path == manifest.files("val")[0]
 
 
@@ -244,7 +244,7 @@ def test_a_killed_writer_leaves_staging_that_the_next_write_sweeps(tmp_path):
     assert files_under(out) == sorted(["manifest.json", *(entry["path"] for split in manifest.splits.values()
                                                           for entry in split["files"])])
     for split in manifest.splits:
-        verify_checksums(str(out), manifest, split)
+        verify_checksums(manifest, split)
 
 
 def test_existing_manifest_needs_overwrite_and_stale_shards_go(tmp_path):
@@ -267,7 +267,7 @@ def test_failed_overwrite_keeps_the_old_dataset(tmp_path):
                      overwrite=True)
     assert read_manifest(str(tmp_path)) == old
     for split in old.splits:
-        verify_checksums(str(tmp_path), old, split)
+        verify_checksums(old, split)
     assert len(files_under(tmp_path)) == 1 + sum(len(old.files(split)) for split in old.splits)
 
 
@@ -289,7 +289,7 @@ def test_file_uri_and_relative_paths(tmp_path, monkeypatch):
     assert manifest.files("train")[0] == f"{uri}/train/part-00000.parquet"
     assert pq.read_table(manifest.files("train")[0]).num_rows == manifest.splits["train"]["files"][0]["rows"]
     assert read_manifest(uri) == manifest
-    verify_checksums(uri, manifest, "train")
+    verify_checksums(manifest, "train")
     assert_rows_equal_samples(read_back(manifest, "val"), tiny_reader().by_split["val"])
 
     monkeypatch.chdir(tmp_path)
@@ -393,3 +393,57 @@ def test_prepare_checks_arguments_before_any_work(tmp_path):
     with pytest.raises(DataError, match="manifest exists"):  # checked before the (absent) root is read
         prepare("coco", tmp_path / "absent", out)
     assert prepare("coco", root, out, skip_invalid=True, overwrite=True).rows("val") == 5
+
+
+@pytest.mark.parametrize("entry, problem", [("../outside.parquet", "'..' segment"),
+                                            ("train/../../outside.parquet", "'..' segment"),
+                                            ("/etc/passwd", "is absolute"),
+                                            ("s3://other-bucket/part.parquet", "is a URI"),
+                                            ("train//part.parquet", "empty")])
+def test_a_manifest_entry_outside_its_folder_is_refused_when_read(tmp_path, entry, problem):
+    out = tmp_path / "data"
+    write_shards(tiny_reader(), str(out))
+    (tmp_path / "outside.parquet").write_bytes((out / "train" / "part-00000.parquet").read_bytes())
+    crafted = json.loads((out / "manifest.json").read_text())
+    shard = crafted["splits"]["train"]["files"][0]
+    shard["path"] = entry
+    shard["sha256"] = hashlib.sha256((tmp_path / "outside.parquet").read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(crafted))
+    with pytest.raises(DataError, match=f"shard path '{entry}' .*{problem}") as error:
+        read_manifest(str(out))
+    assert error.value.path == str(out / "manifest.json")
+
+
+def test_prepare_overwrite_never_deletes_a_file_an_old_manifest_points_outside_to(tmp_path, caplog):
+    from wsss.cli import main
+
+    root, out = write_coco_tree(tmp_path / "coco"), tmp_path / "out"
+    assert main(["prepare", "coco", "--root", str(root), "--out", str(out), "--skip-invalid"]) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    crafted = json.loads((out / "manifest.json").read_text())
+    crafted["splits"]["train"]["files"].append({"path": "../victim.txt", "rows": 0, "bytes": 7,
+                                                "sha256": hashlib.sha256(b"keep me").hexdigest()})
+    (out / "manifest.json").write_text(json.dumps(crafted))
+    assert main(["prepare", "coco", "--root", str(root), "--out", str(out), "--skip-invalid", "--overwrite"]) == 0
+    assert victim.read_text() == "keep me"
+    assert "'../victim.txt'" in caplog.text and "none of the files it lists is deleted" in caplog.text
+    assert read_manifest(str(out)).rows("train") > 0
+
+
+@pytest.mark.parametrize("change, problem", [
+    (dict(mask=np.full((12, 16), 50, np.uint8)), "bad mask: value 50, expected classes 0..2 or 255"),
+    (dict(labels=(-1,)), r"bad labels \[-1\]: expected sorted distinct classes 1..2"),
+    (dict(labels=(0, 1)), r"bad labels \[0, 1\]"),
+    (dict(labels=(2, 1)), r"bad labels \[2, 1\]"),
+    (dict(labels=(3,)), r"bad labels \[3\]"),
+    (dict(mask=np.zeros((12, 15), np.uint8)), r"bad mask: shape \[12, 15\], the image is 12x16"),
+])
+def test_write_shards_refuses_values_no_class_has_naming_the_sample(tmp_path, change, problem):
+    import dataclasses
+
+    bad = dataclasses.replace(tiny_sample(3), **change)
+    reader = ListReader({"train": [tiny_sample(i) for i in range(3)] + [bad]})
+    with pytest.raises(DataError, match=problem) as error:
+        write_shards(reader, str(tmp_path / "out"))
+    assert error.value.path == "img003" and not (tmp_path / "out").exists()

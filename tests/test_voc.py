@@ -186,6 +186,34 @@ def rgb_mask(voc, sbd):
     return "train", path, "bad mask: mode RGB"
 
 
+def sixteen_bit_image(voc, sbd):
+    from PIL import Image
+
+    path = voc.root / "JPEGImages" / f"{VOC_TRAIN[1]}.jpg"
+    height, width = voc.sizes[VOC_TRAIN[1]]
+    levels = (np.arange(height * width).reshape(height, width) % 80 * 800).astype(np.uint16)  # 80 values
+    Image.fromarray(levels).save(path, format="PNG")  # what 8-bit RGB would clip to 2 values
+    return "train", path, "unsupported image: mode I;16"
+
+
+def transparent_image(voc, sbd):
+    from PIL import Image
+
+    path = voc.root / "JPEGImages" / f"{VOC_VAL[0]}.jpg"
+    image = Image.open(path).convert("RGBA")
+    image.putpixel((0, 0), (10, 20, 30, 0))
+    image.save(path, format="PNG")
+    return "val", path, "unsupported image: mode RGBA with transparent pixels"
+
+
+def sixteen_bit_mask(voc, sbd):
+    from PIL import Image
+
+    path = voc.root / "SegmentationClass" / f"{VOC_TRAIN[0]}.png"
+    Image.fromarray(voc.masks[VOC_TRAIN[0]].astype(np.uint16) * 300).save(path)
+    return "train", path, "bad mask: mode I;16"
+
+
 def corrupt_sbd_mat(voc, sbd):
     path = sbd.root / "dataset" / "cls" / f"{DETECTION_ONLY[2]}.mat"
     path.write_bytes(b"MATLAB 5.0 MAT-file" + bytes(10))
@@ -226,7 +254,7 @@ def mask_without_foreground(voc, sbd):
 
 BAD_INPUTS = [corrupt_image, truncated_image, missing_image, missing_mask, missing_mask_in_train_aug,
               mask_size_differs, mask_values_out_of_range, sbd_mask_values_out_of_range, rgb_mask,
-              corrupt_sbd_mat, sbd_mat_without_gtcls, unknown_class_in_xml, malformed_xml,
+              sixteen_bit_image, transparent_image, sixteen_bit_mask, corrupt_sbd_mat, sbd_mat_without_gtcls, unknown_class_in_xml, malformed_xml,
               xml_without_objects, mask_without_foreground]
 
 
@@ -321,3 +349,23 @@ def test_voc_tree_masks_have_void_borders_and_sbd_masks_none(voc, sbd):
     assert not any((m == 255).any() for m in sbd.masks.values())
     mat = scipy.io.loadmat(sbd.root / "dataset" / "cls" / f"{NO_XML}.mat")
     assert mat["GTcls"].dtype.names == ("Boundaries", "Segmentation", "CategoriesPresent")
+
+
+def test_images_that_read_as_rgb_exactly_are_kept_byte_for_byte(voc):
+    """Grayscale, palette and all-opaque RGBA images convert to RGB without loss, as
+    training decodes them: their shards keep the original bytes."""
+    from PIL import Image
+
+    from wsss.datasets.augment import decode_image
+
+    originals = {}
+    for image_id, mode in zip(VOC_TRAIN, ("L", "P", "RGBA")):
+        path = voc.root / "JPEGImages" / f"{image_id}.jpg"
+        rgb = Image.open(path).convert("RGB")
+        rgb = rgb.convert("L").convert("RGB") if mode == "L" else rgb
+        rgb.convert(mode).save(path, format="PNG")
+        originals[image_id] = (path.read_bytes(), np.asarray(rgb.convert(mode).convert("RGB")))
+    samples = {s.id: s for s in VOCReader(voc.root).samples("train")}
+    for image_id, (data, pixels) in originals.items():
+        assert samples[image_id].image == data
+        np.testing.assert_array_equal(np.asarray(decode_image(data, image_id)), pixels)

@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="TOML or JSON file narrowing or replacing parameters")
     p.add_argument("--scheduler", default="asha", choices=("asha", "none"), help="trial scheduler")
     p.add_argument("--concurrency", type=int, help="max trials at once (default: what fits)")
-    p.add_argument("--resume", action="store_true", help="continue the sweep --name (under storage_path=...)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep --name (under storage_path=...; unpickles its Ray/Optuna "
+                        "state: trusted storage only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
     p.add_argument("--name", help="sweep name (default: tune-METHOD-TIME)")
     p.add_argument("--study-storage", help="Optuna storage URL (default: SQLite in the sweep)")

@@ -34,6 +34,7 @@ from PIL import Image
 from wsss.datasets.base import IGNORE_INDEX, DataError
 from wsss.datasets.photometric import color_jitter, strong_photometric
 from wsss.datasets.shards import decode_mask
+from wsss.datasets.voc import ALPHA_MODES, RGB_EXACT_MODES
 
 OPTIONAL_VIEWS = frozenset({"strong", "mask", "target"})
 
@@ -93,9 +94,14 @@ def decode_image(data: bytes, sample_id: str, height: int | None = None, width: 
     """Original image bytes -> RGB PIL image, checked against the shard's height/width."""
     try:
         image = Image.open(io.BytesIO(data))
+    except Exception as error:  # PIL raises many types for corrupt bytes
+        raise DataError(sample_id, f"image bytes cannot be decoded ({type(error).__name__}: {error})") from None
+    if image.mode not in RGB_EXACT_MODES + ALPHA_MODES:  # shards `wsss prepare` did not check
+        raise DataError(sample_id, f"unsupported image: mode {image.mode}, which 8-bit RGB would clip")
+    try:
         image = image if image.mode == "RGB" else image.convert("RGB")
         image.load()
-    except Exception as error:  # PIL raises many types for corrupt bytes
+    except Exception as error:
         raise DataError(sample_id, f"image bytes cannot be decoded ({type(error).__name__}: {error})") from None
     if height is not None and (image.height, image.width) != (int(height), int(width)):
         raise DataError(sample_id, f"decoded image is {image.height}x{image.width} but the shard "

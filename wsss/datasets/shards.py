@@ -21,6 +21,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import re
 import uuid
 from collections import Counter
@@ -34,9 +35,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pyarrow import fs as pafs
 
-from wsss.datasets.base import DataError, DatasetInfo, DatasetReader, Sample
+from wsss.datasets.base import IGNORE_INDEX, DataError, DatasetInfo, DatasetReader, Sample
 from wsss.datasets.storage import canonical, check_bucket, join, resolve
 
+logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SCHEMA = pa.schema([
@@ -91,7 +93,12 @@ class Manifest:
 
     def files(self, split: str) -> list[str]:
         """The split's shards as full URIs or paths, in manifest order."""
-        return [join(self.location, entry["path"]) for entry in self._split(split)["files"]]
+        return [self.shard(entry["path"]) for entry in self._split(split)["files"]]
+
+    def shard(self, relative: str) -> str:
+        """The full URI or path of the shard the manifest lists as `relative`: the one place
+        a manifest entry becomes a location, for reading, checksums and deletion alike."""
+        return shard_location(self.location, relative)
 
     def rows(self, split: str) -> int:
         return self._split(split)["rows"]
@@ -106,6 +113,28 @@ class Manifest:
             raise DataError(join(self.location, MANIFEST_NAME),
                             f"unknown split: {split!r}; the manifest has {', '.join(self.splits) or 'none'}")
         return self.splits[split]
+
+
+def shard_location(location: str, relative: str) -> str:
+    """`relative` (a manifest entry) inside the dataset folder `location`; DataError naming
+    the manifest and the entry if it could point outside the folder."""
+    problem = _outside_problem(relative)
+    if problem:
+        raise DataError(join(location, MANIFEST_NAME), f"invalid manifest: shard path {relative!r} {problem}")
+    return join(location, relative)
+
+
+def _outside_problem(relative: object) -> str | None:
+    """Why a manifest's shard path could name a file outside its dataset folder, or None."""
+    if not isinstance(relative, str) or not relative:
+        return "is not a relative path"
+    if ":" in relative:
+        return "is a URI or a drive path; shard paths are relative to the manifest's folder"
+    if relative.startswith(("/", "\\")):
+        return "is absolute; shard paths are relative to the manifest's folder"
+    if any(part in ("", ".", "..") for part in relative.replace("\\", "/").split("/")):
+        return "has an empty, '.' or '..' segment; shard paths stay inside the manifest's folder"
+    return None
 
 
 def image_labels(manifest: Manifest, split: str) -> np.ndarray:
@@ -160,17 +189,21 @@ def _check_manifest(name: str, data: object) -> None:
             complete = False
         if not complete:
             raise DataError(name, f"invalid manifest: split {split!r} needs files with path, rows and sha256")
+        for file in files:
+            problem = _outside_problem(file["path"])
+            if problem:
+                raise DataError(name, f"invalid manifest: split {split!r} shard path {file['path']!r} {problem}")
         if rows != entry.get("rows"):
             raise DataError(name, f"invalid manifest: split {split!r} says {entry.get('rows')} rows, its files {rows}")
 
 
-def verify_checksums(uri: str, manifest: Manifest, split: str) -> None:
+def verify_checksums(manifest: Manifest, split: str) -> None:
     """DataError naming the first shard of `split` whose bytes differ from the manifest."""
-    fs, root = resolve(uri)
     for entry in manifest._split(split)["files"]:
-        name = join(uri, entry["path"])
+        name = manifest.shard(entry["path"])
+        fs, path = resolve(name)
         try:
-            digest, _ = _sha256(fs, f"{root}/{entry['path']}")
+            digest, _ = _sha256(fs, path)
         except OSError as error:
             raise DataError(name, f"shard missing: listed in the manifest but unreadable ({error})") from None
         if digest != entry["sha256"]:
@@ -236,7 +269,7 @@ class DatasetPublisher:
         _delete_file(self.fs, f"{self.root}/{MANIFEST_NAME}")  # from here on the old dataset is gone
         for entry in manifest.splits.values():
             for file in entry["files"]:
-                target = f"{self.root}/{file['path']}"
+                target = resolve(shard_location(self.location, file["path"]))[1]
                 self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
                 self.fs.move(f"{self.staging}/{file['path']}", target)
                 self._placed.append(target)
@@ -289,7 +322,7 @@ def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | No
         entries = {}
         for split in splits:
             entries[split] = _stage_split(publisher.fs, publisher.staging, split, reader.samples(split),
-                                          rows_per_file, rows_per_group)
+                                          rows_per_file, rows_per_group, num_classes=len(reader.info.classes) - 1)
             if not entries[split]["rows"]:
                 raise DataError(f"{reader.info.name} split {split!r}", "no samples: nothing valid to write")
         info = reader.info
@@ -303,7 +336,7 @@ def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | No
 
 
 def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterator[Sample],
-                 rows_per_file: int, rows_per_group: int) -> dict:
+                 rows_per_file: int, rows_per_group: int, num_classes: int) -> dict:
     fs.create_dir(f"{staging}/{split}", recursive=True)
     samples = iter(samples)
     names, counts = [], []
@@ -311,7 +344,8 @@ def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterato
     while (first := next(samples, None)) is not None:
         schema = schema or (SCHEMA if first.region is None else REGION_SCHEMA)
         names.append(f"{split}/part-{len(names):05d}.parquet")
-        rows = (_row(sample, schema) for sample in itertools.chain([first], itertools.islice(samples, rows_per_file - 1)))
+        rows = (_row(sample, num_classes, schema)
+                for sample in itertools.chain([first], itertools.islice(samples, rows_per_file - 1)))
         counts.append(_write_parquet(fs, f"{staging}/{names[-1]}", rows, rows_per_group, schema))
     if len(names) == 1 and counts[0] >= 2:
         table = pq.read_table(f"{staging}/{names[0]}", filesystem=fs, schema=schema)
@@ -326,7 +360,8 @@ def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterato
     return {"rows": sum(counts), "files": files}
 
 
-def _row(sample: Sample, schema: pa.Schema) -> dict:
+def _row(sample: Sample, num_classes: int, schema: pa.Schema) -> dict:
+    _check_sample(sample, num_classes)
     row = {"id": sample.id, "image": sample.image,
            "mask": None if sample.mask is None else encode_mask(sample.mask),
            "labels": list(sample.labels), "height": sample.height, "width": sample.width}
@@ -335,6 +370,25 @@ def _row(sample: Sample, schema: pa.Schema) -> dict:
     if sample.region is not None:
         row["region"] = encode_mask(sample.region)
     return row
+
+
+def _check_sample(sample: Sample, num_classes: int) -> None:
+    """DataError naming the sample if its labels or mask hold values no class has: a reader
+    bug that would otherwise surface as a wrong loss, or an index error mid-training."""
+    labels = list(sample.labels)
+    if any(not isinstance(label, (int, np.integer)) or not 1 <= label <= num_classes for label in labels) \
+            or labels != sorted(set(labels)):
+        raise DataError(sample.id, f"bad labels {labels}: expected sorted distinct classes 1..{num_classes}")
+    if sample.mask is None:
+        return
+    mask = np.asarray(sample.mask)
+    if mask.shape != (sample.height, sample.width):
+        raise DataError(sample.id, f"bad mask: shape {list(mask.shape)}, the image is "
+                                   f"{sample.height}x{sample.width}")
+    bad = mask[(mask > num_classes) & (mask != IGNORE_INDEX)]
+    if bad.size:
+        raise DataError(sample.id, f"bad mask: value {int(bad[0])}, expected classes 0..{num_classes} "
+                                   f"or {IGNORE_INDEX} (ignore)")
 
 
 def has_regions(manifest: Manifest, split: str) -> bool:
@@ -373,13 +427,14 @@ def _skip_summary(reader: DatasetReader) -> dict:
 
 
 def _listed_files(location: str) -> list[str]:
-    """Paths (inside the filesystem) of the shards an existing manifest lists; none if unreadable."""
+    """Paths (inside the filesystem) of the shards an existing manifest lists, all inside
+    `location`; none if the manifest is unreadable or names a file outside it."""
     try:
         manifest = read_manifest(location)
-    except DataError:
+    except DataError as error:
+        logger.warning("%s; none of the files it lists is deleted", error)
         return []
-    root = resolve(location)[1]
-    return [f"{root}/{file['path']}" for entry in manifest.splits.values() for file in entry["files"]]
+    return [resolve(manifest.shard(file["path"]))[1] for entry in manifest.splits.values() for file in entry["files"]]
 
 
 def _delete_file(fs: pafs.FileSystem, path: str) -> None:

@@ -7,6 +7,7 @@ Everything that writes or reads shards goes through `resolve`, so `s3://`, `gs:/
 from __future__ import annotations
 
 import os
+import uuid
 
 import pyarrow as pa
 from pyarrow import fs as pafs
@@ -58,10 +59,28 @@ def join(location: str | os.PathLike, *parts: str) -> str:
 
 
 def write_text(location: str, text: str) -> None:
+    """Write `text` to `location` whole or not at all: a reader sees the old file or the new
+    one, never half of it. Locally: a temp file beside it, renamed over it. On object stores
+    (S3, GCS) one PUT at close already replaces an object whole, and a failed one leaves
+    the old object."""
+    data = text.encode()
     fs, path = resolve(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(text.encode())
+    if fs.type_name != "local":
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    folder, name = os.path.split(path)
+    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes on disk before the name points at them
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
 
 
 def is_file(location: str) -> bool:

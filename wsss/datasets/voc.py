@@ -48,6 +48,10 @@ REGION_FOLDER = "SegmentationRegion"
 # What PIL raises on bad bytes: truncation and unknown formats are OSErrors, broken chunks
 # SyntaxError or ValueError, absurd sizes DecompressionBombError.
 PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# Image modes that convert("RGB"), how training decodes every image, maps without loss of
+# what the image shows. 16-bit and float modes (I;16, I, F) would be clipped to 0/255.
+RGB_EXACT_MODES = ("RGB", "L", "P", "1", "CMYK", "YCbCr")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
@@ -121,9 +125,26 @@ def decode_image(path: Path) -> tuple[bytes, int, int]:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             width, height = image.size
+            problem = rgb_problem(image)
     except PIL_DECODE_ERRORS as error:
         raise DataError(path, f"corrupt or truncated image: {error}") from None
+    if problem:
+        raise DataError(path, problem)
     return data, height, width
+
+
+def rgb_problem(image: Image.Image) -> str | None:
+    """Why reading `image` as 8-bit RGB would change it, or None. Shards keep the original
+    bytes, so an image with an alpha channel that is opaque everywhere passes as it is."""
+    if image.mode in ALPHA_MODES or image.has_transparency_data:
+        if image.convert("RGBA").getchannel("A").getextrema()[0] < 255:
+            return (f"unsupported image: mode {image.mode} with transparent pixels; training reads RGB and "
+                    "would drop the alpha channel (flatten the image onto a background first)")
+        return None
+    if image.mode not in RGB_EXACT_MODES:
+        return (f"unsupported image: mode {image.mode}; training reads 8-bit RGB, which would clip or "
+                "distort it (convert the image to 8-bit RGB first)")
+    return None
 
 
 def read_png_mask(path: Path) -> np.ndarray:

@@ -4,6 +4,12 @@ Method state (prototype banks, EMA teachers, co-occurrence priors) lives in the
 method's state_dict, so saving the method saves it. Checkpoints are plain directories
 that Ray Train uploads to `storage_path` (local or cloud); `load_method` accepts a
 checkpoint directory, a run directory (its latest checkpoint) or a cloud URI.
+
+`state.pt` holds tensors and plain types only and is read with `weights_only=True`, so
+loading a checkpoint never runs code from it. A checkpoint counts once complete:
+`checkpoint.json` is written after `state.pt`, and a run directory's checkpoints are tried
+newest first, skipping (with a warning naming it) one without `checkpoint.json` or whose
+`state.pt` does not load, as an upload or a write cut short leaves them.
 """
 
 from __future__ import annotations
@@ -12,12 +18,15 @@ import dataclasses
 import io
 import json
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 from pyarrow.fs import FileSelector, FileType
 
-from wsss.datasets.storage import join, resolve
+from wsss.datasets.base import DataError
+from wsss.datasets.storage import join, resolve, write_text
 from wsss.methods.base import build_method
 from wsss.platform.config import ConfigError
 
@@ -26,32 +35,57 @@ STATE_FILE = "state.pt"
 # What makes a checkpoint's model: a run resumes only with the same values (checkpoint.json).
 MODEL_KEYS = ("method", "backbone", "output_stride")
 INFO_FILE = "checkpoint.json"
+logger = logging.getLogger(__name__)
+
+
+class UnsafeCheckpointError(DataError):
+    """A state.pt that holds more than tensors and plain types: unpickling it could run code."""
 
 
 def save_checkpoint(directory: str | Path, method, optimizer, *, epoch: int, step: int,
                     config: dict, dataset: dict, metrics: dict | None = None) -> None:
-    """Write the checkpoint files into `directory` (rank 0 only)."""
+    """Write the checkpoint files into `directory` (rank 0 only): `state.pt`, then
+    `checkpoint.json`, whose presence marks the checkpoint complete."""
     directory = Path(directory)
-    torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "step": step, "config": config, "dataset": dataset,
-                "torch_rng": torch.get_rng_state(),
-                # dropout on a GPU draws from the device's own generator
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               directory / STATE_FILE)
     info = {"epoch": epoch, "step": step, "metrics": metrics or {},
             **{key: config[key] for key in MODEL_KEYS},
             # what `wsss report` shows, so that it never downloads the weights
             "config": config, "dataset": dataset.get("name", "?")}
-    (directory / INFO_FILE).write_text(json.dumps(info, indent=2, default=float))
+    try:
+        torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "step": step, "config": config, "dataset": dataset,
+                    "torch_rng": torch.get_rng_state(),
+                    # dropout on a GPU draws from the device's own generator
+                    "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   directory / STATE_FILE)
+        write_text(str(directory / INFO_FILE), json.dumps(info, indent=2, default=float))
+    except BaseException:  # a full disk, an interrupt: leave no half of a checkpoint
+        (directory / STATE_FILE).unlink(missing_ok=True)
+        raise
 
 
-def load_state(checkpoint: str | Path) -> dict:
-    """The state saved in the checkpoint directory at `checkpoint` (a path or URI)."""
+def load_state(checkpoint: str | Path, *, mmap: bool = False) -> dict:
+    """The state saved in the checkpoint directory at `checkpoint` (a path or URI).
+
+    DataError naming the file if it is missing or does not load; UnsafeCheckpointError if
+    it holds anything but tensors and plain types. `mmap` (local files only) maps the
+    tensors instead of reading them, for callers that want the config alone."""
     filesystem, path = resolve(checkpoint)
+    name = join(checkpoint, STATE_FILE)
     if filesystem.get_file_info(f"{path}/{STATE_FILE}").type != FileType.File:
         raise FileNotFoundError(f"{checkpoint}: not a wsss checkpoint (no {STATE_FILE})")
-    with filesystem.open_input_file(f"{path}/{STATE_FILE}") as stream:
-        return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=False)
+    try:
+        if mmap and filesystem.type_name == "local":
+            return torch.load(f"{path}/{STATE_FILE}", map_location="cpu", weights_only=True, mmap=True)
+        with filesystem.open_input_file(f"{path}/{STATE_FILE}") as stream:
+            return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # what weights_only raises for anything else
+        # torch's message: a paragraph of advice, then the global it met
+        found = next((line for line in str(error).splitlines() if "GLOBAL" in line), "").strip()
+        raise UnsafeCheckpointError(name, "refused: it holds objects other than tensors and plain types, "
+                                          f"which could run code when loaded. {found}".strip()) from None
+    except (RuntimeError, ValueError, EOFError, OSError) as error:  # truncated, not a torch file
+        raise DataError(name, f"unreadable checkpoint state ({error})") from None
 
 
 def restore(state: dict, method, optimizer=None) -> tuple[int, int]:
@@ -75,14 +109,55 @@ def checkpoint_names(filesystem, path: str) -> list[str]:
 
 def latest_checkpoint(location: str) -> str:
     """`location` (a path or URI) itself if it is a checkpoint, else its newest complete
-    `checkpoint_*` subdirectory."""
+    `checkpoint_*` subdirectory: with `checkpoint.json` and a whole `state.pt` (a torch
+    file is a zip archive, whose directory, at its end, a cut-short write lacks)."""
+    return next(_complete_checkpoints(location))
+
+
+def load_latest(location: str) -> tuple[str, dict]:
+    """(checkpoint, its state): `location` itself if it is a checkpoint, else the newest of
+    its complete checkpoints whose state loads (FileNotFoundError when none does); an
+    unsafe one is refused, never skipped."""
+    for checkpoint in _complete_checkpoints(location):
+        try:
+            return checkpoint, load_state(checkpoint)
+        except UnsafeCheckpointError:
+            raise
+        except DataError as error:
+            if checkpoint == location:
+                raise
+            logger.warning("skipping checkpoint %s: %s", checkpoint, error.problem)
+
+
+def _complete_checkpoints(location: str):
+    """`location` if it is a checkpoint, else its complete checkpoints newest first (see
+    `latest_checkpoint`), warning about each one skipped; FileNotFoundError if none."""
     filesystem, path = resolve(location)
     if filesystem.get_file_info(f"{path}/{STATE_FILE}").type == FileType.File:
-        return location
+        yield location
+        return
     for name in checkpoint_names(filesystem, path):
-        if filesystem.get_file_info(f"{path}/{name}/{STATE_FILE}").type == FileType.File:
-            return join(location, name)
-    raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with checkpoints")
+        state, info = (filesystem.get_file_info(f"{path}/{name}/{file}").type == FileType.File
+                       for file in (STATE_FILE, INFO_FILE))
+        if not state:
+            continue  # a folder an upload had not reached yet
+        problem = None if info else f"no {INFO_FILE} (written last: the checkpoint is incomplete)"
+        problem = problem or _not_whole(filesystem, f"{path}/{name}/{STATE_FILE}")
+        if problem:
+            logger.warning("skipping checkpoint %s: %s", join(location, name), problem)
+            continue
+        yield join(location, name)
+    raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with complete checkpoints")
+
+
+def _not_whole(filesystem, path: str) -> str | None:
+    """Why the torch file at `path` is cut short, or None. Reads its end only."""
+    try:
+        with filesystem.open_input_file(path) as stream:
+            zipfile.ZipFile(stream).close()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        return f"{STATE_FILE} is incomplete ({error})"
+    return None
 
 
 def best_checkpoint(location: str) -> str:
@@ -122,7 +197,7 @@ def check_resumable(run: str, config: dict) -> bool:
         try:
             with filesystem.open_input_stream(f"{path}/{name}/{INFO_FILE}") as stream:
                 recorded = json.loads(stream.read())
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):
             continue  # an upload cut short; Train resumes from an earlier one
         for key in MODEL_KEYS:
             if key in recorded and recorded[key] != config[key]:
@@ -141,8 +216,8 @@ def start_fresh(method, init_from: str = "") -> dict[str, list[str]]:
     to the method that made it. Returns {"loaded": names, "fresh": names}."""
     report = {"loaded": [], "fresh": []}
     if init_from:
-        checkpoint = latest_checkpoint(init_from)
-        saved = load_state(checkpoint)["method"]
+        checkpoint, state = load_latest(init_from)
+        saved = state["method"]
         own = method.network.state_dict()
         source = {key.removeprefix("network."): value for key, value in saved.items() if key.startswith("network.")}
         matching = {key: value for key, value in source.items() if key in own and own[key].shape == value.shape}
@@ -170,7 +245,7 @@ def load_method(checkpoint: str, device: torch.device | str = "cpu", method_over
 
     `method_overrides` ({"lnl.export": "shrink"}) change the method's inference-time
     settings; only `section.key` of the checkpoint's own method sections are accepted."""
-    state = load_state(latest_checkpoint(checkpoint))
+    _, state = load_latest(checkpoint)
     from wsss.platform.config import TrainConfig
 
     config = TrainConfig.from_dict(state["config"])

@@ -225,7 +225,7 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
         threshold = checkpoint_threshold(checkpoint) or DEFAULT_THRESHOLD
     settings = PseudoLabelSettings(mode, threshold, fg_threshold, bg_threshold, tuple(scales), flip)
     images = _open_inputs(checkpoint, data, split, out, overwrite, mode)
-    verify_checksums(images.location, images, split)  # a damaged shard fails here, not half way
+    verify_checksums(images, split)  # a damaged shard fails here, not half way
     files = images.files(split)
     ensure_ray()  # only now: bad input fails before Ray starts
     resources = ray.cluster_resources()
@@ -276,7 +276,7 @@ def ground_truth_labels(data: str, out: str, *, split: str = "train", overwrite:
     images = read_manifest(data)
     images.rows(split)
     check_writable(out, overwrite)
-    verify_checksums(images.location, images, split)
+    verify_checksums(images, split)
     with LabelShardWriter(out, images, split, overwrite) as writer:
         for index, uri in enumerate(images.files(split)):
             table = read_shard(uri, ["id", "mask"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import statistics
 import tempfile
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from wsss.datasets.storage import write_text
 from wsss.platform.config import ConfigError
 from wsss.tuning.mirror import mirror
 from wsss.tuning.plots import scatter_png, tile_png
@@ -117,7 +119,7 @@ def read_sweep(folder: Path) -> list[Record]:
 
 
 def read_run(folder: Path) -> Record:
-    import torch
+    from wsss.platform.checkpoints import load_state  # torch: only when a run is read
 
     checkpoints = sorted(p.parent for p in folder.glob("checkpoint_*/checkpoint.json"))
     infos = [_json(p / "checkpoint.json") for p in checkpoints]
@@ -127,7 +129,7 @@ def read_run(folder: Path) -> Record:
     if "config" in infos[-1]:
         config, dataset = infos[-1]["config"], infos[-1].get("dataset", "?")
     else:  # checkpoints from before checkpoint.json recorded the config; mmap: not the weights
-        state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+        state = load_state(str(checkpoints[-1]), mmap=True)
         config, dataset = state["config"], state["dataset"].get("name", "?")
     evaluation = _json(folder / "results.json") or {}  # `wsss evaluate --out RUN_DIR`
     return Record(
@@ -180,24 +182,28 @@ def write_tables(rows: list[dict], records: list[Record], out: Path) -> None:
             "full protocol: multi-scale + flip.")
     markdown = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     markdown += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-    (out / "table.md").write_text("\n".join(markdown) + f"\n\n{note}\n")
+    write_text(str(out / "table.md"), "\n".join(markdown) + f"\n\n{note}\n")
     head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
-    (out / "table.html").write_text(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody>\n"
-                                    f"</table>\n<p>{html.escape(note)}</p>\n")
-    with open(out / "table.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["method", "dataset", "miou_mean", "miou_std", "seeds", "full_miou", "params", "sources"])
-        for row in rows:
-            writer.writerow([row["method"], row["dataset"], row["miou_mean"], row["miou_std"] or "",
-                             row["seeds"], row["full_miou"] if row["full_miou"] is not None else "",
-                             json.dumps(row["params"], sort_keys=True), ";".join(row["sources"])])
-    with open(out / "records.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["source", "name", "method", "dataset", "seed", "miou", "epochs", "full_miou", "params"])
-        for r in records:
-            writer.writerow([r.source, r.name, r.method, r.dataset, r.seed, r.miou, len(r.history),
-                             "" if r.full_miou is None else r.full_miou, json.dumps(r.params, sort_keys=True)])
+    write_text(str(out / "table.html"), f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody>\n"
+                                        f"</table>\n<p>{html.escape(note)}</p>\n")
+    write_text(str(out / "table.csv"), csv_text(
+        ["method", "dataset", "miou_mean", "miou_std", "seeds", "full_miou", "params", "sources"],
+        [[row["method"], row["dataset"], row["miou_mean"], row["miou_std"] or "", row["seeds"],
+          row["full_miou"] if row["full_miou"] is not None else "", json.dumps(row["params"], sort_keys=True),
+          ";".join(row["sources"])] for row in rows]))
+    write_text(str(out / "records.csv"), csv_text(
+        ["source", "name", "method", "dataset", "seed", "miou", "epochs", "full_miou", "params"],
+        [[r.source, r.name, r.method, r.dataset, r.seed, r.miou, len(r.history),
+          "" if r.full_miou is None else r.full_miou, json.dumps(r.params, sort_keys=True)] for r in records]))
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def write_plots(sweeps: dict[str, list[Record]], rows: list[dict], out: Path) -> list[Path]:

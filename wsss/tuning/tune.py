@@ -31,7 +31,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY as CHECKPOINT_PAT
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from wsss.datasets.shards import read_manifest
-from wsss.datasets.storage import canonical, is_uri, join, resolve
+from wsss.datasets.storage import canonical, is_uri, join, resolve, write_text
 from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_overrides
 from wsss.platform.runtime import ensure_ray
 from wsss.platform.tracking import public_config, resolve_mode
@@ -314,10 +314,7 @@ def read_json(location: str) -> dict | None:
 
 
 def write_json(location: str, data: dict) -> None:
-    fs, path = resolve(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(json.dumps(data, indent=2, default=str).encode())
+    write_text(location, json.dumps(data, indent=2, default=str))
 
 
 # ---- command line ------------------------------------------------------------------
