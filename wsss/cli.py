@@ -26,6 +26,7 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
+    from wsss.datasets.credentials import public_uri
     from wsss.datasets.shards import read_manifest
     from wsss.datasets.storage import check_bucket
     from wsss.platform.config import load_config
@@ -39,7 +40,8 @@ def _train(args) -> int:
     ensure_ray()
     result = fit(config)
     run, checkpoint = result_locations(config, result)
-    print(json.dumps({"run": run, "checkpoint": checkpoint, "metrics": _scalars(result.metrics)}, indent=2))
+    print(json.dumps({"run": public_uri(run), "checkpoint": public_uri(checkpoint or "") or None,
+                      "metrics": _scalars(result.metrics)}, indent=2))
     return 0
 
 
@@ -137,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from wsss.datasets.base import DataError
+    from wsss.datasets.credentials import public_uri
     from wsss.platform.config import ConfigError
 
     try:
         return args.run(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
-        print(f"wsss {args.command}: error: {error}", file=sys.stderr)
+        print(f"wsss {args.command}: error: {public_uri(str(error))}", file=sys.stderr)
         return 2
 
 

@@ -23,5 +23,6 @@ def public_uri(text: str) -> str:
     return _SECRET_QUERY.sub(lambda m: f"{m['key']}{REDACTED}", text)
 
 
-def has_credentials(text: str) -> bool:
-    return public_uri(text) != text
+def is_redacted(text: str) -> bool:
+    """Whether `text` is a URI that `public_uri` took credentials out of."""
+    return f"://{REDACTED}@" in text or f"={REDACTED}" in text

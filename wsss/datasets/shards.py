@@ -34,6 +34,7 @@ from PIL import Image
 from pyarrow import fs as pafs
 
 from wsss.datasets.base import DataError, DatasetInfo, DatasetReader, Sample
+from wsss.datasets.lease import acquire
 from wsss.datasets.storage import canonical, check_bucket, join, resolve
 
 FORMAT_VERSION = 1
@@ -203,9 +204,9 @@ class DatasetPublisher:
 
     A run killed outright (SIGKILL, OOM, power loss) cannot roll back; the next publisher
     into the same output deletes that run's staging folder and temp manifest (only names
-    of exactly the form used here) when it starts. Two jobs writing the same output at
-    once are therefore not supported (they never were): each takes the other's staging
-    for a leftover.
+    of exactly the form used here) when it starts. A second job writing the same output
+    at once is refused (FolderInUseError): the publisher holds the output's lease
+    (`wsss.datasets.lease`) from before it looks for leftovers until it is done.
     """
 
     def __init__(self, location: str, overwrite: bool = False):
@@ -213,6 +214,7 @@ class DatasetPublisher:
         check_writable(self.location, overwrite)
         self.fs, self.root = resolve(self.location)
         self._created = _outermost_missing(self.fs, self.root)  # what `abort` may remove
+        self._lease = acquire(self.location, "a job writing shards")
         if self.fs.get_file_info(self.root).type == pafs.FileType.Directory:
             self._delete_leftovers()
         run = uuid.uuid4().hex
@@ -225,6 +227,7 @@ class DatasetPublisher:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
+        self._lease.release()  # first: `abort` removes the output folder only when it holds no file
         self.abort()
 
     def publish(self, manifest: Manifest) -> None:

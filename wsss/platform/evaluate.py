@@ -15,6 +15,7 @@ import ray
 import torch
 
 from wsss.datasets.shards import read_manifest
+from wsss.datasets.credentials import public_uri
 from wsss.datasets.storage import check_bucket, join, write_text
 from wsss.platform.cams import FULL_SCALES, THRESHOLDS, best_threshold, image_tensor, normalized_cams, \
     threshold_confusions
@@ -104,8 +105,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
     best = best_threshold(confusions)
     best_index = THRESHOLDS.index(best["threshold"])
     fpr, fnr = foreground_error_rates(confusions[best_index])
-    results = {"checkpoint": checkpoint, "data": data, "split": split, "method": state["config"]["method"],
-               "epoch": state["epoch"], "method_overrides": dict(method_overrides or {}),
+    results = {"checkpoint": public_uri(checkpoint), "data": public_uri(data), "split": split,
+               "method": state["config"]["method"], "epoch": state["epoch"], "method_overrides": dict(method_overrides or {}),
                "scales": list(scales), "flip": flip, "classes": classes,
                **best, "fg_fpr": fpr, "fg_fnr": fnr}
     if crf:

@@ -9,6 +9,7 @@ reported checkpoints there). Tune trials call `make_trainer` with their own call
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from wsss.datasets.lease import acquire
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import canonical, delete_file, join, read_text, write_text
 from wsss.methods.base import DatasetStats, build_method
@@ -28,7 +30,7 @@ from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.data import eval_dataset, train_dataset
 from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, make_optimizer,
                                 overlay_predictions, train_epoch)
-from wsss.platform.tracking import Tracker
+from wsss.platform.tracking import Tracker, public_config, run_id
 
 logger = logging.getLogger(__name__)
 DIVERGED_FILE = "diverged.txt"
@@ -69,7 +71,8 @@ def train_worker(loop_config: dict) -> None:
             start_epoch, step = restore(load_state(directory), method, optimizer)
     resumed_from = start_epoch
 
-    tracker = Tracker(project=config.wandb_project, name=loop_config["run_name"], group=config.wandb_group,
+    tracker = Tracker(project=config.wandb_project, name=loop_config["run_name"],
+                      run_id=loop_config["wandb_run_id"], group=config.wandb_group,
                       mode=config.wandb, config=config.to_dict(), directory=loop_config["wandb_dir"],
                       tags=[config.method, dataset["name"]], enabled=rank == 0)
 
@@ -101,7 +104,7 @@ def train_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
                 save_checkpoint(directory, method, optimizer, epoch=epoch + 1, step=step,
-                                config=config.to_dict(), dataset=dataset, metrics=metrics)
+                                config=public_config(config.to_dict()), dataset=dataset, metrics=metrics)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory)
                              if rank == 0 else None)
     tracker.finish()
@@ -114,7 +117,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
     manifest = read_manifest(config.data)
     for split in filter(None, (config.train_split, config.val_split)):
         manifest.rows(split)  # raises a DataError naming a missing split
-    name = config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    name = run_name(config)
     run_dir = join(canonical(config.storage_path), name)
     check_start(config, run_dir)  # before the shards' labels are read
     use_gpu = resolve_use_gpu(config.device)
@@ -138,6 +141,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         "run_name": name,
         "run_dir": run_dir,
         "wandb_dir": wandb_dir(config.storage_path, name),
+        "wandb_run_id": run_id(canonical(config.storage_path), name),
     }
     # The same seed repeats a run: by default Ray Data hands out blocks in the order their
     # tasks finish, so the batches (and the result) would change from run to run.
@@ -166,13 +170,20 @@ def check_start(config: TrainConfig, run_dir: str | None = None) -> None:
         config.check_inputs()
 
 
+def run_name(config: TrainConfig) -> str:
+    return config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
 def fit(config: TrainConfig) -> ray.train.Result:
-    """Train to the end (or resume); raises NonFiniteLossError if the loss diverged."""
-    trainer = make_trainer(config)
-    diverged = join(trainer.train_loop_config["run_dir"], DIVERGED_FILE)
-    delete_file(diverged)  # a note left by an earlier attempt of this run
-    started = time.perf_counter()
-    result = trainer.fit()
+    """Train to the end (or resume); raises NonFiniteLossError if the loss diverged, and
+    FolderInUseError if a live run of the same name and storage_path is writing there."""
+    config = dataclasses.replace(config, name=run_name(config))
+    with acquire(join(canonical(config.storage_path), config.name), "wsss train"):
+        trainer = make_trainer(config)
+        diverged = join(trainer.train_loop_config["run_dir"], DIVERGED_FILE)
+        delete_file(diverged)  # a note left by an earlier attempt of this run
+        started = time.perf_counter()
+        result = trainer.fit()
     note = read_text(diverged)
     if note is not None:
         where = result.checkpoint.path if result.checkpoint else "none (diverged in the first epoch)"
