@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.datasets.credentials import public_uri
+from wsss.datasets.credentials import REDACTED, public_uri
 
 logger = logging.getLogger(__name__)
 _SECRET = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
@@ -114,5 +114,6 @@ def run_id(storage_path: str, name: str) -> str:
     """W&B id of the run `name` under `storage_path` (canonical): stable, so a resumed run
     continues its W&B run, and unique per (storage path, name). The readable part alone
     would make `exp.1` and `exp-1`, or one name under two storage paths, one W&B run."""
-    digest = hashlib.sha256(f"{public_uri(storage_path)}\0{name}".encode()).hexdigest()[:10]
+    location = public_uri(storage_path).replace(f"://{REDACTED}@", "://")  # the same place, whoever reads it
+    digest = hashlib.sha256(f"{location}\0{name}".encode()).hexdigest()[:10]
     return f"{re.sub(r'[^A-Za-z0-9_-]', '-', name)[:48]}-{digest}"
