@@ -75,6 +75,7 @@ def test_wandb_run_config_keeps_no_credentials_and_its_id_is_unique_per_storage_
     assert len(long) <= 64 and long.startswith("x" * 48)
 
 
+@pytest.mark.slow
 def test_sweep_files_keep_no_database_password(ray_local, shards, tmp_path, capsys):
     """The study storage URL with a password reaches Optuna, not sweep.json or the output;
     --resume asks for it again instead of using the redacted one."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_shards import BlockingReader, files_under, tiny_reader
+from tests.test_shards import files_under, tiny_reader
 from wsss.datasets import lease
 from wsss.datasets.lease import OWNER_FILE, FolderInUseError, acquire
 from wsss.datasets.shards import write_shards
@@ -166,3 +166,18 @@ def test_a_sweep_whose_name_is_in_use_is_refused_before_ray_starts(shards, tmp_p
     finally:
         stop(holder)
     assert not (storage / "sweep" / "sweep.json").exists() and not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_second_train_of_one_name_is_refused_before_it_writes(ray_local, shards, tmp_path):
+    from tests.test_train import tiny
+    from wsss.platform.train import fit
+
+    run = tmp_path / "runs" / "run"
+    holder = hold_lease(run, tmp_path / "ready")
+    try:
+        with pytest.raises(FolderInUseError, match=f"{run} is in use by wsss train"):
+            fit(tiny(shards, tmp_path))
+    finally:
+        stop(holder)
+    assert os.listdir(run) == [OWNER_FILE], "nothing written beside the other run's lease"
