@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_s3 import BUCKET, s3, s3_env  # noqa: F401  (fixtures)
 from tests.test_shards import files_under, tiny_reader
 from wsss.datasets import lease
 from wsss.datasets.lease import OWNER_FILE, FolderInUseError, acquire
 from wsss.datasets.shards import write_shards
 
 ROOT = Path(__file__).parents[1]
+SECRET = "SeCrEt-9f2"
 
 
 def hold_lease(folder: Path, ready: Path) -> subprocess.Popen:
@@ -181,3 +183,19 @@ def test_a_second_train_of_one_name_is_refused_before_it_writes(ray_local, shard
     finally:
         stop(holder)
     assert os.listdir(run) == [OWNER_FILE], "nothing written beside the other run's lease"
+
+
+@pytest.mark.usefixtures("s3")
+def test_on_s3_a_second_start_is_refused_and_the_error_keeps_no_credentials():
+    from pyarrow import fs as pafs
+
+    bucket = pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
+    folder = f"s3://testing:{SECRET}@{BUCKET}/lease/exp"  # credentials in the URI, as a user may give them
+    held = acquire(folder, "wsss train")
+    assert json.loads(bucket.open_input_stream(f"{BUCKET}/lease/exp/{OWNER_FILE}").read())["pid"] == os.getpid()
+    with pytest.raises(FolderInUseError, match=rf"s3://\*\*\*@{BUCKET}/lease/exp is in use by wsss train") as refused:
+        acquire(folder, "wsss train")
+    assert SECRET not in str(refused.value)
+    held.release()
+    assert bucket.get_file_info(f"{BUCKET}/lease/exp/{OWNER_FILE}").type.name == "NotFound"
+    acquire(folder, "wsss train").release()
