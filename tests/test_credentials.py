@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.test_s3 import s3, s3_env  # noqa: F401  (fixtures)
 from wsss.datasets.base import DataError
 from wsss.datasets.credentials import is_redacted, public_uri
 from wsss.platform.config import ConfigError, TrainConfig
@@ -96,3 +97,38 @@ def test_sweep_files_keep_no_database_password(ray_local, shards, tmp_path, caps
     code = main(["tune", "--resume", "--name", "pg", "--storage-path", str(tmp_path), "epochs=9"])
     assert code == 2 and "epochs='9' would change it" in capsys.readouterr().err
 
+
+
+@pytest.mark.slow
+def test_a_run_on_a_credentialed_s3_uri_writes_the_uri_nowhere_with_its_credentials(s3_env, s3, tmp_path,  # noqa: F811
+                                                                                    capsys):
+    """The real CLI on moto's S3 with `s3://KEY:SECRET@bucket` URIs: the run reads and writes
+    through them, and its checkpoint, W&B files, results.json and output hold `s3://***@`."""
+    import io
+
+    import torch
+
+    from tests.test_s3 import BUCKET, wsss
+    from wsss.cli import main
+
+    secret_uri = f"s3://AKIAFAKE:{SECRET}@{BUCKET}/cred"
+    assert main(["prepare", "synthetic", "--root", str(tmp_path / "tree"), "--out", f"{secret_uri}/shards",
+                 "--option", "preset=test", "--option", "num_train=8", "--option", "num_val=2"]) == 0
+    assert SECRET not in capsys.readouterr().out.replace(f"wrote {secret_uri}/shards", "")
+    printed = wsss(["train", "--method", "cam", "--data", f"{secret_uri}/shards", f"storage_path={secret_uri}/runs",
+                    "name=cred", "epochs=1", "batch_size=8", "crop_size=64", "backbone=resnet18",
+                    "backbone_weights=none", "eval_max_images=2", "wandb=offline"], s3_env, tmp_path)
+    assert printed["run"] == f"s3://***@{BUCKET}/cred/runs/cred"
+    checkpoint = printed["checkpoint"].replace("s3://***@", "")
+    with s3.open_input_stream(f"{checkpoint}/state.pt") as stream:
+        state = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
+    assert state["config"]["data"] == f"s3://***@{BUCKET}/cred/shards"
+    assert state["config"]["storage_path"] == f"s3://***@{BUCKET}/cred/runs"
+    wandb_files = [p for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
+    assert wandb_files and not [p for p in wandb_files if SECRET.encode() in p.read_bytes()]
+
+    wsss(["evaluate", "--checkpoint", f"{secret_uri}/runs/cred", "--data", f"{secret_uri}/shards",
+          "--out", f"{secret_uri}/eval", "--scales", "1.0", "--no-flip", "--max-images", "2"], s3_env, tmp_path)
+    with s3.open_input_stream(f"{BUCKET}/cred/eval/results.json") as stream:
+        results = json.loads(stream.read())
+    assert results["data"] == f"s3://***@{BUCKET}/cred/shards" and SECRET not in json.dumps(results)
