@@ -199,3 +199,11 @@ def test_on_s3_a_second_start_is_refused_and_the_error_keeps_no_credentials():
     held.release()
     assert bucket.get_file_info(f"{BUCKET}/lease/exp/{OWNER_FILE}").type.name == "NotFound"
     acquire(folder, "wsss train").release()
+
+
+def test_label_shards_release_their_lease_when_published(shards, tmp_path):
+    from wsss.platform.pseudo_labels import ground_truth_labels
+
+    out = tmp_path / "labels"
+    ground_truth_labels(shards, str(out), split="val")
+    assert (out / "manifest.json").is_file() and not (out / OWNER_FILE).exists()

@@ -227,7 +227,6 @@ class DatasetPublisher:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        self._lease.release()  # first: `abort` removes the output folder only when it holds no file
         self.abort()
 
     def publish(self, manifest: Manifest) -> None:
@@ -250,7 +249,9 @@ class DatasetPublisher:
             _delete_file(self.fs, path)
 
     def abort(self) -> None:
-        """Delete everything this run staged or placed; nothing once published."""
+        """Release the output's lease; delete everything this run staged or placed, nothing
+        once published."""
+        self._lease.release()  # first: the output folder goes only when it holds no file
         if self.published:
             return
         for path in [*([f"{self.root}/{MANIFEST_NAME}"] if self._replacing else []), *self._placed,
