@@ -240,7 +240,7 @@ def test_every_method_config_round_trips_through_toml(tmp_path):
             required_inputs(spec)
         except ValueError:
             continue  # an add-on that does not compose with cam
-        config = TrainConfig(method=spec, pseudo_labels="labels", name="a \"quoted\" name ü", lr=1e-5)
+        config = TrainConfig(method=spec, pseudo_labels="labels", wandb_project="a \"quoted\" project ü", lr=1e-5)
         path = tmp_path / f"{spec}.toml"
         path.write_text(to_toml(config.to_dict()))
         assert load_config(str(path)).to_dict() == config.to_dict(), spec

@@ -493,3 +493,33 @@ def test_a_trial_restarted_after_its_last_epoch_reports_its_checkpoint(tmp_path)
     assert metrics["checkpoint_path"] == str(sorted(run.glob("checkpoint_*"))[-1])
     assert finished_run_metrics(str(run), epochs=3) is None  # still has an epoch to train
     assert finished_run_metrics(str(tmp_path / "never-started"), epochs=1) is None
+
+
+@pytest.mark.slow
+def test_a_diverged_trial_is_marked_diverged_scores_0_and_is_never_the_best(ray_local, shards, tmp_path):
+    from wsss.tuning.report import make_report
+    from wsss.tuning.tune import run_sweep
+
+    # TPE's seeded start samples lr 1e30 (NaN loss in its first epoch), then 0.02
+    space = {"lr": {"type": "categorical", "choices": [0.02, 1e30]}}
+    summary = run_sweep(tiny_config(shards, tmp_path, method="cam"), trials=2, space_specs=space, seed=0,
+                        name="nan", concurrency=1, evaluate_best=False)
+    assert summary["finished"] == 1 and summary["errored"] == 0 and len(summary["diverged"]) == 1
+    (diverged_id, note), = summary["diverged"].items()
+    assert "non-finite loss at epoch 1" in note
+    assert summary["trial_id"] != diverged_id and summary["params"] == {"lr": 0.02}
+    assert json.loads((tmp_path / "nan" / "best.json").read_text())["diverged"] == summary["diverged"]
+    last = {}
+    for path in (tmp_path / "nan").glob("trial_*/result.json"):
+        result = json.loads(path.read_text().splitlines()[-1])
+        last[result["trial_id"]] = result
+    assert last[diverged_id]["diverged"] is True and last[diverged_id]["miou"] == 0.0
+    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{tmp_path / 'nan' / 'optuna.db'}")
+    assert sorted(t.value for t in study.trials) == [0.0, last[summary["trial_id"]]["miou"]]
+
+    report = make_report([str(tmp_path / "nan")], str(tmp_path / "report"))
+    assert report["rows"] == 1
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert f"Diverged (loss NaN or infinite; not ranked): nan/{diverged_id}" in table and "lr=0.02" in table
+    records = (tmp_path / "report" / "records.csv").read_text().splitlines()
+    assert [line.rsplit(",", 1)[-1] for line in records[1:]].count("True") == 1

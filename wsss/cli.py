@@ -39,6 +39,7 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
+    from wsss.datasets.credentials import public_uri
     from wsss.methods.base import method_sections
     from wsss.platform.config import ConfigError, TrainConfig, load_config
     from wsss.platform.config_text import help_config, to_toml
@@ -71,6 +72,7 @@ def _train(args) -> int:
     started = time.perf_counter()
     result = fit(config)
     run, checkpoint = result_locations(config, result)
+    run, checkpoint = public_uri(run), public_uri(checkpoint) if checkpoint else None
     if args.json:
         print(json.dumps({"run": run, "checkpoint": checkpoint, "metrics": _scalars(result.metrics)}, indent=2))
     else:
@@ -294,7 +296,8 @@ def _input_error(error: BaseException, argv: list[str]) -> bool:
     """The project's own errors about what the user gave (config keys, data, a file the
     user named): one line. Anything else is a bug and keeps its traceback."""
     kinds = []
-    for module, name in (("wsss.platform.config", "ConfigError"), ("wsss.datasets.base", "DataError")):
+    for module, name in (("wsss.platform.config", "ConfigError"), ("wsss.datasets.base", "DataError"),
+                         ("wsss.datasets.lease", "FolderInUseError")):
         if module in sys.modules:  # an error of a module not imported yet cannot have been raised
             kinds.append(getattr(sys.modules[module], name))
     if isinstance(error, tuple(kinds)):
@@ -342,7 +345,9 @@ def _run_guarded(args, argv: list[str]) -> int:
     except Exception as error:
         if not _input_error(error, argv):
             raise
-        print(f"wsss {args.command}: error: {error}", file=sys.stderr)
+        from wsss.datasets.credentials import public_uri
+
+        print(f"wsss {args.command}: error: {public_uri(str(error))}", file=sys.stderr)
         return 2
 
 

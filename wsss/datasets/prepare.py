@@ -12,6 +12,7 @@ import json
 import os
 
 from wsss.datasets.base import READERS, build_reader
+from wsss.datasets.credentials import public_uri
 from wsss.datasets.shards import Manifest, check_writable, write_shards
 from wsss.datasets.storage import canonical
 
@@ -35,7 +36,7 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, sbd: 
     out = canonical(out)
     check_writable(out, overwrite)
     reader = build_reader(dataset, os.fspath(root), **options)
-    source = {"root": canonical(root), "sbd": canonical(sbd) if sbd is not None else None,
+    source = {"root": public_uri(canonical(root)), "sbd": public_uri(canonical(sbd)) if sbd is not None else None,
               "options": json.loads(json.dumps({k: v for k, v in options.items() if k != "sbd"}, default=str))}  # JSON-safe, checked before any work
     return write_shards(reader, out, overwrite=overwrite, source=source)
 

@@ -36,6 +36,7 @@ from PIL import Image
 from pyarrow import fs as pafs
 
 from wsss.datasets.base import IGNORE_INDEX, DataError, DatasetInfo, DatasetReader, Sample
+from wsss.datasets.lease import acquire
 from wsss.datasets.storage import canonical, check_bucket, join, resolve
 
 logger = logging.getLogger(__name__)
@@ -238,9 +239,9 @@ class DatasetPublisher:
 
     A run killed outright (SIGKILL, OOM, power loss) cannot roll back; the next publisher
     into the same output deletes that run's staging folder and temp manifest (only names
-    of exactly the form used here) when it starts. Two jobs writing the same output at
-    once are therefore not supported (they never were): each takes the other's staging
-    for a leftover.
+    of exactly the form used here) when it starts. A second job writing the same output
+    at once is refused (FolderInUseError): the publisher holds the output's lease
+    (`wsss.datasets.lease`) from before it looks for leftovers until it is done.
     """
 
     def __init__(self, location: str, overwrite: bool = False):
@@ -248,6 +249,7 @@ class DatasetPublisher:
         check_writable(self.location, overwrite)
         self.fs, self.root = resolve(self.location)
         self._created = _outermost_missing(self.fs, self.root)  # what `abort` may remove
+        self._lease = acquire(self.location, "a job writing shards")
         if self.fs.get_file_info(self.root).type == pafs.FileType.Directory:
             self._delete_leftovers()
         run = uuid.uuid4().hex
@@ -282,7 +284,9 @@ class DatasetPublisher:
             _delete_file(self.fs, path)
 
     def abort(self) -> None:
-        """Delete everything this run staged or placed; nothing once published."""
+        """Release the output's lease; delete everything this run staged or placed, nothing
+        once published."""
+        self._lease.release()  # first: the output folder goes only when it holds no file
         if self.published:
             return
         for path in [*([f"{self.root}/{MANIFEST_NAME}"] if self._replacing else []), *self._placed,

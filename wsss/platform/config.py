@@ -10,12 +10,15 @@ errors that name the key, raised before anything expensive starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsss.datasets.credentials import public_uri
 from wsss.datasets.storage import is_file
 from wsss.methods.base import BackboneConfig, method_sections, required_inputs
 
@@ -27,6 +30,16 @@ class ConfigError(ValueError):
 # Keys that were renamed: naming the old one is an error that names the new one.
 RENAMED_KEYS = {"csrm.init_checkpoint": "init_from"}
 LR_SCHEDULES = ("poly", "exponential")
+# A run or sweep name is one folder under storage_path (and part of a W&B id).
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def check_name(name: str, key: str) -> None:
+    """ConfigError unless `name` is one safe path segment: `../x` would write outside the
+    storage path, `a/b` would nest one run inside another's folder."""
+    if not SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{key}={name!r}: must be 1-128 letters, digits, '-', '_' or '.' (one folder "
+                          "name, not '.' or '..')")
 
 
 @dataclass
@@ -87,7 +100,9 @@ class TrainConfig:
     def validate(self) -> None:
         def check(ok: bool, key: str, why: str) -> None:
             if not ok:
-                raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
+                raise ConfigError(public_uri(f"{key}={getattr(self, key)!r}: {why}"))
+
+        check_finite_floats(self, "")
 
         try:
             sections = method_sections(self.method)
@@ -98,6 +113,9 @@ class TrainConfig:
                 raise ConfigError(f"config section [{name}] is not a part of method {self.method!r}")
         for name, cls in sections.items():
             self.sections.setdefault(name, cls())
+            check_finite_floats(self.sections[name], f"{name}.")
+        if self.name:
+            check_name(self.name, "name")
         if "target" in required_inputs(self.method) and not self.pseudo_labels:
             raise ConfigError(f"method {self.method!r} trains on pseudo-labels: set pseudo_labels=URI "
                               "(written by `wsss pseudo-labels`)")
@@ -111,6 +129,7 @@ class TrainConfig:
         check(0 < self.lr_decay_per_epoch <= 1, "lr_decay_per_epoch", "must be in (0, 1]")
         check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.poly_power >= 0, "poly_power", "must be >= 0 (0 = constant lr)")
         check(self.crop_size >= 16, "crop_size", "must be >= 16")
         check(0 < self.scale_min <= self.scale_max, "scale_min", "need 0 < scale_min <= scale_max")
         check(self.backbone in ("resnet18", "resnet50", "resnet101"), "backbone",
@@ -122,7 +141,10 @@ class TrainConfig:
         check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         check(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep every checkpoint)")
         check(self.checkpoint_upload in ("async", "sync"), "checkpoint_upload", "must be async or sync")
+        check(self.seed >= 0, "seed", "must be >= 0")
         check(self.eval_every >= 0, "eval_every", "must be >= 0")
+        check(self.eval_max_images >= 0, "eval_max_images", "must be >= 0 (0 = all)")
+        check(self.cam_images >= 0, "cam_images", "must be >= 0")
         check(self.wandb in ("auto", "online", "offline", "disabled"), "wandb",
               "must be auto, online, offline or disabled")
         check(self.log_every >= 1, "log_every", "must be >= 1")
@@ -279,11 +301,31 @@ def coerce(kind: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r}: expected a number") from None
+        return finite(number, key)
     if kind is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected a string")
         return str(value)
     return value
+
+
+def finite(number: float, key: str) -> float:
+    """Every float setting is finite: nan passes every `x > 0` check by failing none."""
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}={number!r}: must be a finite number")
+    return number
+
+
+def check_finite_floats(values: Any, prefix: str) -> None:
+    """`finite` for the float fields of a config dataclass built in code, not through `coerce`."""
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        if isinstance(value, float):
+            finite(value, f"{prefix}{f.name}")
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                if isinstance(item, float):
+                    finite(item, f"{prefix}{f.name}")

@@ -16,6 +16,7 @@ import numpy as np
 import ray
 import torch
 
+from wsss.datasets.credentials import public_uri
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import check_bucket, join, write_text
 from wsss.datasets.verification import remember_verified
@@ -123,8 +124,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
     scored = best_threshold(confusions) if threshold is None else score_at_threshold(confusions, threshold)
     index = THRESHOLDS.index(scored["threshold"])
     fpr, fnr = foreground_error_rates(confusions[index])
-    results = {"checkpoint": checkpoint, "data": data, "split": split, "method": state["config"]["method"],
-               "epoch": state["epoch"], "method_overrides": dict(method_overrides or {}),
+    results = {"checkpoint": public_uri(checkpoint), "data": public_uri(data), "split": split,
+               "method": state["config"]["method"], "epoch": state["epoch"],
+               "method_overrides": dict(method_overrides or {}),
                "scales": list(scales), "flip": flip, "classes": classes,
                "threshold_chosen_on": split if threshold is None else "given", **scored, "fg_fpr": fpr, "fg_fnr": fnr}
     results.update(cooccurrence_scores(confusions[index], manifest, state["config"]["train_split"]))

@@ -41,6 +41,7 @@ import torch
 
 from wsss.datasets.augment import decode_image, decode_label_map, multi_hot
 from wsss.datasets.base import IGNORE_INDEX, DataError
+from wsss.datasets.credentials import public_uri
 from wsss.datasets.reading import read_shard, to_numpy
 from wsss.datasets.shards import Manifest, check_writable, encode_mask, read_manifest, verify_checksums
 from wsss.datasets.storage import join, read_text
@@ -248,7 +249,8 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
             confusion += batch["confusion"][batch["has_mask"]].sum(axis=0)
             with_mask += int(batch["has_mask"].sum())
             ignored, pixels = ignored + int(batch["ignored"].sum()), pixels + int(batch["pixels"].sum())
-        source = {"kind": "pseudo-labels", "images": images.location, "split": split, "checkpoint": checkpoint,
+        source = {"kind": "pseudo-labels", "images": public_uri(images.location), "split": split,
+                  "checkpoint": public_uri(checkpoint),
                   **asdict(settings), "scales": list(settings.scales), "ignored_fraction": ignored / max(1, pixels),
                   "quality": _quality(confusion, with_mask, images.num_classes + 1)}
         writer.publish(source)
@@ -286,7 +288,7 @@ def ground_truth_labels(data: str, out: str, *, split: str = "train", overwrite:
                 raise DataError(uri, f"image {missing!r} has no mask: --mode {GROUND_TRUTH} needs one for every "
                                      f"image of split {split!r}")
             writer.write(index, ids, masks)  # the shards' masks are already mode-L PNGs
-        source = {"kind": "pseudo-labels", "images": images.location, "split": split, "mode": GROUND_TRUTH,
+        source = {"kind": "pseudo-labels", "images": public_uri(images.location), "split": split, "mode": GROUND_TRUTH,
                   "ignored_fraction": None, "quality": None}
         writer.publish(source)
     return source

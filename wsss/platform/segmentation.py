@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files
 from wsss.datasets.shards import read_manifest
+from wsss.datasets.credentials import public_uri
 from wsss.datasets.storage import join, write_text
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
@@ -157,9 +158,10 @@ def evaluate_segmentation(checkpoint: str, data: str, *, split: str = "val", sca
     if not totals:
         raise ValueError(f"{data}: split {split!r} has no images to evaluate")
     size = len(classes)
-    results = {"checkpoint": checkpoint, "data": data, "split": split, "method": state["config"]["method"],
-               "epoch": state["epoch"], "scales": list(scales), "flip": flip, "classes": classes,
-               "images": int(totals["oc"][0]), **_scores(totals["confusion"].reshape(size, size), totals["oc"]),
+    results = {"checkpoint": public_uri(checkpoint), "data": public_uri(data), "split": split,
+               "method": state["config"]["method"], "epoch": state["epoch"], "scales": list(scales), "flip": flip,
+               "classes": classes, "images": int(totals["oc"][0]),
+               **_scores(totals["confusion"].reshape(size, size), totals["oc"]),
                **cooccurrence_scores(totals["confusion"].reshape(size, size), manifest, state["config"]["train_split"])}
     if crf:
         results["crf"] = {"preset": crf_preset,
@@ -218,7 +220,7 @@ def main(args) -> int:
         run, checkpoint = result_locations(config, fit(config))
         data = config.data
         out = args.out or join(run, "segmentation")
-        print(f"trained {config.method}: run {run}, checkpoint {checkpoint}")
+        print(public_uri(f"trained {config.method}: run {run}, checkpoint {checkpoint}"))
     results = evaluate_segmentation(checkpoint, data, split=split, scales=scales, flip=not args.no_flip,
                                     crf=args.crf, crf_preset=args.crf_preset, max_images=args.max_images, out=out)
     print(segmentation_table(results))

@@ -7,6 +7,7 @@ turns itself off, it never stops training.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import netrc
 import os
@@ -15,8 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.datasets.credentials import REDACTED, public_uri
+
 logger = logging.getLogger(__name__)
 _SECRET = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
+# How long wandb.init waits for an online server before tracking turns off (W&B's default
+# is 90 s, then it may retry): a run must not wait minutes on an unreachable server.
+INIT_TIMEOUT_S = 20
 
 
 def resolve_mode(mode: str) -> str:
@@ -35,15 +41,23 @@ def resolve_mode(mode: str) -> str:
 
 
 def public_config(config: dict) -> dict:
-    """Config without anything that looks like a secret, at any depth."""
-    return {k: public_config(v) if isinstance(v, dict) else v
-            for k, v in config.items() if not _SECRET.search(k)}
+    """Config as it may be logged or saved: keys that look like secrets dropped and the
+    credentials of every URI (`s3://KEY:SECRET@bucket`) replaced by ***, at any depth."""
+    return {k: _public_value(v) for k, v in config.items() if not _SECRET.search(k)}
+
+
+def _public_value(value):
+    if isinstance(value, dict):
+        return public_config(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_public_value(v) for v in value)
+    return public_uri(value) if isinstance(value, str) else value
 
 
 class Tracker:
     """Logs to one W&B run; a no-op off rank 0, when disabled, or after a W&B failure."""
 
-    def __init__(self, *, project: str, name: str, group: str, mode: str, config: dict,
+    def __init__(self, *, project: str, name: str, run_id: str, group: str, mode: str, config: dict,
                  directory: str | Path, tags: list[str], enabled: bool = True):
         self.run = None
         mode = resolve_mode(mode)
@@ -53,13 +67,13 @@ class Tracker:
             import wandb
 
             Path(directory).mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(project=project, name=name, id=_run_id(name), resume="allow",
+            self.run = wandb.init(project=project, name=name, id=run_id, resume="allow",
                                   group=group or None, mode=mode, dir=str(directory), tags=tags,
                                   config=public_config(config), reinit="finish_previous",
                                   # the run's own epoch lines are the console output; W&B's are in its folder
-                                  settings=wandb.Settings(silent=True))
+                                  settings=wandb.Settings(silent=True, init_timeout=INIT_TIMEOUT_S))
         except Exception as error:  # unreachable server, bad key...: train anyway
-            logger.warning("W&B disabled for this run: %s", error)
+            logger.warning("W&B tracking is off for this run: %s", error)
             self.run = None
 
     def log(self, values: dict, step: int) -> None:
@@ -97,6 +111,10 @@ class Tracker:
             self.run = None
 
 
-def _run_id(name: str) -> str:
-    """Stable W&B id per run name, so a resumed run continues the same W&B run."""
-    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64]
+def run_id(storage_path: str, name: str) -> str:
+    """W&B id of the run `name` under `storage_path` (canonical): stable, so a resumed run
+    continues its W&B run, and unique per (storage path, name). The readable part alone
+    would make `exp.1` and `exp-1`, or one name under two storage paths, one W&B run."""
+    location = public_uri(storage_path).replace(f"://{REDACTED}@", "://")  # the same place, whoever reads it
+    digest = hashlib.sha256(f"{location}\0{name}".encode()).hexdigest()[:10]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', name)[:48]}-{digest}"

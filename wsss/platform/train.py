@@ -9,6 +9,7 @@ reported checkpoints there). Tune trials call `make_trainer` with their own call
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -21,6 +22,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from wsss.datasets.lease import acquire
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import canonical, delete_file, join, read_text, write_text
 from wsss.datasets.verification import remember_verified
@@ -33,7 +35,7 @@ from wsss.platform.data import eval_dataset, ingest_options, quiet_console, trai
 from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, make_optimizer,
                                 overlay_predictions, set_flush_denormal, train_epoch)
 from wsss.platform.metrics import cooccurring_pairs
-from wsss.platform.tracking import Tracker
+from wsss.platform.tracking import Tracker, public_config, run_id
 
 logger = logging.getLogger(__name__)
 DIVERGED_FILE = "diverged.txt"
@@ -78,7 +80,8 @@ def train_worker(loop_config: dict) -> None:
             start_epoch, step = restore(load_state(directory), method, optimizer)
     resumed_from = start_epoch
 
-    tracker = Tracker(project=config.wandb_project, name=loop_config["run_name"], group=config.wandb_group,
+    tracker = Tracker(project=config.wandb_project, name=loop_config["run_name"],
+                      run_id=loop_config["wandb_run_id"], group=config.wandb_group,
                       mode=config.wandb, config=config.to_dict(), directory=loop_config["wandb_dir"],
                       tags=[config.method, dataset["name"]], enabled=rank == 0)
 
@@ -113,7 +116,7 @@ def train_worker(loop_config: dict) -> None:
             tracker.log_cam_overlays(overlay_predictions(validation.overlays, metrics.get("threshold")),
                                      dataset["classes"], step)
         report_checkpoint(metrics, config, rank, lambda directory: save_checkpoint(
-            directory, method, optimizer, epoch=epoch + 1, step=step, config=config.to_dict(),
+            directory, method, optimizer, epoch=epoch + 1, step=step, config=public_config(config.to_dict()),
             dataset=dataset, metrics=metrics))
     tracker.finish()
 
@@ -151,7 +154,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
     manifest = read_manifest(config.data)
     for split in filter(None, (config.train_split, config.val_split)):
         manifest.rows(split)  # raises a DataError naming a missing split
-    name = config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    name = run_name(config)
     run_dir = join(canonical(config.storage_path), name)
     check_start(config, run_dir)  # before the shards' labels are read
     use_gpu = resolve_use_gpu(config.device)
@@ -177,6 +180,7 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
         "run_name": name,
         "run_dir": run_dir,
         "wandb_dir": wandb_dir(config.storage_path, name),
+        "wandb_run_id": run_id(canonical(config.storage_path), name),
     }
     # The same seed repeats a run: by default Ray Data hands out blocks in the order their
     # tasks finish, so the batches (and the result) would change from run to run.
@@ -214,12 +218,19 @@ def check_start(config: TrainConfig, run_dir: str | None = None) -> None:
         config.check_inputs()
 
 
+def run_name(config: TrainConfig) -> str:
+    return config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
 def fit(config: TrainConfig) -> ray.train.Result:
-    """Train to the end (or resume); raises NonFiniteLossError if the loss diverged."""
-    trainer = make_trainer(config)
-    diverged = join(trainer.train_loop_config["run_dir"], DIVERGED_FILE)
-    delete_file(diverged)  # a note left by an earlier attempt of this run
-    result = trainer.fit()
+    """Train to the end (or resume); raises NonFiniteLossError if the loss diverged, and
+    FolderInUseError if a live run of the same name and storage_path is writing there."""
+    config = dataclasses.replace(config, name=run_name(config))
+    with acquire(join(canonical(config.storage_path), config.name), "wsss train"):
+        trainer = make_trainer(config)
+        diverged = join(trainer.train_loop_config["run_dir"], DIVERGED_FILE)
+        delete_file(diverged)  # a note left by an earlier attempt of this run
+        result = trainer.fit()
     note = read_text(diverged)
     if note is not None:
         where = result.checkpoint.path if result.checkpoint else "none (diverged in the first epoch)"

@@ -34,6 +34,7 @@ from wsss.tuning.mirror import mirror
 from wsss.tuning.plots import scatter_png, tile_png
 
 OBJECTIVE = "miou"
+DIVERGED = "diverged"  # what `wsss tune` reports as a diverged trial's last result
 TABLE_KEY = "comparison"  # the wandb.Table in the report run
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_OVERLAYS = 8
@@ -57,6 +58,7 @@ class Record:
     name: str  # trial id or run name
     started: float = 0.0  # orders a sweep's trials
     full_miou: float | None = None  # full-protocol evaluation, where one exists
+    diverged: bool = False  # a sweep trial whose loss became NaN: listed, never ranked
     folders: list[Path] = field(default_factory=list)  # where its images may be
 
 
@@ -114,6 +116,7 @@ def read_sweep(folder: Path) -> list[Record]:
             miou=history[-1], history=history, source=folder.name, name=trial_id,
             started=first.get("timestamp", 0) - first.get("time_total_s", 0),
             full_miou=(best.get("evaluation") or {}).get(OBJECTIVE) if best.get("trial_id") == trial_id else None,
+            diverged=bool(results[-1].get(DIVERGED)),
             folders=[trial] + ([Path(checkpoint).parent] if checkpoint else [])))
     return trials
 
@@ -143,7 +146,7 @@ def comparison_rows(records: list[Record]) -> list[dict]:
     """One row per (method, dataset): its best configuration over seeds."""
     rows = []
     groups: dict[tuple, dict[str, list[Record]]] = {}
-    for record in records:
+    for record in (r for r in records if not r.diverged):
         groups.setdefault((record.method, record.dataset), {}).setdefault(record.configuration, []).append(record)
     for (method, dataset), configurations in sorted(groups.items()):
         best = max(configurations.values(), key=lambda rs: statistics.fmean(r.miou for r in rs))
@@ -180,6 +183,9 @@ def write_tables(rows: list[dict], records: list[Record], out: Path) -> None:
     cells = [table_cells(row) for row in rows]
     note = ("CAM mIoU: single-scale, best background threshold, final epoch, mean ± std over seeds; "
             "full protocol: multi-scale + flip.")
+    diverged = [f"{r.source}/{r.name}" for r in records if r.diverged]
+    if diverged:
+        note += f" Diverged (loss NaN or infinite; not ranked): {', '.join(diverged)}."
     markdown = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     markdown += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     write_text(str(out / "table.md"), "\n".join(markdown) + f"\n\n{note}\n")
@@ -193,9 +199,10 @@ def write_tables(rows: list[dict], records: list[Record], out: Path) -> None:
           row["full_miou"] if row["full_miou"] is not None else "", json.dumps(row["params"], sort_keys=True),
           ";".join(row["sources"])] for row in rows]))
     write_text(str(out / "records.csv"), csv_text(
-        ["source", "name", "method", "dataset", "seed", "miou", "epochs", "full_miou", "params"],
+        ["source", "name", "method", "dataset", "seed", "miou", "epochs", "full_miou", "params", "diverged"],
         [[r.source, r.name, r.method, r.dataset, r.seed, r.miou, len(r.history),
-          "" if r.full_miou is None else r.full_miou, json.dumps(r.params, sort_keys=True)] for r in records]))
+          "" if r.full_miou is None else r.full_miou, json.dumps(r.params, sort_keys=True), r.diverged]
+         for r in records]))
 
 
 def csv_text(header: list[str], rows: list[list]) -> str:

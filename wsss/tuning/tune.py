@@ -30,9 +30,11 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY as CHECKPOINT_PATH
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from wsss.datasets.credentials import is_redacted, public_uri
+from wsss.datasets.lease import acquire
 from wsss.datasets.shards import read_manifest
-from wsss.datasets.storage import canonical, is_uri, join, resolve, write_text
-from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_overrides
+from wsss.datasets.storage import canonical, delete_file, is_uri, join, read_text, resolve, write_text
+from wsss.platform.config import ConfigError, TrainConfig, check_name, load_config, parse_overrides
 from wsss.platform.runtime import ensure_ray
 from wsss.platform.tracking import public_config, resolve_mode
 from wsss.tuning.spaces import SearchSpace, build_space, load_space_file
@@ -40,6 +42,7 @@ from wsss.tuning.spaces import SearchSpace, build_space, load_space_file
 logger = logging.getLogger(__name__)
 
 OBJECTIVE = "miou"
+DIVERGED = "diverged"  # a trial's last result: its loss became NaN or infinite
 HEAD_DRIVER_RESOURCE = "head_driver"  # custom resource of the head node in cluster.yaml
 SWEEP_FILE = "sweep.json"
 BEST_FILE = "best.json"
@@ -63,18 +66,26 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
                 "concurrency": concurrency, "seed": seed,
                 "study_storage": study_storage or default_study_storage(sweep_dir, name),
                 "config": config.to_dict()}
+    check_name(name, "--name")
     space = _validate(config, settings)
     if resume:
         if read_json(join(sweep_dir, SWEEP_FILE)) is None:
-            raise ConfigError(f"--resume: no sweep {name!r} at {sweep_dir} (no {SWEEP_FILE})")
+            raise ConfigError(f"--resume: no sweep {name!r} at {public_uri(sweep_dir)} (no {SWEEP_FILE})")
         if not tune.Tuner.can_restore(sweep_dir):
-            raise ConfigError(f"--resume: {sweep_dir} holds no Tune experiment state to restore; "
+            raise ConfigError(f"--resume: {public_uri(sweep_dir)} holds no Tune experiment state to restore; "
                               f"start the sweep again under a new --name")
-    elif read_json(join(sweep_dir, SWEEP_FILE)) is not None:
-        raise ConfigError(f"--name {name}: a sweep already exists at {sweep_dir}; add --resume to "
-                          f"continue it or choose another name")
-    else:
-        write_json(join(sweep_dir, SWEEP_FILE), settings)
+    with acquire(sweep_dir, "wsss tune"):  # one driver per sweep, also for --resume
+        if not resume:
+            if read_json(join(sweep_dir, SWEEP_FILE)) is not None:
+                raise ConfigError(f"--name {name}: a sweep already exists at {public_uri(sweep_dir)}; add "
+                                  "--resume to continue it or choose another name")
+            write_json(join(sweep_dir, SWEEP_FILE), public_config(settings))
+        return _sweep(config, settings, space, sweep_dir, resume=resume, evaluate_best=evaluate_best)
+
+
+def _sweep(config: TrainConfig, settings: dict, space: SearchSpace, sweep_dir: str, *, resume: bool,
+           evaluate_best: bool) -> dict:
+    name, seed, trials = settings["name"], settings["seed"], settings["trials"]
     dataset = read_manifest(config.data).dataset
 
     ensure_ray()
@@ -91,8 +102,8 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
             tune_config=tune.TuneConfig(
                 metric=OBJECTIVE, mode="max", num_samples=trials,
                 search_alg=optuna_search(space, settings["study_storage"], name, seed),
-                scheduler=asha(config.epochs) if scheduler == "asha" else None,
-                max_concurrent_trials=max_concurrent_trials(config, concurrency),
+                scheduler=asha(config.epochs) if settings["scheduler"] == "asha" else None,
+                max_concurrent_trials=max_concurrent_trials(config, settings["concurrency"]),
                 trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=canonical(config.storage_path),
                                       callbacks=wandb_callbacks(wandb, config, name, dataset),
@@ -103,13 +114,14 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
     summary = summarize(results, name, sweep_dir)
     if evaluate_best and summary.get("checkpoint"):
         summary["evaluation"] = full_evaluation(summary["checkpoint"], config)
+    summary = public_config(summary)
     write_json(join(sweep_dir, BEST_FILE), summary)
     return summary
 
 
 def run_trial(params: dict, base: dict, train_storage: str) -> None:
     """One Tune trial: a Train V2 run of the base config with this trial's overrides."""
-    from wsss.platform.train import make_trainer, remember_read_splits
+    from wsss.platform.train import DIVERGED_FILE, make_trainer, remember_read_splits
 
     overrides = {k: v for k, v in params.items() if k != "run"}
     # The trial's name is its Tune id, so a trial restarted by --resume continues its Train
@@ -117,17 +129,26 @@ def run_trial(params: dict, base: dict, train_storage: str) -> None:
     config = TrainConfig.from_dict(base).with_overrides(
         {**overrides, "name": tune.get_context().get_trial_id(), "storage_path": train_storage,
          "wandb": "disabled"})
-    finished = finished_run_metrics(join(train_storage, config.name), config.epochs)
+    run_dir = join(train_storage, config.name)
+    finished = finished_run_metrics(run_dir, config.epochs)
     if finished:  # restarted by --resume after its last epoch: training would report nothing
         tune.report(finished)
         return
+    delete_file(join(run_dir, DIVERGED_FILE))  # a note left by an earlier attempt of this trial
     make_trainer(config, callbacks=[ObjectiveReport()]).fit()
     if config.verify_data:  # later trials read the shards without checking them again
         remember_read_splits(config)
+    note = read_text(join(run_dir, DIVERGED_FILE))
+    if note is not None:
+        # The Train run stopped without an error; this last result makes the trial score 0
+        # for the searcher and marks it diverged, so it is never the sweep's best.
+        last = last_checkpoint(run_dir)
+        tune.report({OBJECTIVE: 0.0, DIVERGED: True, "diverged_at": note,
+                     "epoch": (last[1]["epoch"] if last else 0) + 1})
 
 
-def finished_run_metrics(run_dir: str, epochs: int) -> dict | None:
-    """The last checkpoint's metrics if the Train run at `run_dir` has trained all epochs."""
+def last_checkpoint(run_dir: str) -> tuple[str, dict] | None:
+    """(location, checkpoint.json) of the newest checkpoint of the Train run at `run_dir`."""
     from pyarrow.fs import FileSelector, FileType
 
     from wsss.platform.checkpoints import INFO_FILE
@@ -137,14 +158,20 @@ def finished_run_metrics(run_dir: str, epochs: int) -> dict | None:
     checkpoints = sorted(e.base_name for e in entries
                          if e.type == FileType.Directory and e.base_name.startswith("checkpoint_"))
     info = read_json(join(run_dir, checkpoints[-1], INFO_FILE)) if checkpoints else None
-    if not info or info["epoch"] < epochs:
+    return (join(run_dir, checkpoints[-1]), info) if info else None
+
+
+def finished_run_metrics(run_dir: str, epochs: int) -> dict | None:
+    """The last checkpoint's metrics if the Train run at `run_dir` has trained all epochs."""
+    last = last_checkpoint(run_dir)
+    if not last or last[1]["epoch"] < epochs:
         return None
-    return {OBJECTIVE: 0.0, **info["metrics"], CHECKPOINT_PATH: join(run_dir, checkpoints[-1])}
+    return {OBJECTIVE: 0.0, **last[1]["metrics"], CHECKPOINT_PATH: last[0]}
 
 
 class ObjectiveReport(TuneReportCallback):
-    """Passes each epoch's metrics to Tune; a diverged run (no `miou` reported) scores 0,
-    so the searcher learns from it instead of the sweep stopping on a missing metric."""
+    """Passes each epoch's metrics to Tune; an epoch without `miou` scores 0, so the
+    searcher learns from it instead of the sweep stopping on a missing metric."""
 
     def after_report(self, run_context, metrics, checkpoint):
         first = {OBJECTIVE: 0.0, **metrics[0]}
@@ -242,10 +269,13 @@ def wandb_callbacks(mode: str, config: TrainConfig, sweep_name: str, dataset: st
 
 
 def summarize(results, name: str, sweep_dir: str) -> dict:
-    """Best trial by its final objective (what Optuna records), with its checkpoint."""
-    finished = [r for r in results if r.metrics and OBJECTIVE in r.metrics]
+    """Best trial by its final objective (what Optuna records), with its checkpoint; a
+    diverged trial is listed as such and never the best."""
+    diverged = [r for r in results if r.metrics and r.metrics.get(DIVERGED)]
+    finished = [r for r in results if r.metrics and OBJECTIVE in r.metrics and not r.metrics.get(DIVERGED)]
     summary = {"sweep": name, "sweep_dir": sweep_dir, "trials": len(results),
-               "finished": len(finished), "errored": len(results.errors)}
+               "finished": len(finished), "errored": len(results.errors),
+               "diverged": {r.metrics.get("trial_id"): r.metrics.get("diverged_at") for r in diverged}}
     if not finished:
         return summary
     best = max(finished, key=lambda r: r.metrics[OBJECTIVE])
@@ -305,6 +335,34 @@ def _validate(config: TrainConfig, settings: dict) -> SearchSpace:
     return space
 
 
+def with_credentials(saved: dict, args) -> tuple[TrainConfig, str]:
+    """The base config and study storage of a sweep to resume. sweep.json keeps URIs
+    without their credentials (`s3://***@bucket/x`): those, and only those, are given
+    again on the command line (--data, --storage-path, --study-storage, KEY=VALUE)."""
+    given = {**{k: v for k, v in (("data", args.data), ("storage_path", args.storage_path)) if v},
+             **parse_overrides(args.overrides)}
+    values = {"study_storage": saved["study_storage"], **TrainConfig.from_dict(saved["config"]).to_dict()}
+    flat = {**values, **{f"{s}.{k}": v for s, section in values.pop("sections").items() for k, v in section.items()}}
+    if args.study_storage:
+        given["study_storage"] = args.study_storage
+    for key, value in given.items():
+        if key not in flat or not (isinstance(flat[key], str) and is_redacted(flat[key])):
+            if key == "storage_path" or value == flat.get(key):
+                continue  # where the sweep was found; or unchanged
+            raise ConfigError(f"--resume continues the sweep as it was saved: {key}={value!r} would change it "
+                              f"(only values {SWEEP_FILE} keeps without credentials are given again)")
+    flat.update(given)
+    for key, value in flat.items():
+        if isinstance(value, str) and is_redacted(value):
+            flag = {"data": "--data", "storage_path": "--storage-path", "study_storage": "--study-storage"}
+            raise ConfigError(f"--resume: {SWEEP_FILE} keeps {key}={value!r} without its credentials; give it "
+                              f"again ({flag.get(key, f'{key}=URI')})")
+    study_storage = flat.pop("study_storage")
+    config = TrainConfig.from_dict(saved["config"]).with_overrides(
+        {k: v for k, v in given.items() if k != "study_storage"})
+    return config, study_storage
+
+
 def read_json(location: str) -> dict | None:
     fs, path = resolve(location)
     if fs.get_file_info(path).type.name != "File":
@@ -327,10 +385,10 @@ def main(args) -> int:
         saved = read_json(join(storage, args.name, SWEEP_FILE))
         if saved is None:
             raise ConfigError(f"--resume: no sweep {args.name!r} under {storage}")
-        config = TrainConfig.from_dict(saved["config"])
+        config, study_storage = with_credentials(saved, args)
         summary = run_sweep(config, trials=saved["trials"], space_specs=saved["space"],
                             scheduler=saved["scheduler"], concurrency=saved["concurrency"],
-                            seed=saved["seed"], name=saved["name"], study_storage=saved["study_storage"],
+                            seed=saved["seed"], name=saved["name"], study_storage=study_storage,
                             resume=True, evaluate_best=not args.no_eval)
     else:
         for flag in ("method", "data", "trials"):
