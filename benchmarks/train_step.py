@@ -93,7 +93,7 @@ def measure_step(spec: str, args: dict, queue) -> None:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    with FlopCounterMode(display=False, depth=2) as counter:  # one more step, counted: a machine-independent cost
+    with FlopCounterMode(display=False, depth=3) as counter:  # one more step, counted: a machine-independent cost
         train_step(args["warmup"] + args["steps"])
     queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "step_s": statistics.median(times),
                "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9,
@@ -106,9 +106,15 @@ def forward_flops_by_module(counts: dict) -> dict[str, float]:
     backward operations as one entry (the counter attributes those to modules unreliably)."""
     forward = {module: sum(v for op, v in ops.items() if "backward" not in str(op)) / 1e9
                for module, ops in counts.items()}
-    roots = [m for m in forward if "." not in m and m != "Global" and forward[m] > 0]
+    roots = [m for m in forward if "." not in m and m != "Global" and forward[m] >= 0.05]
     network = max(roots, key=forward.get)
-    children = [m for m in forward if m.startswith(network + ".") and m.count(".") == 1 and forward[m] > 0]
+
+    def parent(module: str) -> str:
+        return module.rsplit(".", 1)[0]
+
+    # the network's children, or grandchildren where a child is not called as a module
+    children = [m for m in forward if forward[m] >= 0.05 and m.startswith(network + ".") and
+                (parent(m) == network or (parent(m) not in forward and parent(parent(m)) == network))]
     backward = sum(v for op, v in counts["Global"].items() if "backward" in str(op)) / 1e9
     return {m: forward[m] for m in roots + children} | {"backward": backward}
 
