@@ -37,9 +37,9 @@ for stage in $stages; do
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | keep pytest.log "passed|failed|skipped|error|Error" ;;
     steps)  # step time, memory and FLOPs vs cam (issue 6: csrm <= 3x): the results protocol's size, then a ResNet-50 at 320 px
       timeout 150 python3 benchmarks/train_step.py --methods cam,lnl,cam+fsae,lnl+fsae,csrm,csrm+ocr --backbone resnet18 \
-          --size 96 --batch 16 --os 8 --steps 30 --warmup 5 2>&1 | keep step_small.log "^\||machine|Error"
+          --size 96 --batch 16 --os 8 --steps 30 --warmup 5 --rounds 1 2>&1 | keep step_small.log "^\||machine|Error"
       timeout 100 python3 benchmarks/train_step.py --methods cam,lnl,cam+fsae,csrm --backbone resnet50 --size 320 \
-          --batch 8 --os 16 --steps 10 --warmup 3 2>&1 | keep step_r50.log "^\||machine|Error" ;;
+          --batch 8 --os 16 --steps 10 --warmup 3 --rounds 1 2>&1 | keep step_r50.log "^\||machine|Error" ;;
     crf)  # csrm's CRF pseudo-labels on the CPU cores while the GPU steps (goal < 10% waiting)
       timeout 80 python3 benchmarks/csrm_crf_wait.py --size 320 --batch 8 --steps 10 --workers=-1,1,0 2>&1 \
           | keep crf_wait.log "^\||CPUs|Error" ;;

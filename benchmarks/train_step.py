@@ -1,16 +1,23 @@
-"""Step time and peak memory of each method vs `cam`, and Ray Train epoch time vs the plain loop.
+"""Step time, FLOPs and peak memory of each method vs `cam`, and Ray Train epoch time vs the plain loop.
 
-    python benchmarks/train_step.py                    # methods: cam lnl cam+fsae lnl+fsae
+    python benchmarks/train_step.py                    # methods: cam lnl cam+fsae lnl+fsae, 3 interleaved rounds
     python benchmarks/train_step.py --ray-vs-plain     # also one epoch on shards, Ray Train vs plain
-    python benchmarks/train_step.py --rounds 3         # interleaved rounds, best step of each method
+    python benchmarks/train_step.py --keep-denormals   # steps without flushing subnormal floats (flush_denormal=false)
     python benchmarks/train_step.py --cpu-amp          # also every method in bfloat16 autocast on CPU
 
 Every method is measured in its own fresh process (peak memory: CUDA max allocated on
 GPU, else the process's peak RSS above its level after building the model), on the same
-random batch, so the printed ratios come from one run on one machine. GFLOP counts the
-torch operations of one more step (forward and backward, not work in CRF processes): the
-time ratio a compute-bound machine cannot beat. Goals (issues 3, 4):
-lnl ≤ 1.5× time and memory of cam, fsae ≤ 2.2× time; Ray Train ≤ 1.1× plain after start-up.
+random batch, so the printed ratios come from one run on one machine. The timed steps come
+after `--warmup` training steps at the run's default lr: weights then reach the ranges
+where, without flushing, some methods compute on subnormal floats. GFLOP counts the torch
+operations of one more step (forward and backward, not work in CRF processes): the time
+ratio a compute-bound machine cannot beat; "time/FLOP" is the step's time ratio over its
+FLOP ratio (1 = as fast per FLOP as `cam`). The FLOPs of each forward are also broken
+down by module (a method's teacher modules appear by class name: they run outside the
+network's forward). Rounds are interleaved and each method's best kept: load that comes
+and goes hits every method alike. Goals: lnl ≤ 1.5× cam's time at OS 16 and ≤ 2× at OS 8,
+time/FLOP ≤ 1.15; fsae ≤ 2.2× time; csrm ≤ 3.5× FLOPs and ≤ 4× time; Ray Train ≤ 1.1× plain
+after start-up.
 """
 
 from __future__ import annotations
@@ -34,14 +41,16 @@ def measure_step(spec: str, args: dict, queue) -> None:
 
     from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method, required_inputs
     from wsss.platform.config import TrainConfig
-    from wsss.platform.loop import make_optimizer, uses_amp
+    from wsss.platform.loop import make_optimizer, set_flush_denormal, uses_amp
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     k, size, batch = args["classes"], args["size"], args["batch"]
     overrides = {"lnl.warmup_epochs": 0} if "lnl" in spec else {}  # measure the full method
     config = TrainConfig(method=spec, data="-", backbone=args["backbone"], output_stride=args["os"],
-                         backbone_weights="none", cpu_amp=args["cpu_amp"]).with_overrides(overrides)
+                         backbone_weights="none", cpu_amp=args["cpu_amp"],
+                         flush_denormal=args["flush_denormal"]).with_overrides(overrides)
+    set_flush_denormal(config, device)  # as training on this device does
     method = build_method(spec, k, config.sections, BackboneConfig(args["backbone"], args["os"], "none"))
     labels = torch.zeros(4, k + 1, dtype=torch.bool)
     labels[:, 0] = True
@@ -84,10 +93,30 @@ def measure_step(spec: str, args: dict, queue) -> None:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    with FlopCounterMode(display=False) as counter:  # one more step, counted: a machine-independent cost
+    with FlopCounterMode(display=False, depth=3) as counter:  # one more step, counted: a machine-independent cost
         train_step(args["warmup"] + args["steps"])
     queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "step_s": statistics.median(times),
-               "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9})
+               "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9,
+               "forward_gflop": forward_flops_by_module(counter.get_flop_counts())})
+
+
+def forward_flops_by_module(counts: dict) -> dict[str, float]:
+    """GFLOP of forward operations by module: each module called from outside another (the
+    network, and a teacher's parts called one by one), the network's children, and all
+    backward operations as one entry (the counter attributes those to modules unreliably)."""
+    forward = {module: sum(v for op, v in ops.items() if "backward" not in str(op)) / 1e9
+               for module, ops in counts.items()}
+    roots = [m for m in forward if "." not in m and m != "Global" and forward[m] >= 0.05]
+    network = max(roots, key=forward.get)
+
+    def parent(module: str) -> str:
+        return module.rsplit(".", 1)[0]
+
+    # the network's children, or grandchildren where a child is not called as a module
+    children = [m for m in forward if forward[m] >= 0.05 and m.startswith(network + ".") and
+                (parent(m) == network or (parent(m) not in forward and parent(parent(m)) == network))]
+    backward = sum(v for op, v in counts["Global"].items() if "backward" in str(op)) / 1e9
+    return {m: forward[m] for m in roots + children} | {"backward": backward}
 
 
 def in_fresh_process(target, *arguments):
@@ -144,14 +173,16 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--os", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each method's best is kept")
+    parser.add_argument("--warmup", type=int, default=20, help="training steps before the timed ones")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; ratios are each round's, the median shown")
+    parser.add_argument("--keep-denormals", action="store_true", help="train with flush_denormal=false (CPU)")
     parser.add_argument("--ray-vs-plain", action="store_true")
     parser.add_argument("--cpu-amp", action="store_true", help="also measure every method with `cpu_amp` (CPU only)")
     parser.add_argument("--images", type=int, default=256, help="images in the Ray vs plain epoch")
     args = parser.parse_args()
     settings = dict(backbone=args.backbone, size=args.size, batch=args.batch, classes=args.classes,
-                    os=args.os, steps=args.steps, warmup=args.warmup, cpu_amp=False)
+                    os=args.os, steps=args.steps, warmup=args.warmup, cpu_amp=False,
+                    flush_denormal=not args.keep_denormals)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
           f"load {os.getloadavg()[0]:.1f}; {json.dumps(settings)}")
     runs = [(spec, settings) for spec in dict.fromkeys(["cam", *args.methods.split(",")])]
@@ -159,23 +190,35 @@ def main() -> None:
         runs += [("cam", settings | {"os": 8}), ("lnl", settings | {"os": 8})]
     if args.cpu_amp:
         runs += [(spec, run_settings | {"cpu_amp": True}) for spec, run_settings in runs]
-    # Interleaved rounds, best of each: load that comes and goes hits every method alike.
-    measured = [in_fresh_process(measure_step, spec, run_settings)
-                for _ in range(args.rounds) for spec, run_settings in runs]
+    # Interleaved rounds, each method's time over cam's of the same round: load that comes
+    # and goes hits both alike; the median round is shown, with the spread over rounds.
+    measured = [in_fresh_process(measure_step, spec, run_settings) | {"round": index}
+                for index in range(args.rounds) for spec, run_settings in runs]
 
     def setting(run: dict) -> tuple:
         return run["os"], run["cpu_amp"]
 
-    rows = [min((r for r in measured if r["method"] == spec and setting(r) == setting(run_settings)),
-                key=lambda r: r["step_s"]) for spec, run_settings in runs]
-    print("| method | OS | CPU AMP | step s | × cam | peak MB | × cam | GFLOP | × cam |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    def rounds_of(spec: str, key: tuple) -> list[dict]:
+        return [r for r in measured if r["method"] == spec and setting(r) == key]
+
+    print("| method | OS | CPU AMP | step s | × cam (rounds) | peak MB | × cam | GFLOP | × cam | time/FLOP |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for spec, run_settings in runs:
+        key = setting(run_settings)
+        own, cam = rounds_of(spec, key), rounds_of("cam", key)
+        ratios = sorted(r["step_s"] / c["step_s"] for r, c in zip(own, cam, strict=True))
+        row = own[0] | {"step_s": statistics.median(r["step_s"] for r in own), "ratio": statistics.median(ratios),
+                        "peak_mb": min(r["peak_mb"] for r in own)}
+        rows.append(row)
+        flops = row["gflop"] / cam[0]["gflop"]
+        peak = row["peak_mb"] / max(min(c["peak_mb"] for c in cam), 1e-9)
+        print(f"| {spec} | {row['os']} | {'bf16' if row['cpu_amp'] else '-'} | {row['step_s']:.3f} | "
+              f"{row['ratio']:.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f}) | {row['peak_mb']:.0f} | {peak:.2f} | "
+              f"{row['gflop']:.1f} | {flops:.2f} | {row['ratio'] / flops:.2f} |")
     for row in rows:
-        ref = next(r for r in rows if r["method"] == "cam" and setting(r) == setting(row))
-        print(f"| {row['method']} | {row['os']} | {'bf16' if row['cpu_amp'] else '-'} | {row['step_s']:.3f} | "
-              f"{row['step_s'] / ref['step_s']:.2f} | "
-              f"{row['peak_mb']:.0f} | {row['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} | "
-              f"{row['gflop']:.1f} | {row['gflop'] / ref['gflop']:.2f} |")
+        parts = ", ".join(f"{module} {gflop:.1f}" for module, gflop in row["forward_gflop"].items())
+        print(f"{row['method']} OS {row['os']}{' bf16' if row['cpu_amp'] else ''} GFLOP by module: {parts}")
     for row in rows:
         if row["cpu_amp"]:
             fp32 = next(r for r in rows if r["method"] == row["method"] and setting(r) == (row["os"], False))

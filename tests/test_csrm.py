@@ -450,11 +450,15 @@ def train(method: CSRM, steps: int, steps_per_epoch: int = 1, epochs: int = 3, s
 def test_trains_in_a_plain_loop_with_every_term_after_warmup():
     method = make_method()
     calls = []
+    pasted = []
     method.network.register_forward_hook(
         lambda module, args, out: calls.append((args[0].shape[0], out["representation"].shape[0])))
+    method.network.register_forward_pre_hook(lambda module, args: pasted.append(
+        0 if method._step.mix_masks is None else int(method._step.mix_masks.flatten(1).any(dim=1).sum())))
     history = train(method, steps=3)  # step 0: warm-up; steps 1-2: every term
-    assert calls == [(2, 2), (4, 2), (4, 2)], \
-        "one student forward per step: weak view, then weak + mixed views; the representation of the weak view only"
+    assert calls == [(2 + rows, 2) for rows in pasted] and pasted[0] == 0, \
+        "one student forward per step: weak view, then weak + the rows ClassMix pasted into; " \
+        "the representation of the weak view only"
     for terms in history:
         assert set(terms) == {"cls", "seg", "s2c", "unsup", "contrast"}
         assert all(math.isfinite(v) for v in terms.values()), terms
@@ -465,6 +469,17 @@ def test_trains_in_a_plain_loop_with_every_term_after_warmup():
     teacher, student = dict(method.teacher.named_parameters()), dict(method.network.named_parameters())
     assert not all(torch.equal(teacher[k], student[k]) for k in student), "after warm-up the teacher is an EMA"
     assert not any(p.requires_grad for p in method.teacher.parameters())
+
+
+def test_rows_classmix_leaves_alone_take_their_unsup_logits_from_the_weak_view():
+    """At ClassMix probability 0 every "mixed" row is the weak image: the student runs the
+    weak view only, and L_u is still computed, on the weak view's logits."""
+    method = make_method(classmix_probability=0.0, warmup_epochs=0)
+    rows = []
+    method.network.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    history = train(method, steps=2)
+    assert rows == [2, 2]
+    assert all(terms["unsup"] > 0 and math.isfinite(terms["unsup"]) for terms in history), history
 
 
 def test_reliable_pixels_feed_queries_and_unsup_to_the_end_of_training(monkeypatch):

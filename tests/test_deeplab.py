@@ -11,6 +11,7 @@ from wsss.methods.deeplab import (
     DeepLabConfig,
     DeepLabV2Head,
     DeepLabV3PlusHead,
+    PaddingSkippingConv2d,
     segmentation_loss,
 )
 
@@ -56,6 +57,22 @@ def test_v2_head_sums_its_four_dilated_branches():
         assert branch.dilation == (rate, rate) and branch.kernel_size == (3, 3)
         expected += F.conv2d(features, branch.weight, branch.bias, padding=rate, dilation=rate)
     torch.testing.assert_close(head(features), expected)
+
+
+@pytest.mark.parametrize("height, width, dilation", [(8, 8, 12), (5, 9, 6), (8, 8, 6), (20, 20, 6)])
+def test_dilated_convolution_skipping_padding_taps_equals_the_full_one(height, width, dilation):
+    """Outputs and every gradient equal a plain dilated convolution's, whether no tap, some
+    or all taps off the centre fall wholly on padding."""
+    conv = PaddingSkippingConv2d(4, 3, 3, dilation)
+    features = torch.randn(2, 4, height, width, requires_grad=True)
+    skipped = conv(features)
+    full = F.conv2d(features, conv.weight, conv.bias, padding=dilation, dilation=dilation)
+    torch.testing.assert_close(skipped, full)
+    grad = torch.randn_like(full)
+    skipped_grads = torch.autograd.grad(skipped, (features, conv.weight, conv.bias), grad)
+    full_grads = torch.autograd.grad(full, (features, conv.weight, conv.bias), grad)
+    for got, expected in zip(skipped_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, expected)
 
 
 def test_segmentation_loss_is_cross_entropy_on_upsampled_logits_ignoring_255():

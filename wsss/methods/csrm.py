@@ -20,8 +20,9 @@ computing representations for the weak view only cut a step's FLOPs by 24%
 During warm-up the last three terms are 0 and the teacher is a plain copy of the student.
 
 One student forward per step through the contract: views {"image": weak view, "mixed":
-ClassMix of it} (no "mixed" during warm-up); the representation branch runs on the weak
-view's rows only, the only ones L_m reads. The teacher runs inside `views` on the weak
+the rows ClassMix pasted into} (no "mixed" during warm-up; an unpasted row is the weak
+image, whose outputs L_u takes from the weak view); the representation branch runs on the
+weak view's rows only, the only ones L_m reads. The teacher runs inside `views` on the weak
 view: its CAMs go to the CRF workers first (`csrm_pseudo`), then its decoders run while the
 CRF works; L_s (the only term needing the CRF) is computed last.
 
@@ -180,6 +181,7 @@ class _Step:
         self.pseudo_labels = None  # PendingPseudoLabels
         self.crf_wait_before = 0.0  # the labeler's wait_seconds when this step submitted its CRFs
         self.teacher_probs = self.teacher_targets = self.teacher_rep = self.mix_masks = None
+        self.mixed_rows = None  # long [M]: rows of the batch ClassMix pasted into, the "mixed" view's rows
 
 
 @register_method
@@ -286,7 +288,10 @@ class CSRM(Method):
             labels = labels.masked_fill(~valid_at(valid, labels.shape[-2:]), IGNORE_INDEX)
             labels = resize_labels(labels, images.shape[-2:])
             mixed, _, step.mix_masks = classmix(images, labels, step.cpu_generator, self.config.classmix_probability)
-        return {"image": images, "mixed": mixed}
+        # A row ClassMix pasted nothing into is the weak image itself (half of them at the
+        # paper's probability 0.5): its outputs are the weak view's, so only pasted rows run.
+        step.mixed_rows = step.mix_masks.flatten(1).any(dim=1).nonzero()[:, 0]
+        return {"image": images, "mixed": mixed[step.mixed_rows]}
 
     def run_network(self, views):
         """The weak view first: the representation branch runs on its rows only."""
@@ -321,7 +326,8 @@ class CSRM(Method):
             mixed_reliable = reliable_mask(mix_like(step.teacher_probs, step.mix_masks), 1.0 - alpha,
                                            mix_like(valid, step.mix_masks))
             target = mix_like(step.teacher_targets, step.mix_masks).argmax(dim=1)
-            terms["unsup"] = cfg.unsup_weight * segmentation_loss(outputs["mixed"]["seg_logits"],
+            mixed_logits = student["seg_logits"].index_copy(0, step.mixed_rows, outputs["mixed"]["seg_logits"])
+            terms["unsup"] = cfg.unsup_weight * segmentation_loss(mixed_logits,
                                                                   target.masked_fill(~mixed_reliable, IGNORE_INDEX))
 
         pseudo_labels = step.pseudo_labels.result(batch["image"].device)  # last: the CRF ran meanwhile

@@ -26,6 +26,37 @@ VARIANTS = ("v2", "v3plus")
 DECODER_INPUT_CHANNELS = 256 + 48  # DeepLabV3+: ASPP output ⊕ projected low-level features
 
 
+class PaddingSkippingConv2d(nn.Conv2d):
+    """A dilated, "same"-padded convolution that leaves out the kernel taps that can only land
+    on zero padding: on an 8×8 map (a 128 px crop at output stride 16) ASPP's 3×3 at dilation
+    12 or 18 is its centre tap, a 1×1. Exact: the skipped taps multiply zeros, so outputs and
+    gradients are the full convolution's (their weights' gradients are 0 either way). Holds
+    the same parameters as `nn.Conv2d` (checkpoints are unchanged)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int, bias: bool = True):
+        if kernel_size % 2 == 0:
+            raise ValueError(f"PaddingSkippingConv2d needs an odd kernel size, got {kernel_size}")
+        super().__init__(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2),
+                         dilation=dilation, bias=bias)
+
+    def _conv_forward(self, input, weight, bias):
+        centre, dilation = self.kernel_size[0] // 2, self.dilation[0]
+        # taps up to `reach` from the centre can meet a pixel of an h×w map: |offset| ≤ size − 1
+        reach_h, reach_w = (min(centre, (size - 1) // dilation) for size in input.shape[-2:])
+        if (reach_h, reach_w) == (centre, centre):
+            return super()._conv_forward(input, weight, bias)
+        weight = weight[:, :, centre - reach_h:centre + reach_h + 1, centre - reach_w:centre + reach_w + 1]
+        return F.conv2d(input, weight, bias, padding=(reach_h * dilation, reach_w * dilation), dilation=dilation)
+
+
+def _skip_padding_taps(aspp: ASPP) -> ASPP:
+    """torchvision's ASPP with its dilated 3×3 branches as `PaddingSkippingConv2d`."""
+    for branch in aspp.convs[1:-1]:  # [0] is the 1×1 branch, [-1] image pooling
+        conv = branch[0]
+        branch[0] = PaddingSkippingConv2d(conv.in_channels, conv.out_channels, 3, conv.dilation[0], bias=False)
+    return aspp
+
+
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
@@ -48,7 +79,7 @@ class DeepLabV3PlusHead(nn.Module):
     def __init__(self, in_channels: int, low_channels: int, num_outputs: int,
                  aspp_rates: Sequence[int] = (6, 12, 18)):
         super().__init__()
-        self.aspp = ASPP(in_channels, list(aspp_rates), out_channels=256)
+        self.aspp = _skip_padding_taps(ASPP(in_channels, list(aspp_rates), out_channels=256))
         self.low_projection = _conv_bn_relu(low_channels, 48, 1)
         self.fuse = fuse_layers()
         self.classifier = nn.Conv2d(256, num_outputs, 1)
@@ -91,7 +122,7 @@ class DeepLabV2Head(nn.Module):
     def __init__(self, in_channels: int, num_outputs: int, rates: Sequence[int] = (6, 12, 18, 24)):
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Conv2d(in_channels, num_outputs, 3, padding=rate, dilation=rate) for rate in rates
+            PaddingSkippingConv2d(in_channels, num_outputs, 3, dilation=rate) for rate in rates
         )
         for branch in self.branches:  # the original's initialisation: N(0, 0.01), zero bias
             nn.init.normal_(branch.weight, std=0.01)
