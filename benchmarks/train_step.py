@@ -4,12 +4,15 @@
     python benchmarks/train_step.py --ray-vs-plain     # also one epoch on shards, Ray Train vs plain
     python benchmarks/train_step.py --rounds 3         # interleaved rounds, best step of each method
     python benchmarks/train_step.py --cpu-amp          # also every method in bfloat16 autocast on CPU
+    python benchmarks/train_step.py --methods cam,lnl,csrm --size 512 --batch 16 --peak-tflops 989 \
+        --json steps.json                              # on a GPU: bf16 autocast, share of the chip's peak
 
 Every method is measured in its own fresh process (peak memory: CUDA max allocated on
 GPU, else the process's peak RSS above its level after building the model), on the same
 random batch, so the printed ratios come from one run on one machine. GFLOP counts the
 torch operations of one more step (forward and backward, not work in CRF processes): the
-time ratio a compute-bound machine cannot beat. Goals (issues 3, 4):
+time ratio a compute-bound machine cannot beat; divided by the step time it is the
+achieved TFLOP/s, and by --peak-tflops the share of the chip's peak. Goals (issues 3, 4):
 lnl ≤ 1.5× time and memory of cam, fsae ≤ 2.2× time; Ray Train ≤ 1.1× plain after start-up.
 """
 
@@ -37,7 +40,7 @@ def measure_step(spec: str, args: dict, queue) -> None:
     from wsss.platform.loop import make_optimizer, uses_amp
 
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args["device"])
     k, size, batch = args["classes"], args["size"], args["batch"]
     overrides = {"lnl.warmup_epochs": 0} if "lnl" in spec else {}  # measure the full method
     config = TrainConfig(method=spec, data="-", backbone=args["backbone"], output_stride=args["os"],
@@ -86,8 +89,10 @@ def measure_step(spec: str, args: dict, queue) -> None:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
     with FlopCounterMode(display=False) as counter:  # one more step, counted: a machine-independent cost
         train_step(args["warmup"] + args["steps"])
-    queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "step_s": statistics.median(times),
-               "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9})
+    step_s = statistics.median(times)
+    queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "amp": uses_amp(config, device),
+               "step_s": step_s, "images_per_s": batch / step_s, "peak_mb": peak_mb,
+               "gflop": counter.get_total_flops() / 1e9})
 
 
 def in_fresh_process(target, *arguments):
@@ -109,9 +114,11 @@ def in_fresh_process(target, *arguments):
 def ray_vs_plain(args) -> dict:
     """One epoch on the same shards: Ray Train (1 worker) vs the plain loop, after warm-up.
 
-    The Ray Train worker trains with `cpu_threads` torch threads (default: every core of the
-    node, as the plain loop's torch default); the plain loop runs with one thread and with
-    torch's default, so both the equal-threads ratio and the one-thread baseline show."""
+    On CPU the Ray Train worker trains with `cpu_threads` torch threads (default: every core
+    of the node, as the plain loop's torch default); the plain loop runs with one thread and
+    with torch's default, so both the equal-threads ratio and the one-thread baseline show.
+    On a GPU both train there (bf16 autocast; Ray Train's worker on the NCCL backend), the
+    plain loop decoding in --loader-workers DataLoader processes, Ray Data on the other cores."""
     import torch
 
     from wsss.datasets.prepare import prepare
@@ -126,13 +133,18 @@ def ray_vs_plain(args) -> dict:
                   backbone_weights="none", batch_size=args.batch, crop_size=args.size, epochs=2,
                   eval_every=0, wandb="disabled", storage_path=f"{work}/runs")
     plain = {}
-    for threads in sorted({1, torch.get_num_threads()}):
-        torch.set_num_threads(threads)
-        _, history = train_plain(TrainConfig(**common))
-        plain[threads] = history[-1]  # the second epoch: start-up excluded
+    if args.device == "cuda":
+        _, history = train_plain(TrainConfig(**common), loader_workers=args.loader_workers, device="cuda")
+        plain[torch.get_num_threads()] = history[-1]  # the second epoch: start-up excluded
+    else:
+        for threads in sorted({1, torch.get_num_threads()}):
+            torch.set_num_threads(threads)
+            _, history = train_plain(TrainConfig(**common), device="cpu")
+            plain[threads] = history[-1]
     ensure_ray(os.cpu_count())  # as `wsss train` starts a local Ray
-    ray_epoch = fit(TrainConfig(name="bench", **common)).metrics
-    return {"ray": ray_epoch, "ray_threads": cpu_threads(0, 1), "plain": plain}
+    device = "gpu" if args.device == "cuda" else "cpu"
+    ray_epoch = fit(TrainConfig(name="bench", device=device, **common)).metrics
+    return {"ray": ray_epoch, "ray_threads": cpu_threads(0, 1), "plain": plain, "device": device}
 
 
 def main() -> None:
@@ -149,9 +161,17 @@ def main() -> None:
     parser.add_argument("--ray-vs-plain", action="store_true")
     parser.add_argument("--cpu-amp", action="store_true", help="also measure every method with `cpu_amp` (CPU only)")
     parser.add_argument("--images", type=int, default=256, help="images in the Ray vs plain epoch")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is one")
+    parser.add_argument("--loader-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="DataLoader processes of the plain epoch on a GPU")
+    parser.add_argument("--peak-tflops", type=float, default=0, help="the chip's peak, for the share column")
+    parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
+    if args.device == "auto":
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = dict(backbone=args.backbone, size=args.size, batch=args.batch, classes=args.classes,
-                    os=args.os, steps=args.steps, warmup=args.warmup, cpu_amp=False)
+                    os=args.os, steps=args.steps, warmup=args.warmup, cpu_amp=False, device=args.device)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
           f"load {os.getloadavg()[0]:.1f}; {json.dumps(settings)}")
     runs = [(spec, settings) for spec in dict.fromkeys(["cam", *args.methods.split(",")])]
@@ -168,26 +188,34 @@ def main() -> None:
 
     rows = [min((r for r in measured if r["method"] == spec and setting(r) == setting(run_settings)),
                 key=lambda r: r["step_s"]) for spec, run_settings in runs]
-    print("| method | OS | CPU AMP | step s | × cam | peak MB | × cam | GFLOP | × cam |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        row["tflop_per_s"] = row["gflop"] / row["step_s"] / 1e3
+        if args.peak_tflops:
+            row["peak_share"] = row["tflop_per_s"] / args.peak_tflops
+    print("| method | OS | bf16 | step s | × cam | images/s | TFLOP/s | peak share | peak MB | × cam | GFLOP | × cam |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         ref = next(r for r in rows if r["method"] == "cam" and setting(r) == setting(row))
-        print(f"| {row['method']} | {row['os']} | {'bf16' if row['cpu_amp'] else '-'} | {row['step_s']:.3f} | "
-              f"{row['step_s'] / ref['step_s']:.2f} | "
-              f"{row['peak_mb']:.0f} | {row['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} | "
+        share = f"{row['peak_share']:.1%}" if "peak_share" in row else "-"
+        print(f"| {row['method']} | {row['os']} | {'yes' if row['amp'] else '-'} | {row['step_s']:.3f} | "
+              f"{row['step_s'] / ref['step_s']:.2f} | {row['images_per_s']:.1f} | {row['tflop_per_s']:.2f} | "
+              f"{share} | {row['peak_mb']:.0f} | {row['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} | "
               f"{row['gflop']:.1f} | {row['gflop'] / ref['gflop']:.2f} |")
     for row in rows:
         if row["cpu_amp"]:
             fp32 = next(r for r in rows if r["method"] == row["method"] and setting(r) == (row["os"], False))
             print(f"{row['method']} OS {row['os']}: bf16 step / float32 step {row['step_s'] / fp32['step_s']:.2f}")
-    if args.ray_vs_plain:
-        timing = ray_vs_plain(args)
+    timing = ray_vs_plain(args) if args.ray_vs_plain else None
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"settings": settings, "rows": rows, "ray_vs_plain": timing}, file, indent=1, default=str)
+    if timing:
         ray_epoch = timing["ray"]
 
         def parts(epoch: dict) -> str:  # waiting for input vs the rest (the steps)
             return f"{epoch['input_wait_s']:.2f} s waiting for input, {epoch['epoch_time_s'] - epoch['input_wait_s']:.1f} s in steps"
 
-        print(f"epoch time after start-up: Ray Train (1 worker, {timing['ray_threads']} torch thread(s)) "
+        print(f"epoch time after start-up: Ray Train (1 {timing['device']} worker, {timing['ray_threads']} torch thread(s)) "
               f"{ray_epoch['epoch_time_s']:.1f} s ({parts(ray_epoch)})")
         for threads, plain in timing["plain"].items():
             print(f"  plain loop, {threads} torch thread(s): {plain['epoch_time_s']:.1f} s ({parts(plain)}) "
