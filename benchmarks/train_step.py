@@ -147,6 +147,11 @@ def ray_vs_plain(args) -> dict:
     return {"ray": ray_epoch, "ray_threads": cpu_threads(0, 1), "plain": plain, "device": device}
 
 
+def write_json(path: str, results: dict) -> None:
+    with open(path, "w") as file:
+        json.dump(results, file, indent=1, default=str)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="cam,lnl,cam+fsae,lnl+fsae")
@@ -159,6 +164,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each method's best is kept")
     parser.add_argument("--ray-vs-plain", action="store_true")
+    parser.add_argument("--os8", action=argparse.BooleanOptionalAction, default=True,
+                        help="with lnl at OS 16, also cam and lnl at OS 8")
     parser.add_argument("--cpu-amp", action="store_true", help="also measure every method with `cpu_amp` (CPU only)")
     parser.add_argument("--images", type=int, default=256, help="images in the Ray vs plain epoch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is one")
@@ -175,7 +182,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
           f"load {os.getloadavg()[0]:.1f}; {json.dumps(settings)}")
     runs = [(spec, settings) for spec in dict.fromkeys(["cam", *args.methods.split(",")])]
-    if "lnl" in args.methods.split(",") and args.os == 16:
+    if "lnl" in args.methods.split(",") and args.os == 16 and args.os8:
         runs += [("cam", settings | {"os": 8}), ("lnl", settings | {"os": 8})]
     if args.cpu_amp:
         runs += [(spec, run_settings | {"cpu_amp": True}) for spec, run_settings in runs]
@@ -205,11 +212,12 @@ def main() -> None:
         if row["cpu_amp"]:
             fp32 = next(r for r in rows if r["method"] == row["method"] and setting(r) == (row["os"], False))
             print(f"{row['method']} OS {row['os']}: bf16 step / float32 step {row['step_s'] / fp32['step_s']:.2f}")
-    timing = ray_vs_plain(args) if args.ray_vs_plain else None
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"settings": settings, "rows": rows, "ray_vs_plain": timing}, file, indent=1, default=str)
-    if timing:
+    if args.json:  # the steps' results stay if the epochs below fail
+        write_json(args.json, {"settings": settings, "rows": rows})
+    if args.ray_vs_plain:
+        timing = ray_vs_plain(args)
+        if args.json:
+            write_json(args.json, {"settings": settings, "rows": rows, "ray_vs_plain": timing})
         ray_epoch = timing["ray"]
 
         def parts(epoch: dict) -> str:  # waiting for input vs the rest (the steps)
