@@ -24,6 +24,7 @@
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$repo"
 bundle=${BUNDLE:-$repo/.bundle/cp312}
 python=${PYTHON:-python3}
 stages=${*:-steps crf ingest}
