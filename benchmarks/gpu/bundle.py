@@ -162,10 +162,14 @@ def resolve(roots: list[Requirement], have: set[str], python: str, cache: Path,
     return {name: cached[name] for name in sorted(needed)}, present
 
 
-def slim_ray(wheel: Path, out: Path) -> Path:
+def slim_ray(wheel: Path, out: Path, xz_level: int) -> Path:
     """Ray's wheel unpacked without the parts wsss never imports, as a tar.xz."""
-    with tempfile.TemporaryDirectory() as unpacked:
-        zipfile.ZipFile(wheel).extractall(unpacked)
+    with tempfile.TemporaryDirectory() as unpacked, zipfile.ZipFile(wheel) as archive:
+        for member in archive.infolist():
+            path = archive.extract(member, unpacked)
+            mode = member.external_attr >> 16 & 0o777  # zipfile drops it: Ray's gcs_server and raylet are programs
+            if mode:
+                os.chmod(path, mode)
         for folder in RAY_SLIMMED:
             shutil.rmtree(Path(unpacked, folder))
         for source_map in Path(unpacked, "ray/dashboard").rglob("*.map"):
@@ -173,7 +177,7 @@ def slim_ray(wheel: Path, out: Path) -> Path:
         _, version, _, _ = parse_wheel_filename(wheel.name)
         archive = out / f"ray-{version}-slim.tar.xz"
         subprocess.run(["tar", "-C", unpacked, "-cJf", str(archive), "."], check=True,
-                       env={**os.environ, "XZ_OPT": "-6 -T2"})
+                       env={**os.environ, "XZ_OPT": f"-{xz_level} -T2"})
     return archive
 
 
@@ -213,6 +217,7 @@ def main() -> None:
     parser.add_argument("--build-python", default=None,
                         help="a CPython of the target's version, to build wheels PyPI lacks "
                              "(default: /root/.pyenv/versions/<version>*/bin/python, else pythonX.Y)")
+    parser.add_argument("--xz-level", type=int, default=6, help="xz preset of Ray's tar.xz (1: faster, larger)")
     parser.add_argument("--out", default=None, help="default: .bundle/cp<version> in the repository")
     args = parser.parse_args()
 
@@ -230,7 +235,7 @@ def main() -> None:
         raise SystemExit("ray is on the target already (--have-file): this bundle is for one without it")
     shutil.rmtree(out, ignore_errors=True)
     (out / "wheels").mkdir(parents=True)
-    ray = slim_ray(wheels.pop("ray"), out)
+    ray = slim_ray(wheels.pop("ray"), out, args.xz_level)
     for wheel in wheels.values():
         shutil.copy2(wheel, out / "wheels")
     project_wheel(out / "wheels")
