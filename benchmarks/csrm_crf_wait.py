@@ -30,7 +30,7 @@ def measure(settings: dict, workers: int, queue) -> None:
     torch.manual_seed(0)
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(settings["device"])
     k, size, batch = settings["classes"], settings["size"], settings["batch"]
     config = CSRMConfig(crf_workers=workers, warmup_epochs=0)
     method = build_method("csrm", k, {"csrm": config}, BackboneConfig(settings["backbone"], 16, "none"))
@@ -87,15 +87,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", default="-1,0", help="comma-separated csrm.crf_workers values")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the training process (0: default)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is one")
+    parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
+    if args.device == "auto":
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = dict(backbone=args.backbone, size=args.size, batch=args.batch, classes=args.classes,
-                    steps=args.steps, warmup=args.warmup, threads=args.threads)
+                    steps=args.steps, warmup=args.warmup, threads=args.threads, device=args.device)
     print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {json.dumps(settings)}")
     print("| crf_workers | device | step s | CRF wait s/step | wait share |\n|---|---|---|---|---|")
+    rows = []
     for workers in (int(w) for w in args.workers.split(",")):
-        row = in_fresh_process(settings, workers)
+        rows.append(in_fresh_process(settings, workers))
+        row = rows[-1]
         print(f"| {row['crf_workers']} | {row['device']} | {row['step_s']:.3f} | {row['crf_wait_s_per_step']:.3f} | "
-              f"{100 * row['crf_wait_fraction']:.1f}% |")
+              f"{100 * row['crf_wait_fraction']:.1f}% |", flush=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"settings": settings, "cpus": os.cpu_count(), "rows": rows}, file, indent=1)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import json
 import multiprocessing
 import os
 import platform
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument("--read-cpus", default="", help="also CPUs per Ray Data read task, comma-separated")
     parser.add_argument("--map-batches", default="", help="also rows per map_batches call, comma-separated")
     parser.add_argument("--data", default="", help="reuse shards here (written if absent)")
+    parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -260,6 +262,10 @@ def main() -> None:
         print(f"{name:<7} per CPU / decode only (wall)    = {wall[name] / args.cpus / wall['decode']:.2f}x")
         print(f"{name:<7} / bare, images per CPU-second   = {cpu[name] / cpu['bare']:.2f}x")
     print(f"loader  / bare, images per CPU-second   = {cpu['loader'] / cpu['bare']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"cpus": args.cpus, "images": images, "crop": args.crop, "batch": args.batch,
+                       "images_per_s": wall, "images_per_cpu_s": cpu, "first_batch_s": first_batch_s}, file, indent=1)
 
 
 if __name__ == "__main__":

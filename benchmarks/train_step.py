@@ -4,6 +4,8 @@
     python benchmarks/train_step.py --ray-vs-plain     # also one epoch on shards, Ray Train vs plain
     python benchmarks/train_step.py --keep-denormals   # steps without flushing subnormal floats (flush_denormal=false)
     python benchmarks/train_step.py --cpu-amp          # also every method in bfloat16 autocast on CPU
+    python benchmarks/train_step.py --methods cam,lnl,csrm --size 512 --batch 16 --peak-tflops 989 \
+        --json steps.json                              # on a GPU: bf16 autocast, share of the chip's peak
 
 Every method is measured in its own fresh process (peak memory: CUDA max allocated on
 GPU, else the process's peak RSS above its level after building the model), on the same
@@ -12,10 +14,11 @@ after `--warmup` training steps at the run's default lr: weights then reach the 
 where, without flushing, some methods compute on subnormal floats. GFLOP counts the torch
 operations of one more step (forward and backward, not work in CRF processes): the time
 ratio a compute-bound machine cannot beat; "time/FLOP" is the step's time ratio over its
-FLOP ratio (1 = as fast per FLOP as `cam`). The FLOPs of each forward are also broken
-down by module (a method's teacher modules appear by class name: they run outside the
-network's forward). Rounds are interleaved and each method's best kept: load that comes
-and goes hits every method alike. Goals: lnl ≤ 1.5× cam's time at OS 16 and ≤ 2× at OS 8,
+FLOP ratio (1 = as fast per FLOP as `cam`); divided by the step time it is the achieved
+TFLOP/s, and by --peak-tflops the share of the chip's peak. The FLOPs of each forward are
+also broken down by module (a method's teacher modules appear by class name: they run
+outside the network's forward). Rounds are interleaved and each method's time is divided by
+`cam`'s of the same round, the median round shown: load that comes and goes hits both alike. Goals: lnl ≤ 1.5× cam's time at OS 16 and ≤ 2× at OS 8,
 time/FLOP ≤ 1.15; fsae ≤ 2.2× time; csrm ≤ 3.5× FLOPs and ≤ 4× time; Ray Train ≤ 1.1× plain
 after start-up.
 """
@@ -44,7 +47,7 @@ def measure_step(spec: str, args: dict, queue) -> None:
     from wsss.platform.loop import make_optimizer, set_flush_denormal, uses_amp
 
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args["device"])
     k, size, batch = args["classes"], args["size"], args["batch"]
     overrides = {"lnl.warmup_epochs": 0} if "lnl" in spec else {}  # measure the full method
     config = TrainConfig(method=spec, data="-", backbone=args["backbone"], output_stride=args["os"],
@@ -95,8 +98,10 @@ def measure_step(spec: str, args: dict, queue) -> None:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
     with FlopCounterMode(display=False, depth=3) as counter:  # one more step, counted: a machine-independent cost
         train_step(args["warmup"] + args["steps"])
-    queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "step_s": statistics.median(times),
-               "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9,
+    step_s = statistics.median(times)
+    queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "amp": uses_amp(config, device),
+               "step_s": step_s, "images_per_s": batch / step_s, "peak_mb": peak_mb,
+               "gflop": counter.get_total_flops() / 1e9,
                "forward_gflop": forward_flops_by_module(counter.get_flop_counts())})
 
 
@@ -138,9 +143,11 @@ def in_fresh_process(target, *arguments):
 def ray_vs_plain(args) -> dict:
     """One epoch on the same shards: Ray Train (1 worker) vs the plain loop, after warm-up.
 
-    The Ray Train worker trains with `cpu_threads` torch threads (default: every core of the
-    node, as the plain loop's torch default); the plain loop runs with one thread and with
-    torch's default, so both the equal-threads ratio and the one-thread baseline show."""
+    On CPU the Ray Train worker trains with `cpu_threads` torch threads (default: every core
+    of the node, as the plain loop's torch default); the plain loop runs with one thread and
+    with torch's default, so both the equal-threads ratio and the one-thread baseline show.
+    On a GPU both train there (bf16 autocast; Ray Train's worker on the NCCL backend), the
+    plain loop decoding in --loader-workers DataLoader processes, Ray Data on the other cores."""
     import torch
 
     from wsss.datasets.prepare import prepare
@@ -155,13 +162,23 @@ def ray_vs_plain(args) -> dict:
                   backbone_weights="none", batch_size=args.batch, crop_size=args.size, epochs=2,
                   eval_every=0, wandb="disabled", storage_path=f"{work}/runs")
     plain = {}
-    for threads in sorted({1, torch.get_num_threads()}):
-        torch.set_num_threads(threads)
-        _, history = train_plain(TrainConfig(**common))
-        plain[threads] = history[-1]  # the second epoch: start-up excluded
+    if args.device == "cuda":
+        _, history = train_plain(TrainConfig(**common), loader_workers=args.loader_workers, device="cuda")
+        plain[torch.get_num_threads()] = history[-1]  # the second epoch: start-up excluded
+    else:
+        for threads in sorted({1, torch.get_num_threads()}):
+            torch.set_num_threads(threads)
+            _, history = train_plain(TrainConfig(**common), device="cpu")
+            plain[threads] = history[-1]
     ensure_ray(os.cpu_count())  # as `wsss train` starts a local Ray
-    ray_epoch = fit(TrainConfig(name="bench", **common)).metrics
-    return {"ray": ray_epoch, "ray_threads": cpu_threads(0, 1), "plain": plain}
+    device = "gpu" if args.device == "cuda" else "cpu"
+    ray_epoch = fit(TrainConfig(name="bench", device=device, **common)).metrics
+    return {"ray": ray_epoch, "ray_threads": cpu_threads(0, 1), "plain": plain, "device": device}
+
+
+def write_json(path: str, results: dict) -> None:
+    with open(path, "w") as file:
+        json.dump(results, file, indent=1, default=str)
 
 
 def main() -> None:
@@ -177,16 +194,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; ratios are each round's, the median shown")
     parser.add_argument("--keep-denormals", action="store_true", help="train with flush_denormal=false (CPU)")
     parser.add_argument("--ray-vs-plain", action="store_true")
+    parser.add_argument("--os8", action=argparse.BooleanOptionalAction, default=True,
+                        help="with lnl at OS 16, also cam and lnl at OS 8")
     parser.add_argument("--cpu-amp", action="store_true", help="also measure every method with `cpu_amp` (CPU only)")
     parser.add_argument("--images", type=int, default=256, help="images in the Ray vs plain epoch")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is one")
+    parser.add_argument("--loader-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="DataLoader processes of the plain epoch on a GPU")
+    parser.add_argument("--peak-tflops", type=float, default=0, help="the chip's peak, for the share column")
+    parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
+    if args.device == "auto":
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = dict(backbone=args.backbone, size=args.size, batch=args.batch, classes=args.classes,
                     os=args.os, steps=args.steps, warmup=args.warmup, cpu_amp=False,
-                    flush_denormal=not args.keep_denormals)
+                    flush_denormal=not args.keep_denormals, device=args.device)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
           f"load {os.getloadavg()[0]:.1f}; {json.dumps(settings)}")
     runs = [(spec, settings) for spec in dict.fromkeys(["cam", *args.methods.split(",")])]
-    if "lnl" in args.methods.split(",") and args.os == 16:
+    if "lnl" in args.methods.split(",") and args.os == 16 and args.os8:
         runs += [("cam", settings | {"os": 8}), ("lnl", settings | {"os": 8})]
     if args.cpu_amp:
         runs += [(spec, run_settings | {"cpu_amp": True}) for spec, run_settings in runs]
@@ -201,20 +228,26 @@ def main() -> None:
     def rounds_of(spec: str, key: tuple) -> list[dict]:
         return [r for r in measured if r["method"] == spec and setting(r) == key]
 
-    print("| method | OS | CPU AMP | step s | × cam (rounds) | peak MB | × cam | GFLOP | × cam | time/FLOP |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | OS | bf16 | step s | × cam (rounds) | images/s | TFLOP/s | peak share | peak MB | × cam | GFLOP "
+          "| × cam | time/FLOP |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for spec, run_settings in runs:
         key = setting(run_settings)
         own, cam = rounds_of(spec, key), rounds_of("cam", key)
         ratios = sorted(r["step_s"] / c["step_s"] for r, c in zip(own, cam, strict=True))
-        row = own[0] | {"step_s": statistics.median(r["step_s"] for r in own), "ratio": statistics.median(ratios),
-                        "peak_mb": min(r["peak_mb"] for r in own)}
+        step_s = statistics.median(r["step_s"] for r in own)
+        row = own[0] | {"step_s": step_s, "images_per_s": own[0]["images_per_s"] * own[0]["step_s"] / step_s,
+                        "ratio": statistics.median(ratios), "peak_mb": min(r["peak_mb"] for r in own)}
+        row["tflop_per_s"] = row["gflop"] / row["step_s"] / 1e3
+        if args.peak_tflops:
+            row["peak_share"] = row["tflop_per_s"] / args.peak_tflops
         rows.append(row)
         flops = row["gflop"] / cam[0]["gflop"]
         peak = row["peak_mb"] / max(min(c["peak_mb"] for c in cam), 1e-9)
-        print(f"| {spec} | {row['os']} | {'bf16' if row['cpu_amp'] else '-'} | {row['step_s']:.3f} | "
-              f"{row['ratio']:.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f}) | {row['peak_mb']:.0f} | {peak:.2f} | "
+        share = f"{row['peak_share']:.1%}" if "peak_share" in row else "-"
+        print(f"| {spec} | {row['os']} | {'yes' if row['amp'] else '-'} | {row['step_s']:.3f} | "
+              f"{row['ratio']:.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f}) | {row['images_per_s']:.1f} | "
+              f"{row['tflop_per_s']:.2f} | {share} | {row['peak_mb']:.0f} | {peak:.2f} | "
               f"{row['gflop']:.1f} | {flops:.2f} | {row['ratio'] / flops:.2f} |")
     for row in rows:
         parts = ", ".join(f"{module} {gflop:.1f}" for module, gflop in row["forward_gflop"].items())
@@ -223,14 +256,18 @@ def main() -> None:
         if row["cpu_amp"]:
             fp32 = next(r for r in rows if r["method"] == row["method"] and setting(r) == (row["os"], False))
             print(f"{row['method']} OS {row['os']}: bf16 step / float32 step {row['step_s'] / fp32['step_s']:.2f}")
+    if args.json:  # the steps' results stay if the epochs below fail
+        write_json(args.json, {"settings": settings, "rows": rows})
     if args.ray_vs_plain:
         timing = ray_vs_plain(args)
+        if args.json:
+            write_json(args.json, {"settings": settings, "rows": rows, "ray_vs_plain": timing})
         ray_epoch = timing["ray"]
 
         def parts(epoch: dict) -> str:  # waiting for input vs the rest (the steps)
             return f"{epoch['input_wait_s']:.2f} s waiting for input, {epoch['epoch_time_s'] - epoch['input_wait_s']:.1f} s in steps"
 
-        print(f"epoch time after start-up: Ray Train (1 worker, {timing['ray_threads']} torch thread(s)) "
+        print(f"epoch time after start-up: Ray Train (1 {timing['device']} worker, {timing['ray_threads']} torch thread(s)) "
               f"{ray_epoch['epoch_time_s']:.1f} s ({parts(ray_epoch)})")
         for threads, plain in timing["plain"].items():
             print(f"  plain loop, {threads} torch thread(s): {plain['epoch_time_s']:.1f} s ({parts(plain)}) "
