@@ -85,12 +85,15 @@ def summarise(measured: dict) -> list[dict]:
 
 def choose(rows: list[dict]) -> dict:
     """The setting with the most foreground seeds among those whose background and foreground
-    seeds are both at least MIN_PRECISION precise; else the one with the most right
-    foreground seeds (coverage × precision)."""
+    seeds are both at least MIN_PRECISION precise; without one, the setting with the most
+    right seeds per cell among those that give both background and foreground seeds (the
+    contrast needs prototypes of both)."""
     usable = [r for r in rows if r["bg_precision"] >= MIN_PRECISION and r["fg_precision"] >= MIN_PRECISION]
     if usable:
         return max(usable, key=lambda r: r["fg_coverage"])
-    return max(rows, key=lambda r: np.nan_to_num(r["fg_coverage"] * r["fg_precision"]))
+    both = [r for r in rows if r["bg_coverage"] > 0 and r["fg_coverage"] > 0] or rows
+    return max(both, key=lambda r: np.nan_to_num(r["bg_coverage"] * r["bg_precision"])
+               + np.nan_to_num(r["fg_coverage"] * r["fg_precision"]))
 
 
 def table(rows: list[dict]) -> str:
