@@ -50,5 +50,5 @@ def test_the_seed_setting_is_the_most_covering_of_the_precise_ones():
             {"kind": "cosine", "eta": 0.4, "bg_precision": 0.90, "fg_precision": 0.70, "fg_coverage": 0.30}]
     assert choose(rows)["eta"] == 0.6
     imprecise = [dict(row, bg_precision=0.5, bg_coverage=0.8 - row["eta"]) for row in rows]
-    imprecise.append(dict(rows[0], eta=0.3, bg_coverage=0.0, fg_coverage=0.9))  # no background seeds at all
+    imprecise.append(dict(imprecise[0], eta=0.3, bg_coverage=0.0, fg_coverage=0.9))  # no background seeds at all
     assert choose(imprecise)["eta"] == 0.4, "none usable: the most right seeds, background and foreground"
