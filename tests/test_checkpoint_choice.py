@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from wsss.platform.checkpoints import INFO_FILE, STATE_FILE, best_checkpoint, latest_checkpoint
 
@@ -17,7 +18,7 @@ def make_run(root, checkpoints: dict[str, float | None], incomplete: tuple[str, 
         metrics = {} if miou is None else {"miou": miou}
         (directory / INFO_FILE).write_text(json.dumps({"epoch": 1, "metrics": metrics}))
         if name not in incomplete:
-            (directory / STATE_FILE).write_bytes(b"")
+            torch.save({}, directory / STATE_FILE)
     return str(root)
 
 

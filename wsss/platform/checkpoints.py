@@ -165,23 +165,20 @@ def best_checkpoint(location: str) -> str:
     checkpoint with the highest val `miou` in its checkpoint.json: the newest of equals, and
     the newest checkpoint when none was evaluated. A run keeps its best checkpoints and its
     newest (`keep_checkpoints`), so this is the one `wsss evaluate` scores by default."""
-    filesystem, path = resolve(location)
-    if filesystem.get_file_info(f"{path}/{STATE_FILE}").type == FileType.File:
-        return location
     chosen, chosen_score = None, None
-    for name in checkpoint_names(filesystem, path):  # newest first
-        if filesystem.get_file_info(f"{path}/{name}/{STATE_FILE}").type != FileType.File:
-            continue  # an upload cut short
-        try:
-            with filesystem.open_input_stream(f"{path}/{name}/{INFO_FILE}") as stream:
+    try:
+        for checkpoint in _complete_checkpoints(location):  # newest first
+            if checkpoint == location:
+                return location
+            filesystem, path = resolve(checkpoint)
+            with filesystem.open_input_stream(f"{path}/{INFO_FILE}") as stream:
                 score = json.loads(stream.read()).get("metrics", {}).get("miou")
-        except FileNotFoundError:
-            score = None
-        if chosen is None or (score is not None and (chosen_score is None or score > chosen_score)):
-            chosen, chosen_score = name, score
-    if chosen is None:
-        raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with checkpoints")
-    return join(location, chosen)
+            if chosen is None or (score is not None and (chosen_score is None or score > chosen_score)):
+                chosen, chosen_score = checkpoint, score
+    except FileNotFoundError:
+        if chosen is None:
+            raise
+    return chosen
 
 
 CHECKPOINT_CHOICES = {"best": best_checkpoint, "latest": latest_checkpoint}
