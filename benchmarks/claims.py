@@ -396,7 +396,8 @@ def main() -> None:
         dev = {"num_dev": args.dev_images} if args.dev_images is not None else {}
         prepare("synthetic", str(work / "synthetic"), str(work / "shards"), preset=args.preset, **dev)
     read_manifest(str(work / "shards")).rows("dev")  # the protocol needs a dev split
-    ensure_ray()
+    if args.stage != "table":
+        ensure_ray()
     if args.stage in ("all", "start"):
         run_start(work)
     rows_path = work / "stage1.json"
