@@ -253,12 +253,13 @@ def run_stage2(work: Path, rows: list[dict], seeds: int, epochs: int) -> list[di
 
 
 # ---- table ---------------------------------------------------------------------------------
-def spread(values: list[float]) -> str:
+def spread(values: list[float], scale: float = 100) -> str:
+    """mean ± std (ddof 1) of the values times `scale` (100: shares as percentages)."""
     values = [v for v in values if v is not None and not np.isnan(v)]
     if not values:
         return "—"
-    mean = 100 * np.mean(values)
-    return f"{mean:.2f} ± {100 * np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{mean:.2f}"
+    mean = scale * np.mean(values)
+    return f"{mean:.2f} ± {scale * np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
 def delta(method_values: list[float], base_values: list[float]) -> tuple[str, float, float]:
@@ -327,10 +328,12 @@ def results_table(rows: list[dict]) -> str:
     keys = ("miou", "part_recall", "body_recall", "context_fpr", "cooccurrence_confusion", "seg_miou",
             "seed_fg_coverage", "seed_fg_precision", "seed_bg_coverage", "seed_bg_precision",
             "bank_classes_initialised")
-    lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines = ["Shares in %; `bank_classes_initialised`: foreground classes with prototypes at the end.\n",
+             "| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for method in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == method]
-        cells = [spread([row.get(key) for row in mine]) for key in keys]
+        cells = [spread([row.get(key) for row in mine], scale=1 if key == "bank_classes_initialised" else 100)
+                 for key in keys]
         lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
