@@ -197,7 +197,7 @@ def ingest_options(preserve_order: bool) -> ExecutionOptions:
 def quiet_console(context: DataContext) -> None:
     """No progress bars and only errors on the console from the executions of datasets with
     this context (a dataset's own, or the current one for datasets made after); Ray Data's
-    full logs still go to its log folder (`logs/ray-data` of the Ray session)."""
+    full logs still go to `logs/ray-data` in Ray's log folder."""
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     if _QuietConsole not in context.custom_execution_callback_classes:
