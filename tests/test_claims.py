@@ -39,9 +39,9 @@ def test_claims_table_compares_each_method_with_cam_and_says_what_has_not_run():
             for s in range(3) for m, base, body in (("cam", 0.30, 0.2), ("lnl", 0.34, 0.4))]
     table = claims_table(rows, [])
     line = next(line for line in table.splitlines() if line.startswith("| LNL raises CAM mIoU"))
-    assert "| 31.00 ± 1.00 | 35.00 ± 1.00 | +4.00 ± 0.00 | 3 | holds |" in line
-    assert "| FSAE raises CAM mIoU | miou | 31.00 ± 1.00 | — | — | 0 | not run yet |" in table
-    assert "OCR at stage 2: oc_pixel_rate" in table
+    assert "| `cam` 31.00 ± 1.00 | `lnl` 35.00 ± 1.00 | +4.00 ± 0.00 | 3 | holds |" in line
+    assert "| FSAE raises CAM mIoU | miou | `cam` 31.00 ± 1.00 | — | — | 0 | not run yet |" in table
+    assert "| OCR lowers the out-of-candidate rate at stage 2 | oc_pixel_rate | `deeplab` — |" in table
 
 
 def test_the_seed_setting_is_the_most_covering_of_the_precise_ones():
