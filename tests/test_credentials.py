@@ -117,7 +117,7 @@ def test_a_run_on_a_credentialed_s3_uri_writes_the_uri_nowhere_with_its_credenti
     assert SECRET not in capsys.readouterr().out.replace(f"wrote {secret_uri}/shards", "")
     printed = wsss(["train", "--method", "cam", "--data", f"{secret_uri}/shards", f"storage_path={secret_uri}/runs",
                     "name=cred", "epochs=1", "batch_size=8", "crop_size=64", "backbone=resnet18",
-                    "backbone_weights=none", "eval_max_images=2", "wandb=offline"], s3_env, tmp_path)
+                    "backbone_weights=none", "eval_max_images=2", "wandb=offline", "--json"], s3_env, tmp_path)
     assert printed["run"] == f"s3://***@{BUCKET}/cred/runs/cred"
     checkpoint = printed["checkpoint"].replace("s3://***@", "")
     with s3.open_input_stream(f"{checkpoint}/state.pt") as stream:
