@@ -54,7 +54,7 @@ EVAL_BATCH_SIZE = 16  # evaluation rows keep their original size (Cityscapes: 6 
 # on 2 CPUs. Reads that cannot fill the CPUs gave 11-25% more images/s, best of rounds
 # (benchmarks/ingest.py --read-cpus, 4 runs); 0, 0.05 and 0.25 CPU under a cap of 4 were
 # within this machine's noise (2 runs), but reads at 0 CPU added ~0.7 s of input wait to
-# every Ray Train epoch (docs/benchmarks.md, 2026-12-06). A CPU share unlike the
+# every Ray Train epoch (docs/benchmarks.md). A CPU share unlike the
 # decoders' also keeps reads from fusing with them, so decoding spreads over every CPU
 # however few files.
 READ_CPUS = 0.05
@@ -80,7 +80,7 @@ class ShardDatasource(Datasource):
     block size (128 MiB), so slicing a file into smaller blocks here changes nothing.
     Read tasks of 64 rows each (one map call) gave an epoch's first batch in
     benchmarks/ingest.py about 0.1 s sooner, but doubled Ray Train's wait for it
-    (docs/benchmarks.md, 2026-12-06)."""
+    (docs/benchmarks.md)."""
 
     def __init__(self, manifest: Manifest, split: str, columns: Sequence[str], *,
                  label_files: Sequence[str] | None = None, seed: int | None = None,
