@@ -352,7 +352,7 @@ def start_table(work: Path) -> str:
 def seeds_table(work: Path) -> str:
     """E_s on the start by similarity at the η that each similarity does best with, and the choice."""
     study = json.loads((work / "seeds.json").read_text())
-    lines = [table([row for row in study["rows"] if row["eta"] in (0.5, 0.7, 0.8)])]
+    lines = [table([row for row in study["rows"] if row["eta"] in (0.3, 0.5, 0.8)])]
     chosen = study["chosen"]
     lines.append(f"Chosen for every `lnl` run (`lnl_seeds.choose`, over η 0.3–0.9): similarity `{chosen['kind']}`, "
                  f"η {chosen['eta']}: foreground seeds on {100 * chosen['fg_coverage']:.1f}% of the cells, "
@@ -364,7 +364,7 @@ def seeds_table(work: Path) -> str:
 def times_table(work: Path) -> str:
     times = json.loads((work / "times.json").read_text())
     lines = ["| stage | wall time (min) |", "|---|---|"]
-    lines += [f"| {stage} | {seconds / 60:.1f} |" for stage, seconds in times.items()]
+    lines += [f"| {stage} | {seconds / 60:.1f} |" for stage, seconds in times.items() if seconds >= 6]
     return "\n".join(lines) + "\n"
 
 
