@@ -99,7 +99,7 @@ def test_run_survives_losing_its_worker_node(tmp_path, cluster_env):
             [sys.executable, "-m", "wsss", "train", "--method", "cam", "--data", str(tmp_path / "shards"),
              f"storage_path={run_dir.parent}", f"name={run_dir.name}", f"epochs={EPOCHS}", "max_failures=2",
              "batch_size=8", "crop_size=64", "backbone=resnet18", "backbone_weights=none",
-             "eval_max_images=4", "wandb=disabled"],
+             "eval_max_images=4", "wandb=disabled", "keep_checkpoints=0"],  # every checkpoint: counted below
             env={**os.environ, "RAY_ADDRESS": cluster.address}, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             wait_for_epoch(run_dir, 1, driver, timeout=150)
