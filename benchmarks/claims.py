@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,20 +57,17 @@ EVAL_SCALES = (1.0, 0.5, 1.5)
 STAGE2_METHODS = ("deeplab", "deeplab+ocr")
 
 
+@contextmanager
 def timed(work: Path, stage: str):
-    """Context manager adding the stage's wall seconds to work/times.json."""
-
-    class Timer:
-        def __enter__(self):
-            self.start = time.perf_counter()
-
-        def __exit__(self, *exc):
-            path = work / "times.json"
-            times = json.loads(path.read_text()) if path.exists() else {}
-            times[stage] = times.get(stage, 0.0) + time.perf_counter() - self.start
-            path.write_text(json.dumps(times, indent=1))
-
-    return Timer()
+    """Adds the block's wall seconds to the stage's entry in work/times.json."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        path = work / "times.json"
+        times = json.loads(path.read_text()) if path.exists() else {}
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - start
+        path.write_text(json.dumps(times, indent=1))
 
 
 def trained(run: Path, epochs: int) -> str | None:
