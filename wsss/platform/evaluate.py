@@ -119,7 +119,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
     sweep = _summed_confusions(checkpoint, data, split, scales, flip, None, crf_preset, max_images, num_actors,
                                method_overrides, verify_data)
     if verify_data and not max_images:
-        remember_verified(read_manifest(data), split)
+        remember_verified(manifest, split)
     confusions = sweep["confusion"].reshape(len(THRESHOLDS), len(classes), len(classes))
     scored = best_threshold(confusions) if threshold is None else score_at_threshold(confusions, threshold)
     index = THRESHOLDS.index(scored["threshold"])
