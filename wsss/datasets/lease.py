@@ -70,6 +70,8 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             current = _read(self.fs, self.path)
+            if current is not None and "unreadable_for_s" in current:
+                continue  # another process is writing it this instant: look again at the next beat
             if not _is_ours(current, self.record):
                 logger.warning("%s: the lease was taken over by %s; this process no longer holds it",
                                public_uri(self.folder), _describe(current))
