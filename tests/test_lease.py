@@ -4,6 +4,7 @@ second one at once is refused, one after a finished or dead owner goes ahead."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -111,8 +112,10 @@ def test_a_lease_being_written_is_respected_and_a_truncated_old_one_taken_over(t
 
 def test_the_heartbeat_refreshes_the_lease_and_notices_a_takeover(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    caplog.set_level(logging.WARNING, logger=lease.__name__)  # whatever level earlier tests left
     folder = tmp_path / "exp"
     held = acquire(str(folder), "wsss train")
+
     def heartbeat() -> float:  # read as a second start reads it: the beat may be rewriting the file
         return (lease._read(held.fs, held.path) or {}).get("heartbeat", first)
 
