@@ -119,8 +119,10 @@ def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, t
 
     from wsss.platform.train import fit
 
-    # keep_checkpoints=0: the wait below counts checkpoints on disk
-    config = tiny(shards, tmp_path, epochs=6, max_failures=1, eval_every=0, batch_size=2, keep_checkpoints=0)
+    # keep_checkpoints=0: the wait below counts checkpoints on disk; sync upload: a checkpoint on
+    # disk is then one the controller has registered (async uploads register later)
+    config = tiny(shards, tmp_path, epochs=6, max_failures=1, eval_every=0, batch_size=2, keep_checkpoints=0,
+                  checkpoint_upload="sync")
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=fit(config)), daemon=True)
     thread.start()
