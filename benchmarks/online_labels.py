@@ -33,14 +33,14 @@ from wsss.methods.lnl import class_maps_with_background, consistency_scores, fea
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
 
+from lnl_seeds import cell_truth  # benchmarks/, beside this script
+
 IGNORE = 255
 
 
 def cell_labels(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """Ground truth [h,w] at the centres of an h×w grid over the mask."""
-    rows = ((np.arange(size[0]) + 0.5) * mask.shape[0] / size[0]).astype(int)
-    cols = ((np.arange(size[1]) + 0.5) * mask.shape[1] / size[1]).astype(int)
-    return torch.from_numpy(mask[np.ix_(rows, cols)].astype(np.int64))
+    return torch.from_numpy(cell_truth(mask, size).astype(np.int64))
 
 
 class Tally:

@@ -98,11 +98,16 @@ def best_threshold(confusions: np.ndarray, thresholds=THRESHOLDS) -> dict:
     return score_at_threshold(confusions, thresholds[int(np.nanargmax(scores))], thresholds)
 
 
+def check_threshold(threshold: float, thresholds=THRESHOLDS) -> None:
+    """ValueError unless `threshold` is one of the swept `thresholds`."""
+    if threshold not in thresholds:
+        raise ValueError(f"threshold={threshold!r}: must be one of the swept thresholds {list(thresholds)}")
+
+
 def score_at_threshold(confusions: np.ndarray, threshold: float, thresholds=THRESHOLDS) -> dict:
     """mIoU and per-class IoU at `threshold` (one of `thresholds`, chosen elsewhere, e.g. on a
     dev split), and the mIoU at every threshold."""
-    if threshold not in thresholds:
-        raise ValueError(f"threshold={threshold!r}: must be one of the swept thresholds {list(thresholds)}")
+    check_threshold(threshold, thresholds)
     scores = [miou(np.asarray(c)) for c in confusions]
     per_class, mean = scores[thresholds.index(threshold)]
     return {"miou": float(mean), "threshold": float(threshold),

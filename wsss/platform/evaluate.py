@@ -20,8 +20,9 @@ from wsss.datasets.credentials import public_uri
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import check_bucket, join, write_text
 from wsss.datasets.verification import remember_verified
-from wsss.platform.cams import FULL_SCALES, THRESHOLDS, best_threshold, image_tensor, normalized_cams, \
-    region_counts, score_at_threshold, threshold_confusions, threshold_predictions
+from wsss.platform.cams import (FULL_SCALES, THRESHOLDS, best_threshold, check_threshold, image_tensor,
+                               normalized_cams, region_counts, score_at_threshold, threshold_confusions,
+                               threshold_predictions)
 from wsss.platform.checkpoints import CHECKPOINT_CHOICES, load_method
 from wsss.ops.crf import dense_crf
 from wsss.platform.data import eval_dataset
@@ -109,7 +110,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
     _, state = load_method(checkpoint, method_overrides=method_overrides)
     manifest = read_manifest(data)
     if threshold is not None:
-        score_at_threshold(np.zeros((len(THRESHOLDS), 1, 1)), threshold)  # a bad threshold fails here
+        check_threshold(threshold)  # before Ray starts
     if out:
         check_bucket(out)
     ensure_ray()
