@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -140,7 +141,11 @@ def report_checkpoint(metrics: dict, config: TrainConfig, rank: int, save) -> No
         ray.train.report(metrics, checkpoint=None)
         return
     directory = tempfile.mkdtemp(prefix="wsss-checkpoint-")
-    save(directory)
+    try:
+        save(directory)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     upload = ray.train.CheckpointUploadMode.ASYNC if config.checkpoint_upload == "async" \
         else ray.train.CheckpointUploadMode.SYNC
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
