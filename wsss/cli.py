@@ -31,11 +31,28 @@ def _prepare(args) -> int:
 
     options = {key: _literal(value) for key, value in _key_values(args.options).items()}
     manifest = prepare(args.dataset, args.root, args.out, sbd=args.sbd, skip_invalid=args.skip_invalid,
-                       overwrite=args.overwrite, **options)
+                       overwrite=args.overwrite, workers=args.workers, progress=_PrepareProgress(), **options)
     splits = ", ".join(f"{name}: {info['rows']}" for name, info in manifest.splits.items())
     skipped = manifest.skipped.get("count", 0) if isinstance(manifest.skipped, dict) else 0
     print(f"wrote {args.out} ({manifest.dataset}; {splits}; skipped {skipped})")
     return 0
+
+
+class _PrepareProgress:
+    """A line on stderr every few seconds while a split is written: images so far and rate."""
+
+    EVERY_S = 5.0
+
+    def __init__(self):
+        self.split, self.started, self.shown = None, 0.0, 0.0
+
+    def __call__(self, split: str, rows: int) -> None:
+        now = time.monotonic()
+        if split != self.split:
+            self.split, self.started, self.shown = split, now, now
+        elif now - self.shown >= self.EVERY_S:
+            self.shown = now
+            print(f"prepare: {split}: {rows} images, {rows / (now - self.started):.0f}/s", file=sys.stderr)
 
 
 def _train(args) -> int:
@@ -122,6 +139,16 @@ def _key_value(text: str) -> str:
     return text
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def _key_values(items: list[str]) -> dict[str, str]:
     return {key.strip(): value.strip() for key, _, value in (item.partition("=") for item in items)}
 
@@ -181,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory or URI (s3://, gs://)")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad samples, counted in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
+    p.add_argument("--workers", type=_positive_int, help="processes that read the images (default: one per CPU)")
     p.add_argument("--option", action=_Moved, new_form="KEY=VALUE (e.g. preset=demo)")
     p.add_argument("options", nargs="*", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="reader options, e.g. preset=demo num_val=50 for synthetic")

@@ -29,6 +29,9 @@ class DataError(ValueError):
         self.problem = public_uri(problem)
         super().__init__(f"{self.path}: {self.problem}")
 
+    def __reduce__(self):  # rebuilt from its two parts when it crosses to another process
+        return type(self), (self.path, self.problem)
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -64,6 +67,32 @@ class DatasetReader(Protocol):
         """Yield the split's samples; raise DataError on bad input, or, if the reader was
         built with skip_invalid=True, skip it and record it in `self.skipped`."""
         ...
+
+
+class ItemReader:
+    """A reader whose split is a list of independent items (ids, paths, records), each read
+    into a sample on its own: `wsss prepare` reads those in worker processes. A subclass
+    gives `items` and `read_item`, and sets `skip_invalid` and `skipped`."""
+
+    skip_invalid: bool
+    skipped: SkipLog
+
+    def items(self, split: str) -> list:
+        """The split's items, in the order its samples are written; each one picklable."""
+        raise NotImplementedError
+
+    def read_item(self, split: str, item) -> Sample:
+        """One validated sample; DataError on bad input."""
+        raise NotImplementedError
+
+    def samples(self, split: str) -> Iterator[Sample]:
+        for item in self.items(split):
+            try:
+                yield self.read_item(split, item)
+            except DataError as error:
+                if not self.skip_invalid:
+                    raise
+                self.skipped.add(error)
 
 
 @dataclass
