@@ -319,8 +319,8 @@ CLAIMS = [
 def verdict(mean: float, std: float, direction: int, seeds: int) -> str:
     if seeds < 3 or np.isnan(std):
         return "inconclusive (fewer than 3 seeds)"
-    if direction == 0:  # "kept": no drop larger than the spread
-        return "holds" if mean > -max(std, 1.0) else "does not"
+    if direction == 0:  # "kept": a drop within a point holds, one beyond its spread does not
+        return "holds" if mean > -1.0 else "does not" if mean < -std else "inconclusive"
     if direction * mean > std:
         return "holds"
     return "does not" if direction * mean < 0 else "inconclusive"

@@ -27,6 +27,7 @@ def test_delta_pairs_seeds_and_gives_mean_and_spread():
     (-3.0, 1.0, -1, 3, "holds"),
     (-0.5, 0.3, 0, 3, "holds"),  # kept: a drop within a point
     (-5.0, 1.0, 0, 3, "does not"),
+    (-6.0, 8.0, 0, 3, "inconclusive"),  # a drop within a wide spread
     (4.0, 2.0, +1, 2, "inconclusive (fewer than 3 seeds)"),
     (4.0, math.nan, +1, 3, "inconclusive (fewer than 3 seeds)"),
 ])
