@@ -28,7 +28,7 @@ from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.storage import canonical, delete_file, join, read_text, write_text
 from wsss.datasets.verification import remember_verified
 from wsss.methods.base import DatasetStats, build_method
-from wsss.platform.checkpoints import check_resumable, load_state, restore, save_checkpoint, start_fresh
+from wsss.platform.checkpoints import check_resumable, restore, resume_state, save_checkpoint, start_fresh
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.config_text import to_toml
 from wsss.platform.console import epoch_line, seconds_left
@@ -78,7 +78,7 @@ def train_worker(loop_config: dict) -> None:
     start_epoch, step = 0, 0
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            start_epoch, step = restore(load_state(directory), method, optimizer)
+            start_epoch, step = restore(resume_state(directory, loop_config["run_dir"]), method, optimizer)
     resumed_from = start_epoch
 
     tracker = Tracker(project=config.wandb_project, name=loop_config["run_name"],
