@@ -144,9 +144,11 @@ def _line_panel(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float
         return (left + (x - x_low) / (x_high - x_low) * (right - left),
                 bottom - (y - y_low) / (y_high - y_low) * (bottom - top))
 
-    for tick in _ticks(y_low, y_high, log=False):
+    ticks = _ticks(y_low, y_high, log=False)
+    digits = max(0, 1 - math.floor(math.log10(ticks[1] - ticks[0])))  # enough to tell neighbours apart
+    for tick in ticks:
         draw.line([point(x_low, tick), point(x_high, tick)], fill=GRID)
-        draw.text((left - 6, point(x_low, tick)[1]), _label(tick), fill=AXIS, font=font, anchor="rm")
+        draw.text((left - 6, point(x_low, tick)[1]), f"{tick:.{digits}f}", fill=AXIS, font=font, anchor="rm")
     whole = [x for x in range(math.ceil(x_low), math.floor(x_high) + 1)]
     step = max(1, math.ceil(len(whole) / 10))  # at most ~10 epoch labels
     for tick in whole[::step]:

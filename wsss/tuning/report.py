@@ -25,6 +25,7 @@ import csv
 import html
 import io
 import json
+import math
 import re
 import statistics
 import tempfile
@@ -264,13 +265,15 @@ def write_plots(records: list[Record], sweeps: dict[str, list[Record]], rows: li
 def write_curves(record: Record, folder: Path) -> Path:
     """The record's per-epoch curves: losses, mIoU, and the shares its method notes
     (`<part>/<key>` metrics such as `fsae/labelled`)."""
-    def series(keys) -> dict:
-        return {key: ([m.get("epoch", i + 1) for i, m in enumerate(record.history) if key in m],
-                      [m[key] for m in record.history if key in m]) for key in keys}
+    def series(keys) -> dict:  # a diverged epoch's NaN loss is left out, not drawn
+        points = {key: [(m.get("epoch", i + 1), m[key]) for i, m in enumerate(record.history)
+                        if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])] for key in keys}
+        return {key: ([x for x, _ in p], [y for _, y in p]) for key, p in points.items()}
 
-    keys = sorted({k for m in record.history for k, v in m.items() if isinstance(v, (int, float))})
+    keys = sorted({k for m in record.history for k in m})
     losses = ["loss"] + [k for k in keys if k.startswith("loss/")]
-    notes = [k for k in keys if "/" in k and not k.startswith("loss/")]
+    # the notes of a method part (`<part>/<key>`), less its timings (`csrm/crf_wait_s`)
+    notes = [k for k in keys if "/" in k and not k.startswith("loss/") and not k.endswith("_s")]
     # a run is named by its folder; a trial by its sweep and id
     stem = record.name if Path(record.source).name == record.name else f"{record.source}-{record.name}"
     return curves_png(folder / f"{stem}.png", [("loss", series(losses)), ("mIoU (val)", series(["miou", "seg_miou"])),
