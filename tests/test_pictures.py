@@ -163,7 +163,12 @@ def test_evaluate_shows_cams_and_goes_into_the_run_s_wandb_summary(trained_run, 
     summary = wandb_records.summary(evaluated)
     assert summary["evaluation/miou"] == pytest.approx(results["miou"])
     assert summary["evaluation/threshold"] == results["threshold"]
-    assert summary["evaluation/per_class_iou/_type"] == "table-file"
+    assert summary["evaluation/per_class_iou"]["_type"] == "table-file"
+    (table,) = (evaluated / "files" / "media" / "table" / "evaluation").glob("per_class_iou_*.table.json")
+    table = json.loads(table.read_text())
+    assert table["columns"] == ["class", "IoU", "IoU + CRF"]
+    assert [row[0] for row in table["data"]] == results["classes"]
+    assert [row[1] for row in table["data"]] == results["per_class_iou"]
 
 
 def test_pseudo_labels_show_dir_shows_image_truth_and_label(shards, tmp_path, capsys):
