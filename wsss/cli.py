@@ -104,10 +104,16 @@ def _evaluate(args) -> int:
                                   flip=not args.no_flip, crf=args.crf, max_images=args.max_images,
                                   out=args.out, method_overrides=_key_values(args.overrides),
                                   threshold=args.threshold, choice=args.checkpoint_choice,
-                                  verify_data=not args.no_verify_data)
+                                  verify_data=not args.no_verify_data, show_dir=args.show_dir,
+                                  show_images=args.show_images)
     print(results_table(results))
     if args.out:
         print(f"written to {args.out}/results.json and results.md")
+    if args.show_dir:
+        print(f"{len(results['pictures'])} pictures (image | ground truth | CAM per class | prediction) "
+              f"in {args.show_dir}")
+    if results.get("wandb"):
+        print(f"W&B: the evaluation is in the run's summary ({results['wandb']})")
     return 0
 
 
@@ -196,6 +202,22 @@ def _overrides(parser, example: str, what: str = "run settings") -> None:
                         help=f"{what}, e.g. {example}")
 
 
+def _count(text: str) -> int:
+    """argparse type of counts that must be >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
+def _show(parser, what: str) -> None:
+    parser.add_argument("--show-dir", help=f"local directory for one PNG per image, named by its id: {what}")
+    parser.add_argument("--show-images", type=_count, default=8, help="how many images --show-dir shows")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('wsss')}")
@@ -242,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify-data", action="store_true",
                    help="skip the shards' sha256 check (otherwise done until one full pass has recorded it)")
     p.add_argument("--out", help="directory for results.json and results.md")
+    _show(p, "image | ground truth | CAM heatmap of each class present | prediction")
     p.add_argument("--set", action=_Moved, new_form="SECTION.KEY=VALUE (e.g. lnl.export=shrink)")
     _overrides(p, "lnl.export=shrink", "inference settings of the checkpoint's method")
 
@@ -275,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf-actors", type=int, default=None,
                    help="most CRF actors (default: CPUs - GPUs, as each GPU's CAM actor holds a CPU; else CPUs - 1)")
     p.add_argument("--overwrite", action="store_true", help="replace pseudo-labels already at --out")
+    _show(p, "image | ground truth (where there is one) | pseudo-label")
 
     p = _command(commands, "segment", "wsss.platform.segmentation:main",
                  "stage 2, a DeepLab trained on pseudo-label shards, then its evaluation")

@@ -10,6 +10,7 @@ reported checkpoints there). Tune trials call `make_trainer` with their own call
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -41,6 +42,7 @@ from wsss.platform.tracking import Tracker, public_config, run_id
 logger = logging.getLogger(__name__)
 DIVERGED_FILE = "diverged.txt"
 CONFIG_FILE = "config.toml"
+EPOCHS_FILE = "epochs.jsonl"  # every epoch's metrics, one JSON object a line
 CHECKPOINT_SCORE = "checkpoint_score"  # what Ray Train ranks a run's checkpoints by (see report_checkpoint)
 
 
@@ -113,13 +115,28 @@ def train_worker(loop_config: dict) -> None:
             logger.info(epoch_line(metrics, config.epochs, seconds_left(
                 started, time.perf_counter(), epoch + 1 - start_epoch, config.epochs - epoch - 1)))
         tracker.log({f"epoch/{k}": v for k, v in metrics.items()}, step)
+        if rank == 0:
+            append_epoch(loop_config["run_dir"], metrics)
         if validation is not None and validation.overlays:
             tracker.log_cam_overlays(overlay_predictions(validation.overlays, metrics.get("threshold")),
-                                     dataset["classes"], step)
-        report_checkpoint(metrics, config, rank, lambda directory: save_checkpoint(
-            directory, method, optimizer, epoch=epoch + 1, step=step, config=public_config(config.to_dict()),
-            dataset=dataset, metrics=metrics))
+                                     dataset["classes"], dataset["palette"], step)
+
+        def save(directory: str) -> None:
+            save_checkpoint(directory, method, optimizer, epoch=epoch + 1, step=step,
+                            config=public_config(config.to_dict()), dataset=dataset, metrics=metrics)
+            if config.wandb_checkpoints:
+                tracker.log_checkpoint(directory, epoch=epoch + 1, metrics=metrics)
+
+        report_checkpoint(metrics, config, rank, save)
     tracker.finish()
+
+
+def append_epoch(run_dir: str, metrics: dict) -> None:
+    """One JSON line per epoch in the run's EPOCHS_FILE: the curves `wsss report` draws
+    (Ray keeps only the metrics of the checkpoints it keeps). Rewritten whole, as object
+    stores cannot append; an epoch trained again after a failure adds a second line."""
+    lines = read_text(join(run_dir, EPOCHS_FILE)) or ""
+    write_text(join(run_dir, EPOCHS_FILE), lines + json.dumps(metrics) + "\n")
 
 
 def quiet_report_log() -> None:
