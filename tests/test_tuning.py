@@ -220,7 +220,7 @@ def tiny_config(shards: str, storage, method: str = "cam+fsae", **values) -> Tra
 def test_bad_sweep_settings_fail_before_ray_starts(shards, tmp_path, change, message):
     import ray
 
-    from wsss.datasets.base import DataError
+    from wsss.io import DataError
     from wsss.tuning.tune import run_sweep
 
     config = tiny_config(shards, tmp_path, **change.pop("config", {}))

@@ -31,12 +31,12 @@ from PIL import Image
 from wsss.datasets.base import (
     IGNORE_INDEX,
     REGION_CONTEXT,
-    DataError,
     DatasetInfo,
     Sample,
     SkipLog,
     register_reader,
 )
+from wsss.io import DataError
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",

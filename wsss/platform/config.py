@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsss.datasets.credentials import public_uri
-from wsss.datasets.storage import is_file
+from wsss.io import is_file, public_uri
 from wsss.methods.base import BackboneConfig, method_sections, required_inputs
 
 

@@ -32,10 +32,10 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from wsss.datasets.augment import AugmentConfig, EvalTransform, TrainTransform
-from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import Manifest, has_regions, read_manifest
 from wsss.datasets.verification import is_verified
+from wsss.io import DataError
 
 # Rows per decode/augment call. Ray Data waits between calls (fetch, put, dispatch: 12-15 ms
 # median in the CRF actors) next to ~3 ms of decoding per image: 64 rows gave 8% more

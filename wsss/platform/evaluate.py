@@ -16,10 +16,9 @@ import numpy as np
 import ray
 import torch
 
-from wsss.datasets.credentials import public_uri
 from wsss.datasets.shards import image_labels, read_manifest
-from wsss.datasets.storage import check_bucket, join, write_text
 from wsss.datasets.verification import remember_verified
+from wsss.io import check_bucket, join, public_uri, write_text
 from wsss.platform.cams import (FULL_SCALES, THRESHOLDS, best_threshold, check_threshold, image_tensor,
                                normalized_cams, region_counts, score_at_threshold, threshold_confusions,
                                threshold_predictions)

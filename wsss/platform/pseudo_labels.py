@@ -40,11 +40,10 @@ import ray.data
 import torch
 
 from wsss.datasets.augment import decode_image, decode_label_map, multi_hot
-from wsss.datasets.base import IGNORE_INDEX, DataError
-from wsss.datasets.credentials import public_uri
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.datasets.reading import read_shard, to_numpy
 from wsss.datasets.shards import Manifest, check_writable, encode_mask, read_manifest, verify_checksums
-from wsss.datasets.storage import join, read_text
+from wsss.io import DataError, join, public_uri, read_text
 from wsss.methods.csrm_pseudo import cam_pseudo_label
 from wsss.ops.crf import dense_crf_labels
 from wsss.platform.cams import FULL_SCALES, image_tensor, normalized_cams

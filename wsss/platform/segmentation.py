@@ -23,11 +23,9 @@ import ray.data
 import torch
 import torch.nn.functional as F
 
-from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files
 from wsss.datasets.shards import read_manifest
-from wsss.datasets.credentials import public_uri
-from wsss.datasets.storage import join, write_text
+from wsss.io import DataError, join, public_uri, write_text
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
 from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_overrides

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.datasets.credentials import REDACTED, public_uri
+from wsss.io import REDACTED, public_uri
 
 logger = logging.getLogger(__name__)
 _SECRET = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)

@@ -25,8 +25,8 @@ import torch
 
 from wsss.datasets.lease import acquire
 from wsss.datasets.shards import image_labels, read_manifest
-from wsss.datasets.storage import canonical, delete_file, join, read_text, write_text
 from wsss.datasets.verification import remember_verified
+from wsss.io import canonical, delete_file, join, read_text, write_text
 from wsss.methods.base import DatasetStats, build_method
 from wsss.platform.checkpoints import check_resumable, load_state, restore, save_checkpoint, start_fresh
 from wsss.platform.config import ConfigError, TrainConfig

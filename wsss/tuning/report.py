@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from wsss.datasets.storage import write_text
+from wsss.io import write_text
 from wsss.platform.config import ConfigError
 from wsss.tuning.mirror import mirror
 from wsss.tuning.plots import scatter_png, tile_png

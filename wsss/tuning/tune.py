@@ -30,10 +30,9 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY as CHECKPOINT_PATH
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from wsss.datasets.credentials import is_redacted, public_uri
 from wsss.datasets.lease import acquire
 from wsss.datasets.shards import read_manifest
-from wsss.datasets.storage import canonical, delete_file, is_uri, join, read_text, resolve, write_text
+from wsss.io import canonical, delete_file, is_redacted, is_uri, join, public_uri, read_text, resolve, write_text
 from wsss.platform.config import ConfigError, TrainConfig, check_name, load_config, parse_overrides
 from wsss.platform.runtime import ensure_ray
 from wsss.platform.tracking import public_config, resolve_mode
