@@ -58,3 +58,13 @@ def test_every_subpackage_has_a_layer():
 def test_every_top_level_module_has_a_layer():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert {layer(f"wsss.{name}") for name in top} <= set(LAYERS), f"add {sorted(top)} to LAYERS"
+
+
+def test_the_ignore_label_is_defined_once():
+    """Every module imports IGNORE_INDEX from wsss.datasets.base; none names 255 for itself."""
+    found = []
+    for path in modules():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and node.value.value == 255:
+                found.append(f"{module_name(path)}: {ast.unparse(node)}")
+    assert found == ["wsss.datasets.base: IGNORE_INDEX = 255"]

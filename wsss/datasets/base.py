@@ -14,6 +14,8 @@ import numpy as np
 
 from wsss.io import DataError
 
+# The label of pixels that no loss or metric counts: void in ground truth, padding, and
+# pixels a pseudo-label leaves undecided. Every layer imports it from here.
 IGNORE_INDEX = 255
 # Values of a region map (`Sample.region`): plain background, an object's discriminative
 # part, the rest of its body, and a context region that is labelled background (the

@@ -53,12 +53,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.methods.backbone import Backbone
 from wsss.methods.base import BackboneConfig, Method, Progress, register_method, split_views, valid_at
 from wsss.methods.cam import classification_loss
 from wsss.methods.csrm_bank import NegativeBank
 from wsss.methods.csrm_contrast import negative_candidates, select_queries
-from wsss.methods.csrm_losses import (IGNORE_INDEX, classmix, info_nce, mix_like, reliable_mask, resize_labels,
+from wsss.methods.csrm_losses import (classmix, info_nce, mix_like, reliable_mask, resize_labels,
                                       s2c_loss)
 from wsss.methods.csrm_pseudo import CRFPseudoLabeler
 from wsss.methods.csrm_teacher import broadcast_buffers, ema_decay, ema_update

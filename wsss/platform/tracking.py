@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.io import REDACTED, public_uri
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class Tracker:
             return
         import wandb
 
-        labels = {i: name for i, name in enumerate(classes)} | {255: "void"}
+        labels = {i: name for i, name in enumerate(classes)} | {IGNORE_INDEX: "void"}
         images = []
         for sample in samples:
             masks = {"prediction": {"mask_data": np.asarray(sample["prediction"], np.uint8),
