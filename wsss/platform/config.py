@@ -208,18 +208,23 @@ class TrainConfig:
         return TrainConfig.from_dict(values)
 
 
-def load_config(path: str | None = None, overrides: list[str] | dict | None = None,
-                **values) -> TrainConfig:
-    """Defaults < config file < keyword values < `key=value` overrides."""
-    merged: dict[str, Any] = {}
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None, *,
+                defaults: dict | None = None, **values) -> TrainConfig:
+    """TrainConfig defaults < `defaults` (a command's own, shaped like the file: `key` and
+    `{section: {key: value}}`) < config file < keyword values < `key=value` overrides."""
+    in_file: dict[str, Any] = {}
     if path:
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"--config {path}: no such file")
         try:
-            merged = tomllib.loads(file.read_text())
+            in_file = tomllib.loads(file.read_text())
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"--config {path}: not valid TOML ({error})") from None
+    merged = dict(defaults or {})
+    for key, value in in_file.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
     sections = {k: merged.pop(k) for k in list(merged) if isinstance(merged[k], dict)}
     merged.update({k: v for k, v in values.items() if v is not None})
     merged["sections"] = sections
