@@ -124,7 +124,6 @@ class TrainConfig:
               "csrm's ClassMix pastes from another image of a worker's batch: must be >= 2")
         check(self.lr > 0, "lr", "must be > 0")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
-        check(self.poly_power >= 0, "poly_power", "must be >= 0")
         check(0 < self.lr_decay_per_epoch <= 1, "lr_decay_per_epoch", "must be in (0, 1]")
         check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
