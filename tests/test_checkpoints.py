@@ -16,7 +16,7 @@ from wsss.io import DataError
 from wsss.methods.base import BackboneConfig, build_method
 from wsss.platform import checkpoints
 from wsss.platform.checkpoints import (INFO_FILE, STATE_FILE, UnsafeCheckpointError, latest_checkpoint, load_method,
-                                       save_checkpoint)
+                                       resume_state, save_checkpoint)
 from wsss.platform.config import TrainConfig
 
 
@@ -95,6 +95,22 @@ def test_a_state_damaged_inside_falls_back_to_the_previous_checkpoint(tmp_path, 
     with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
         _, loaded = load_method(str(run))
     assert loaded["epoch"] == 1 and f"skipping checkpoint {newest}" in caplog.text
+
+
+def test_a_resume_checkpoint_that_does_not_load_falls_back_to_the_newest_that_does(tmp_path, caplog):
+    """The checkpoint Ray Train registered last, damaged after: the run resumes from the
+    newest one that loads, saying so; an unsafe one is refused, never skipped."""
+    run = tmp_path / "run"
+    older, middle, newest = write_run(run, epochs=3)
+    (newest / STATE_FILE).write_bytes((newest / STATE_FILE).read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+        assert resume_state(str(newest), str(run))["epoch"] == 2
+    assert "the checkpoint to resume from does not load" in caplog.text
+    assert resume_state(str(middle), str(run))["epoch"] == 2
+    for folder in (older, middle):
+        (folder / STATE_FILE).write_bytes(b"broken")
+    with pytest.raises(FileNotFoundError, match="with complete checkpoints"):
+        resume_state(str(newest), str(run))
 
 
 def test_a_full_disk_while_saving_leaves_no_checkpoint_to_pick(tmp_path, monkeypatch):

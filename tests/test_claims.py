@@ -27,6 +27,7 @@ def test_delta_pairs_seeds_and_gives_mean_and_spread():
     (-3.0, 1.0, -1, 3, "holds"),
     (-0.5, 0.3, 0, 3, "holds"),  # kept: a drop within a point
     (-5.0, 1.0, 0, 3, "does not"),
+    (-6.0, 8.0, 0, 3, "inconclusive"),  # a drop within a wide spread
     (4.0, 2.0, +1, 2, "inconclusive (fewer than 3 seeds)"),
     (4.0, math.nan, +1, 3, "inconclusive (fewer than 3 seeds)"),
 ])
@@ -52,3 +53,14 @@ def test_the_seed_setting_is_the_most_covering_of_the_precise_ones():
     imprecise = [dict(row, bg_precision=0.5, bg_coverage=0.8 - row["eta"]) for row in rows]
     imprecise.append(dict(imprecise[0], eta=0.3, bg_coverage=0.0, fg_coverage=0.9))  # no background seeds at all
     assert choose(imprecise)["eta"] == 0.4, "none usable: the most right seeds, background and foreground"
+
+def test_an_ablation_and_an_export_are_compared_with_the_same_method():
+    rows = [{"method": "lnl", "seed": s, "miou": 0.34, "body_recall": 0.40, "shrink_miou": 0.34,
+             "expand_miou": 0.30 + 0.01 * s, "shrink_body_recall": 0.40, "expand_body_recall": 0.30}
+            for s in range(3)]
+    rows += [{"method": "lnl-no-contrast", "seed": s, "miou": 0.31, "body_recall": 0.35} for s in range(3)]
+    table = claims_table(rows, [])
+    line = next(line for line in table.splitlines() if line.startswith("| LNL's gain comes from its contrastive loss"))
+    assert "| `lnl-no-contrast` 31.00 ± 0.00 | `lnl` 34.00 ± 0.00 | +3.00 ± 0.00 | 3 |" in line
+    line = next(line for line in table.splitlines() if line.startswith("| DFSM's expansion M_e raises mIoU"))
+    assert "| `lnl` shrink_miou 34.00 ± 0.00 | `lnl` 31.00 ± 1.00 | -3.00 ± 1.00 | 3 | does not |" in line

@@ -131,3 +131,16 @@ def test_a_run_on_a_credentialed_s3_uri_writes_the_uri_nowhere_with_its_credenti
     with s3.open_input_stream(f"{BUCKET}/cred/eval/results.json") as stream:
         results = json.loads(stream.read())
     assert results["data"] == f"s3://***@{BUCKET}/cred/shards" and SECRET not in json.dumps(results)
+
+    from pyarrow import fs as pafs
+
+    # every object the run left in the bucket, Ray Train's own state files included
+    written = [info.path for info in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/cred", recursive=True))
+               if info.type == pafs.FileType.File]
+    assert any(path.endswith(".json") and "/runs/cred/" in path and "checkpoint_" not in path for path in written)
+    holding = []
+    for path in written:
+        with s3.open_input_stream(path) as stream:
+            if SECRET.encode() in stream.read():
+                holding.append(path)
+    assert not holding, f"files in the bucket holding the secret: {holding}"

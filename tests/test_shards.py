@@ -23,6 +23,8 @@ from PIL import Image
 
 from tests.cityscapes_tree import write_cityscapes_tree
 from tests.coco_tree import write_coco_tree
+from tests.voc_tree import make_voc_tree
+from wsss.datasets import parallel
 from wsss.datasets.base import DatasetInfo, Sample, build_reader
 from wsss.datasets.prepare import prepare
 from wsss.datasets.shards import (
@@ -375,6 +377,36 @@ def test_prepare_coco_counts_skipped_and_passes_options(tmp_path):
     with pytest.raises(DataError, match="no labels"):
         prepare("coco", root, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("dataset", ["voc", "coco", "cityscapes"])
+def test_prepare_in_worker_processes_writes_the_bytes_one_process_writes(tmp_path, monkeypatch, dataset):
+    """Every reader, read in 3 processes over several windows of items, skipping a bad one
+    (coco's): the same shard bytes, the same manifest but its time, the same skip log."""
+    monkeypatch.setattr(parallel, "ITEMS_PER_TASK", 1)  # windows of 4 items per worker: several per split
+    root = {"voc": lambda: make_voc_tree(tmp_path / "voc").devkit, "coco": lambda: write_coco_tree(tmp_path / "coco"),
+            "cityscapes": lambda: write_cityscapes_tree(tmp_path / "cityscapes") and tmp_path / "cityscapes"}[dataset]()
+    serial = prepare(dataset, root, tmp_path / "serial", skip_invalid=True, workers=1)
+    spread = prepare(dataset, root, tmp_path / "spread", skip_invalid=True, workers=3)
+    files = files_under(tmp_path / "serial")
+    assert files == files_under(tmp_path / "spread") and len(files) > 3
+    for name in files:
+        if name != "manifest.json":
+            assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "spread" / name).read_bytes(), name
+    assert serial.splits == spread.splits and serial.skipped == spread.skipped
+    assert serial.skipped["count"] == (dataset == "coco")
+
+
+def test_prepare_in_worker_processes_stops_at_the_first_bad_sample_writing_nothing(tmp_path):
+    root = write_coco_tree(tmp_path / "coco")
+    with pytest.raises(DataError) as serial:
+        prepare("coco", root, tmp_path / "serial", workers=1)
+    with pytest.raises(DataError) as spread:
+        prepare("coco", root, tmp_path / "spread", workers=2)
+    assert str(spread.value) == str(serial.value) and "no labels" in str(spread.value)
+    assert not (tmp_path / "spread").exists()
+    with pytest.raises(ValueError, match="workers must be a whole number >= 1, got 0"):
+        prepare("coco", root, tmp_path / "none", workers=0)
 
 
 def test_prepare_checks_arguments_before_any_work(tmp_path):

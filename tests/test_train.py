@@ -66,6 +66,18 @@ def test_train_evaluate_resume_and_stop_on_divergence(ray_local, shards, tmp_pat
         fit(tiny(shards, tmp_path, epochs=5, lr=1e30))
 
 
+def test_a_resume_checkpoint_damaged_after_upload_falls_back_to_the_newest_that_loads(ray_local, shards, tmp_path):
+    """Ray Train hands back the checkpoint it registered last, whatever its file holds now."""
+    from wsss.platform.train import fit
+
+    fit(tiny(shards, tmp_path, epochs=2))
+    run = tmp_path / "runs" / "run"
+    newest = max(run.glob("checkpoint_*/state.pt"), key=lambda p: json.loads((p.parent / "checkpoint.json").read_text())["epoch"])
+    newest.write_bytes(newest.read_bytes()[:1000])
+    resumed = fit(tiny(shards, tmp_path, epochs=3))
+    assert resumed.metrics["resumed_from_epoch"] == 1 and resumed.metrics["epoch"] == 3
+
+
 def test_a_run_keeps_its_newest_and_best_checkpoints(ray_local, shards, tmp_path):
     """keep_checkpoints=1 over 3 epochs, the first not evaluated: Ray deletes that one (its
     score is -inf), keeps the newest and the best by miou; a resumed run continues from the

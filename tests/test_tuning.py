@@ -306,19 +306,18 @@ def test_sweep_keeps_its_optuna_study_in_sqlite(tiny_sweep):
 
 
 @pytest.mark.slow
-def test_each_trial_is_one_offline_wandb_run(tiny_sweep):
-    import os
-
+def test_each_trial_is_one_offline_wandb_run_with_cam_overlays(tiny_sweep):
     summary, sweep_dir = tiny_sweep
     trial_ids = {json.loads(p.read_text().splitlines()[-1])["trial_id"]
                  for p in sweep_dir.glob("trial_*/result.json")}
-    runs = {p.name.rsplit("-", 1)[-1]: p for p in Path(os.environ["WANDB_DIR"]).glob("wandb/offline-run-*")}
-    assert trial_ids <= set(runs)
     for trial_id in trial_ids:
-        log = (runs[trial_id] / "logs" / "debug.log").read_text()
-        assert "'method': 'cam+fsae'" in log and "'dataset': 'synthetic'" in log
+        # beside the trial's checkpoints; the best trial's full evaluation resumed it in a second folder
+        run = sorted((sweep_dir / "train" / trial_id).glob("wandb/offline-run-*"))[0]
+        log = (run / "logs" / "debug.log").read_text()
+        assert "'method': 'cam+fsae'" in log and "'wandb_group': 'tiny'" in log
         config_line = next(line for line in log.splitlines() if line.startswith("config:"))
         assert not re.search(r"'[^']*(key|token|secret|password)[^']*':", config_line, re.IGNORECASE)
+        assert list((run / "files" / "media" / "images").glob("cam_overlays_*.png"))
 
 
 @pytest.mark.slow
@@ -333,14 +332,39 @@ def test_report_of_a_real_sweep(tiny_sweep, tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| cam+fsae"))
     assert f"{100 * summary['miou']:.2f}" in row and f"{100 * summary['evaluation']['miou']:.2f}" in row
     assert "| 1 |" in row  # one seed
+    trials = {json.loads(p.read_text().splitlines()[-1])["trial_id"] for p in sweep_dir.glob("trial_*/result.json")}
     expected = {"tiny-history.png"} | {f"tiny-{name}.png" for name in summary["params"]}
-    assert {Path(p).name for p in result["plots"]} == expected
+    curves = {f"tiny-{trial}.png" for trial in trials}
+    assert {Path(p).name for p in result["plots"]} == expected | curves | {"cam-fsae-synthetic.png"}
     for plot in result["plots"]:
-        assert Image.open(plot).size == (640, 420)
+        if Path(plot).name in expected:
+            assert Image.open(plot).size == (640, 420)
+    curve = Image.open(tmp_path / "report" / "curves" / f"tiny-{summary['trial_id']}.png")
+    epochs = [json.loads(line) for path in sweep_dir.glob("trial_*/result.json")
+              for line in path.read_text().splitlines() if json.loads(line)["trial_id"] == summary["trial_id"]]
+    noted = any(key.startswith("fsae/") for epoch in epochs for key in epoch)  # not while fsae warms up
+    assert curve.height == 30 + (3 if noted else 2) * 260  # loss, mIoU and fsae's label shares
     html = (tmp_path / "report" / "table.html").read_text()
     assert "<td>cam+fsae</td>" in html
     records = (tmp_path / "report" / "records.csv").read_text().splitlines()
     assert len(records) == 3  # header + two trials
+
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep_writes_its_optuna_plots_as_html(tiny_sweep, tmp_path):
+    pytest.importorskip("plotly")
+    from wsss.tuning.report import STUDY_PLOTS, make_report
+
+    _, sweep_dir = tiny_sweep
+    result = make_report([str(sweep_dir)], str(tmp_path / "report"))
+    plots = tmp_path / "report" / "plots"
+    written = {Path(p).name for p in result["html"]}
+    assert {"tiny-history.html", "tiny-slices.html"} <= written, result["notes"]
+    for kind in STUDY_PLOTS:  # each written, or left out with the reason named
+        assert f"tiny-{kind}.html" in written or any(note.startswith(f"tiny-{kind}:") for note in result["notes"])
+    for page in written:
+        assert '<script src="plotly.min.js"' in (plots / page).read_text()  # one shared copy, opens offline
+    assert (plots / "plotly.min.js").stat().st_size > 1_000_000
 
 
 def test_trials_a_killed_driver_sampled_but_never_saved_are_marked_failed(tmp_path):
@@ -409,11 +433,9 @@ def test_killed_driver_resumes_and_finishes_the_requested_trials(ray_local, shar
 
 # ---- report from run directories -----------------------------------------------------
 
-def write_run(storage: Path, name: str, mious: list[float], *, full: float | None = None,
-              image: bool = False, **values) -> Path:
+def write_run(storage: Path, name: str, mious: list[float], *, full: float | None = None, **values) -> Path:
     """A run directory as `wsss train` leaves it: one checkpoint per epoch (a stand-in module)."""
     import torch
-    from PIL import Image
 
     from wsss.platform.checkpoints import save_checkpoint
 
@@ -429,10 +451,6 @@ def write_run(storage: Path, name: str, mious: list[float], *, full: float | Non
                         metrics={"epoch": epoch, "miou": miou, "threshold": 0.3})
     if full is not None:
         (run / "results.json").write_text(json.dumps({"miou": full}))
-    if image:
-        media = run / "wandb" / "offline-run-1" / "files" / "media" / "images"
-        media.mkdir(parents=True)
-        Image.new("RGB", (64, 48), "red").save(media / "cam_overlay_1.png")
     return run
 
 
@@ -441,7 +459,7 @@ def test_report_table_over_seeds_from_run_directories(tmp_path):
 
     runs = tmp_path / "runs"
     write_run(runs, "cam-s0", [0.20, 0.30], seed=0, lr=0.02, full=0.36)
-    write_run(runs, "cam-s1", [0.25, 0.34], seed=1, lr=0.02, full=0.38, image=True)  # the best seed
+    write_run(runs, "cam-s1", [0.25, 0.34], seed=1, lr=0.02, full=0.38)  # the best seed
     write_run(runs, "cam-other", [0.31], seed=0, lr=0.05)  # one seed of a worse configuration
     write_run(runs, "fsae-s0", [0.40], method="cam+fsae", seed=0, **{"sections": {}})
     result = make_report([str(runs)], str(tmp_path / "out"))
@@ -454,8 +472,8 @@ def test_report_table_over_seeds_from_run_directories(tmp_path):
     assert "| 40.00 | 1 | — |" in fsae and "fsae.kernel=3" in fsae
     rows = (tmp_path / "out" / "table.csv").read_text().splitlines()
     assert rows[0].startswith("method,dataset,miou_mean,miou_std,seeds") and len(rows) == 3
-    overlays = list((tmp_path / "out" / "overlays").glob("*.png"))
-    assert [p.name for p in overlays] == ["cam-synthetic.png"]
+    curves = sorted(p.name for p in (tmp_path / "out" / "curves").glob("*.png"))
+    assert curves == ["cam-other.png", "cam-s0.png", "cam-s1.png", "fsae-s0.png"]  # every record's
     assert "W&B is offline" in result["wandb"]
 
 

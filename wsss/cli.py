@@ -31,11 +31,28 @@ def _prepare(args) -> int:
 
     options = {key: _literal(value) for key, value in _key_values(args.options).items()}
     manifest = prepare(args.dataset, args.root, args.out, sbd=args.sbd, skip_invalid=args.skip_invalid,
-                       overwrite=args.overwrite, **options)
+                       overwrite=args.overwrite, workers=args.workers, progress=_PrepareProgress(), **options)
     splits = ", ".join(f"{name}: {info['rows']}" for name, info in manifest.splits.items())
     skipped = manifest.skipped.get("count", 0) if isinstance(manifest.skipped, dict) else 0
     print(f"wrote {args.out} ({manifest.dataset}; {splits}; skipped {skipped})")
     return 0
+
+
+class _PrepareProgress:
+    """A line on stderr every few seconds while a split is written: images so far and rate."""
+
+    EVERY_S = 5.0
+
+    def __init__(self):
+        self.split, self.started, self.shown = None, 0.0, 0.0
+
+    def __call__(self, split: str, rows: int) -> None:
+        now = time.monotonic()
+        if split != self.split:
+            self.split, self.started, self.shown = split, now, now
+        elif now - self.shown >= self.EVERY_S:
+            self.shown = now
+            print(f"prepare: {split}: {rows} images, {rows / (now - self.started):.0f}/s", file=sys.stderr)
 
 
 def _train(args) -> int:
@@ -87,10 +104,16 @@ def _evaluate(args) -> int:
                                   flip=not args.no_flip, crf=args.crf, max_images=args.max_images,
                                   out=args.out, method_overrides=_key_values(args.overrides),
                                   threshold=args.threshold, choice=args.checkpoint_choice,
-                                  verify_data=not args.no_verify_data)
+                                  verify_data=not args.no_verify_data, show_dir=args.show_dir,
+                                  show_images=args.show_images)
     print(results_table(results))
     if args.out:
         print(f"written to {args.out}/results.json and results.md")
+    if args.show_dir:
+        print(f"{len(results['pictures'])} pictures (image | ground truth | CAM per class | prediction) "
+              f"in {args.show_dir}")
+    if results.get("wandb"):
+        print(f"W&B: the evaluation is in the run's summary ({results['wandb']})")
     return 0
 
 
@@ -120,6 +143,16 @@ def _key_value(text: str) -> str:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
     return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 def _key_values(items: list[str]) -> dict[str, str]:
@@ -169,6 +202,22 @@ def _overrides(parser, example: str, what: str = "run settings") -> None:
                         help=f"{what}, e.g. {example}")
 
 
+def _count(text: str) -> int:
+    """argparse type of counts that must be >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
+def _show(parser, what: str) -> None:
+    parser.add_argument("--show-dir", help=f"local directory for one PNG per image, named by its id: {what}")
+    parser.add_argument("--show-images", type=_count, default=8, help="how many images --show-dir shows")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('wsss')}")
@@ -181,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory or URI (s3://, gs://)")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad samples, counted in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
+    p.add_argument("--workers", type=_positive_int, help="processes that read the images (default: one per CPU)")
     p.add_argument("--option", action=_Moved, new_form="KEY=VALUE (e.g. preset=demo)")
     p.add_argument("options", nargs="*", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="reader options, e.g. preset=demo num_val=50 for synthetic")
@@ -214,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify-data", action="store_true",
                    help="skip the shards' sha256 check (otherwise done until one full pass has recorded it)")
     p.add_argument("--out", help="directory for results.json and results.md")
+    _show(p, "image | ground truth | CAM heatmap of each class present | prediction")
     p.add_argument("--set", action=_Moved, new_form="SECTION.KEY=VALUE (e.g. lnl.export=shrink)")
     _overrides(p, "lnl.export=shrink", "inference settings of the checkpoint's method")
 
@@ -247,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf-actors", type=int, default=None,
                    help="most CRF actors (default: CPUs - GPUs, as each GPU's CAM actor holds a CPU; else CPUs - 1)")
     p.add_argument("--overwrite", action="store_true", help="replace pseudo-labels already at --out")
+    _show(p, "image | ground truth (where there is one) | pseudo-label")
 
     p = _command(commands, "segment", "wsss.platform.segmentation:main",
                  "stage 2, a DeepLab trained on pseudo-label shards, then its evaluation")

@@ -44,6 +44,9 @@ class DataError(ValueError):
         self.problem = public_uri(problem)
         super().__init__(f"{self.path}: {self.problem}")
 
+    def __reduce__(self):  # rebuilt from its two parts when it crosses to another process
+        return type(self), (self.path, self.problem)
+
 
 def is_uri(location: str) -> bool:
     return "://" in location

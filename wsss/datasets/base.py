@@ -59,6 +59,32 @@ class DatasetReader(Protocol):
         ...
 
 
+class ItemReader:
+    """A reader whose split is a list of independent items (ids, paths, records), each read
+    into a sample on its own: `wsss prepare` reads those in worker processes. A subclass
+    gives `items` and `read_item`, and sets `skip_invalid` and `skipped`."""
+
+    skip_invalid: bool
+    skipped: SkipLog
+
+    def items(self, split: str) -> list:
+        """The split's items, in the order its samples are written; each one picklable."""
+        raise NotImplementedError
+
+    def read_item(self, split: str, item) -> Sample:
+        """One validated sample; DataError on bad input."""
+        raise NotImplementedError
+
+    def samples(self, split: str) -> Iterator[Sample]:
+        for item in self.items(split):
+            try:
+                yield self.read_item(split, item)
+            except DataError as error:
+                if not self.skip_invalid:
+                    raise
+                self.skipped.add(error)
+
+
 @dataclass
 class SkipLog:
     """Invalid inputs skipped under --skip-invalid, counted per problem in the manifest."""

@@ -14,7 +14,6 @@ any other value is an error. Image labels are the class indices present in the m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from wsss.datasets.base import (
     IGNORE_INDEX,
     DatasetInfo,
+    ItemReader,
     Sample,
     SkipLog,
     register_reader,
@@ -52,7 +52,7 @@ def class_lookup() -> np.ndarray:
 
 
 @register_reader("cityscapes")
-class CityscapesReader:
+class CityscapesReader(ItemReader):
     """Reads a Cityscapes tree into `Sample`s; see the module docstring for the mapping."""
 
     def __init__(self, root: str | Path, skip_invalid: bool = False):
@@ -71,16 +71,13 @@ class CityscapesReader:
     def splits(self) -> list[str]:
         return [split for split in SPLITS if (self.root / "leftImg8bit" / split).is_dir()]
 
-    def samples(self, split: str) -> Iterator[Sample]:
+    def items(self, split: str) -> list[Path]:
         if split not in self.splits():
             raise DataError(self.root / "leftImg8bit", f"unknown split {split!r}; known: {', '.join(self.splits())}")
-        for image_path in sorted((self.root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
-            try:
-                yield self.sample(split, image_path)
-            except DataError as error:
-                if not self.skip_invalid:
-                    raise
-                self.skipped.add(error)
+        return sorted((self.root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
+
+    def read_item(self, split: str, image_path: Path) -> Sample:
+        return self.sample(split, image_path)
 
     def sample(self, split: str, image_path: Path) -> Sample:
         name = image_path.name.removesuffix("_leftImg8bit.png")

@@ -21,7 +21,6 @@ ignored in the mask. An image whose annotations cover nothing is "no labels".
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from PIL import Image, ImageDraw
 from wsss.datasets.base import (
     IGNORE_INDEX,
     DatasetInfo,
+    ItemReader,
     Sample,
     SkipLog,
     register_reader,
@@ -130,7 +130,7 @@ def render_mask(annotations: list[dict], height: int, width: int) -> tuple[np.nd
 
 
 @register_reader("coco")
-class COCOReader:
+class COCOReader(ItemReader):
     """Reads a COCO tree into `Sample`s; see the module docstring for the rules."""
 
     def __init__(self, root: str | Path, skip_invalid: bool = False, year: int = 2014):
@@ -151,18 +151,17 @@ class COCOReader:
     def splits(self) -> list[str]:
         return list(self.annotation_files)
 
-    def samples(self, split: str) -> Iterator[Sample]:
+    def items(self, split: str) -> list[tuple[Path, dict, list[dict]]]:
+        """(annotation file, image record, its annotations) by file name."""
         if split not in self.annotation_files:
             raise DataError(self.root / "annotations", f"unknown split {split!r}; known: {', '.join(self.splits())}")
         json_path = self.annotation_files[split]
         images, annotations = load_annotations(json_path)
-        for image in sorted(images.values(), key=lambda record: record["file_name"]):
-            try:
-                yield self.sample(split, json_path, image, annotations.get(image["id"], []))
-            except DataError as error:
-                if not self.skip_invalid:
-                    raise
-                self.skipped.add(error)
+        return [(json_path, image, annotations.get(image["id"], []))
+                for image in sorted(images.values(), key=lambda record: record["file_name"])]
+
+    def read_item(self, split: str, item: tuple[Path, dict, list[dict]]) -> Sample:
+        return self.sample(split, *item)
 
     def sample(self, split: str, json_path: Path, image: dict, annotations: list[dict]) -> Sample:
         path = self.root / f"{split}{self.year}" / image["file_name"]

@@ -10,19 +10,24 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Callable
 
 from wsss.datasets.base import READERS, build_reader
+from wsss.datasets.parallel import default_workers
 from wsss.datasets.shards import Manifest, check_writable, write_shards
 from wsss.io import canonical, public_uri
 
 
 def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, sbd: str | os.PathLike | None = None,
-            skip_invalid: bool = False, overwrite: bool = False, **options) -> Manifest:
+            skip_invalid: bool = False, overwrite: bool = False, workers: int | None = None,
+            progress: Callable[[str, int], None] | None = None, **options) -> Manifest:
     """Write every split of `dataset` (read from `root`) to `out` and return its manifest.
 
     `sbd` (voc only) adds the SBD train_aug split; `skip_invalid` skips bad inputs and
     counts them in the manifest instead of stopping at the first; `overwrite` replaces a
-    dataset already prepared at `out`; `options` go to the reader (e.g. coco's `year`)."""
+    dataset already prepared at `out`; `workers` processes read the images (default: one
+    per CPU; the shards are the same for any number); `progress(split, rows)` follows the
+    writing; `options` go to the reader (e.g. coco's `year`)."""
     import wsss.datasets  # noqa: F401  (registers the readers)
 
     if dataset not in READERS:
@@ -32,12 +37,15 @@ def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, sbd: 
     if skip_invalid:
         options["skip_invalid"] = True
     _check_options(dataset, options)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     out = canonical(out)
     check_writable(out, overwrite)
     reader = build_reader(dataset, os.fspath(root), **options)
     source = {"root": public_uri(canonical(root)), "sbd": public_uri(canonical(sbd)) if sbd is not None else None,
               "options": json.loads(json.dumps({k: v for k, v in options.items() if k != "sbd"}, default=str))}  # JSON-safe, checked before any work
-    return write_shards(reader, out, overwrite=overwrite, source=source)
+    return write_shards(reader, out, overwrite=overwrite, source=source, workers=workers or default_workers(),
+                        progress=progress)
 
 
 def _check_options(dataset: str, options: dict) -> None:

@@ -17,6 +17,7 @@ mode L: the kind of region of each pixel, for evaluation only), where the reader
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -25,7 +26,7 @@ import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -37,6 +38,7 @@ from pyarrow import fs as pafs
 
 from wsss.datasets.base import IGNORE_INDEX, DatasetInfo, DatasetReader, Sample
 from wsss.datasets.lease import acquire
+from wsss.datasets.parallel import read_split
 from wsss.io import DataError, canonical, check_bucket, join, resolve
 
 logger = logging.getLogger(__name__)
@@ -311,10 +313,13 @@ class DatasetPublisher:
 
 def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | None = None,
                  rows_per_file: int = 256, rows_per_group: int = 32, overwrite: bool = False,
-                 source: dict | None = None) -> Manifest:
+                 source: dict | None = None, workers: int = 1,
+                 progress: Callable[[str, int], None] | None = None) -> Manifest:
     """Write the reader's splits to `out_uri` as shards plus manifest (see module docstring).
 
-    At least two files per split with two or more rows, so reads parallelise."""
+    At least two files per split with two or more rows, so reads parallelise. `workers`
+    processes read the samples (the shards are the same for any number); `progress(split,
+    rows)` is called after each row is written."""
     if rows_per_file < 1 or rows_per_group < 1:
         raise ValueError(f"rows_per_file and rows_per_group must be >= 1, got {rows_per_file}, {rows_per_group}")
     known = reader.splits()
@@ -325,8 +330,11 @@ def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | No
     with DatasetPublisher(out_uri, overwrite) as publisher:
         entries = {}
         for split in splits:
-            entries[split] = _stage_split(publisher.fs, publisher.staging, split, reader.samples(split),
-                                          rows_per_file, rows_per_group, num_classes=len(reader.info.classes) - 1)
+            rows = read_split(reader, split, functools.partial(_row, num_classes=len(reader.info.classes) - 1),
+                              workers)
+            if progress is not None:
+                rows = _reported(rows, functools.partial(progress, split))
+            entries[split] = _stage_split(publisher.fs, publisher.staging, split, rows, rows_per_file, rows_per_group)
             if not entries[split]["rows"]:
                 raise DataError(f"{reader.info.name} split {split!r}", "no samples: nothing valid to write")
         info = reader.info
@@ -339,18 +347,24 @@ def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | No
     return manifest
 
 
-def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterator[Sample],
-                 rows_per_file: int, rows_per_group: int, num_classes: int) -> dict:
+def _reported(rows: Iterator[dict], progress: Callable[[int], None]) -> Iterator[dict]:
+    for count, row in enumerate(rows, 1):
+        yield row
+        progress(count)
+
+
+def _stage_split(fs: pafs.FileSystem, staging: str, split: str, rows: Iterator[dict],
+                 rows_per_file: int, rows_per_group: int) -> dict:
     fs.create_dir(f"{staging}/{split}", recursive=True)
-    samples = iter(samples)
+    rows = iter(rows)
     names, counts = [], []
     schema = None  # the first sample decides whether the split has a region column
-    while (first := next(samples, None)) is not None:
-        schema = schema or (SCHEMA if first.region is None else REGION_SCHEMA)
+    while (first := next(rows, None)) is not None:
+        schema = schema or (SCHEMA if "region" not in first else REGION_SCHEMA)
         names.append(f"{split}/part-{len(names):05d}.parquet")
-        rows = (_row(sample, num_classes, schema)
-                for sample in itertools.chain([first], itertools.islice(samples, rows_per_file - 1)))
-        counts.append(_write_parquet(fs, f"{staging}/{names[-1]}", rows, rows_per_group, schema))
+        part = (_same_columns(row, schema)
+                for row in itertools.chain([first], itertools.islice(rows, rows_per_file - 1)))
+        counts.append(_write_parquet(fs, f"{staging}/{names[-1]}", part, rows_per_group, schema))
     if len(names) == 1 and counts[0] >= 2:
         table = pq.read_table(f"{staging}/{names[0]}", filesystem=fs, schema=schema)
         half = (len(table) + 1) // 2
@@ -364,15 +378,19 @@ def _stage_split(fs: pafs.FileSystem, staging: str, split: str, samples: Iterato
     return {"rows": sum(counts), "files": files}
 
 
-def _row(sample: Sample, num_classes: int, schema: pa.Schema) -> dict:
+def _row(sample: Sample, num_classes: int) -> dict:
     _check_sample(sample, num_classes)
     row = {"id": sample.id, "image": sample.image,
            "mask": None if sample.mask is None else encode_mask(sample.mask),
            "labels": list(sample.labels), "height": sample.height, "width": sample.width}
-    if (sample.region is not None) != (schema is REGION_SCHEMA):
-        raise DataError(sample.id, "region map: every sample of a split needs one, or none does")
     if sample.region is not None:
         row["region"] = encode_mask(sample.region)
+    return row
+
+
+def _same_columns(row: dict, schema: pa.Schema) -> dict:
+    if ("region" in row) != (schema is REGION_SCHEMA):
+        raise DataError(row["id"], "region map: every sample of a split needs one, or none does")
     return row
 
 

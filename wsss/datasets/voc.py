@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from wsss.datasets.base import (
     IGNORE_INDEX,
     REGION_CONTEXT,
     DatasetInfo,
+    ItemReader,
     Sample,
     SkipLog,
     register_reader,
@@ -182,7 +182,7 @@ def read_sbd_mask(path: Path) -> np.ndarray:
 
 
 @register_reader("voc")
-class VOCReader:
+class VOCReader(ItemReader):
     """Reads a VOC2012 tree (and optionally SBD) into `Sample`s; see the module docstring."""
 
     def __init__(self, root: str | Path, sbd: str | Path | None = None, skip_invalid: bool = False,
@@ -200,14 +200,11 @@ class VOCReader:
             names.append(TRAIN_AUG)
         return names
 
-    def samples(self, split: str) -> Iterator[Sample]:
-        for image_id in self.ids(split):
-            try:
-                yield self.sample(image_id, sbd_masks=split == TRAIN_AUG)
-            except DataError as error:
-                if not self.skip_invalid:
-                    raise
-                self.skipped.add(error)
+    def items(self, split: str) -> list[str]:
+        return self.ids(split)
+
+    def read_item(self, split: str, image_id: str) -> Sample:
+        return self.sample(image_id, sbd_masks=split == TRAIN_AUG)
 
     def ids(self, split: str) -> list[str]:
         """The split's ids: the split file's order, or sorted for train_aug."""

@@ -128,6 +128,20 @@ def load_latest(location: str) -> tuple[str, dict]:
             logger.warning("skipping checkpoint %s: %s", checkpoint, error.problem)
 
 
+def resume_state(chosen: str, run: str) -> dict:
+    """The state a run resumes from: that of `chosen`, the checkpoint Ray Train hands back,
+    or, when it does not load (a file damaged after it was registered), that of the run's
+    newest checkpoint that does, saying so. Ray's bookkeeping cannot know a file went bad."""
+    try:
+        return load_state(chosen)
+    except UnsafeCheckpointError:
+        raise
+    except DataError as error:
+        logger.warning("the checkpoint to resume from does not load (%s); resuming from the newest of %s "
+                       "that does", error, run)
+    return load_latest(run)[1]
+
+
 def _complete_checkpoints(location: str):
     """`location` if it is a checkpoint, else its complete checkpoints newest first (see
     `latest_checkpoint`), warning about each one skipped; FileNotFoundError if none."""

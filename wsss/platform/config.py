@@ -87,6 +87,7 @@ class TrainConfig:
     wandb_group: str = ""  # e.g. the sweep name
     log_every: int = 10  # steps between W&B scalar logs
     cam_images: int = 4  # CAM overlays logged per evaluation
+    wandb_checkpoints: bool = False  # also log each checkpoint as a W&B model artifact (a copy of every epoch's)
     sections: dict[str, Any] = field(default_factory=dict)  # method section -> config dataclass
 
     def __post_init__(self):

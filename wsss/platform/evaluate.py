@@ -11,14 +11,17 @@ runs in actors, on GPUs when the cluster has them.
 from __future__ import annotations
 
 import json
+from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
+from wsss.datasets.reading import eval_rows
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.verification import remember_verified
-from wsss.io import check_bucket, join, public_uri, write_text
+from wsss.io import canonical, check_bucket, join, public_uri, write_text
 from wsss.platform.cams import (FULL_SCALES, THRESHOLDS, best_threshold, check_threshold, image_tensor,
                                normalized_cams, region_counts, score_at_threshold, threshold_confusions,
                                threshold_predictions)
@@ -27,7 +30,9 @@ from wsss.ops.crf import dense_crf
 from wsss.platform.data import eval_dataset
 from wsss.platform.metrics import confusion_matrix, cooccurrence_confusion, cooccurring_pairs, \
     foreground_error_rates, miou, region_rates
+from wsss.platform.pictures import cam_panel, picture_name, save_png
 from wsss.platform.runtime import ensure_ray, job_batches
+from wsss.platform.tracking import log_evaluation, run_id
 
 
 class CAMScorer:
@@ -97,14 +102,17 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
                         flip: bool = True, crf: bool = False, crf_preset: str = "psa",
                         max_images: int = 0, num_actors: int | None = None, out: str | None = None,
                         method_overrides: dict | None = None, threshold: float | None = None,
-                        choice: str = "best", verify_data: bool = True) -> dict:
+                        choice: str = "best", verify_data: bool = True, show_dir: str | None = None,
+                        show_images: int = 8) -> dict:
     """Full-protocol evaluation; returns (and writes to `out`) the results dict. A bad
     checkpoint, data, output URI, threshold or method override fails before Ray starts
     (joined or started here). `method_overrides` change inference settings, e.g.
     {"lnl.export": "shrink"}; `threshold` scores at that background threshold (one chosen on
     another split) instead of the split's best. A run directory is evaluated at its `choice`
     (best or latest) checkpoint, named in the results. `verify_data`: the read tasks check
-    the shards' sha256 until a full pass has recorded them."""
+    the shards' sha256 until a full pass has recorded them. `show_dir`: a PNG for each of
+    the first `show_images` images (`write_cam_pictures`). The results also go to the
+    summary of the run's W&B run, where the checkpoint is in a run (`log_to_run`)."""
     checkpoint = CHECKPOINT_CHOICES[choice](checkpoint)
     _, state = load_method(checkpoint, method_overrides=method_overrides)
     manifest = read_manifest(data)
@@ -140,7 +148,52 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "val", scale
                           "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class]}
     if out:
         write_results(results, out)
+    if show_dir:
+        results["pictures"] = [str(p) for p in write_cam_pictures(
+            checkpoint, data, split, show_dir, count=show_images, scales=scales, flip=flip,
+            threshold=results["threshold"], method_overrides=method_overrides, palette=manifest.palette)]
+    wandb_run = log_to_run(results, checkpoint, state["config"])
+    if wandb_run:
+        results["wandb"] = wandb_run
     return results
+
+
+def write_cam_pictures(checkpoint: str, data: str, split: str, show_dir: str, *, count: int, scales, flip: bool,
+                       threshold: float, method_overrides: dict | None, palette) -> list[Path]:
+    """`show_dir/<image id>.png` for the split's first `count` images: image | ground truth
+    | CAM heatmap of each class present | prediction at `threshold`, from the CAMs the
+    evaluation scores (same scales and flips). Computed here, on the driver: a few images."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method, state = load_method(checkpoint, device, method_overrides)
+    classes = state["dataset"]["classes"]
+    written = []
+    for row in islice(eval_rows(data, split), count):
+        labels = torch.from_numpy(np.array(row["labels"], np.float32))
+        cams = normalized_cams(method, image_tensor(row["image"], device), labels, scales, flip)
+        prediction = threshold_predictions(cams, (threshold,))[0].cpu().numpy()
+        picture = cam_panel(np.asarray(row["image"]), cams.cpu().numpy(), labels.numpy(), prediction,
+                            np.asarray(row["mask"]), classes, palette,
+                            title=f"{row['id']}: {state['config']['method']} on {split}",
+                            prediction_caption=f"prediction (t={threshold:.2f})")
+        written.append(save_png(picture, Path(show_dir) / f"{picture_name(row['id'])}.png"))
+    return written
+
+
+def log_to_run(results: dict, checkpoint: str, config: dict) -> str | None:
+    """The results into the W&B run of the training run that holds `checkpoint` (a
+    `checkpoint_*` folder in the run's folder), resumed by the id training gave it; None
+    for a checkpoint outside its run or a run trained without W&B."""
+    from wsss.platform.train import wandb_dir  # Ray Train: only when there is a run to log to
+
+    run_dir, _ = canonical(checkpoint).rstrip("/").rsplit("/", 1)
+    storage, folder = run_dir.rsplit("/", 1)
+    name = config.get("name")
+    if not name or folder != name:
+        return None
+    return log_evaluation(results, project=config.get("wandb_project", "wsss"), name=name,
+                          run_id=run_id(storage, name), directory=wandb_dir(storage, name),
+                          mode=config.get("wandb", "auto"), group=config.get("wandb_group", ""),
+                          tags=[config["method"]])
 
 
 def cooccurrence_scores(confusion: np.ndarray, manifest, train_split: str) -> dict:

@@ -239,6 +239,7 @@ def evaluate_rows(method: Method, rows: Iterable[dict], *, num_classes: int, dev
                 has_regions = True
                 region_total += region_counts(threshold_predictions(cams), gt, torch.as_tensor(np.asarray(row["region"])))
             overlay["cams"] = cams.cpu()
+            overlay["labels"] = labels.numpy()
         logits = method.segmentation_logits(image)
         if logits is not None:
             has_segmentation = True
@@ -285,8 +286,8 @@ def epoch_metrics(stats: EpochStats, validation: Validation | None, epoch: int,
 
 
 def overlay_predictions(overlays: list[dict], threshold: float | None) -> list[dict]:
-    """Overlays for W&B: the CAMs' prediction at the chosen threshold where there are CAMs,
-    else the segmentation's."""
+    """Overlays for W&B: the CAMs (numpy) and their prediction at the chosen threshold where
+    there are CAMs, else the segmentation's prediction."""
     out = []
     for item in overlays:
         if "cams" not in item or threshold is None:
@@ -296,5 +297,6 @@ def overlay_predictions(overlays: list[dict], threshold: float | None) -> list[d
         best, index = item["cams"].max(dim=0)
         prediction = torch.where(best >= threshold, index + 1, torch.zeros_like(index))
         out.append({"id": item["id"], "image": item["image"], "prediction": prediction.numpy(),
-                    "ground_truth": item["ground_truth"]})
+                    "ground_truth": item["ground_truth"], "cams": item["cams"].numpy(), "labels": item["labels"],
+                    "threshold": threshold})
     return out

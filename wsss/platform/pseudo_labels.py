@@ -31,6 +31,7 @@ settings and, where the split has ground truth, the pseudo-masks' mIoU.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +41,7 @@ import torch
 
 from wsss.datasets.augment import decode_image, decode_label_map, multi_hot
 from wsss.datasets.base import IGNORE_INDEX
-from wsss.datasets.reading import read_shard, to_numpy
+from wsss.datasets.reading import pseudo_label_files, read_shard, to_numpy
 from wsss.datasets.shards import Manifest, check_writable, encode_mask, read_manifest, verify_checksums
 from wsss.io import DataError, join, public_uri, read_json
 from wsss.methods.csrm_pseudo import cam_pseudo_label
@@ -51,6 +52,7 @@ from wsss.platform.config import ConfigError
 from wsss.platform.evaluate import crf_prediction
 from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou
+from wsss.platform.pictures import picture_name, prediction_panel, save_png
 from wsss.platform.runtime import ensure_ray, job_batches
 from wsss.platform.segmentation import segmentation_probs
 
@@ -291,6 +293,28 @@ def ground_truth_labels(data: str, out: str, *, split: str = "train", overwrite:
     return source
 
 
+def write_pseudo_label_pictures(data: str, labels: str, split: str, show_dir: str, count: int) -> list[Path]:
+    """`show_dir/<image id>.png` for the split's first `count` images, read back from the
+    written label shards: image | ground truth (where the image has one) | pseudo-label."""
+    images, written_labels = read_manifest(data), read_manifest(labels)
+    mode = written_labels.source.get("mode")
+    written = []
+    for image_file, label_file in zip(images.files(split), pseudo_label_files(images, written_labels, split)):
+        table = read_shard(image_file, ["id", "image", "height", "width", "mask"], label_uri=label_file)
+        for row in table.slice(0, count - len(written)).to_pylist():
+            sample_id = str(row["id"])
+            image = np.asarray(decode_image(row["image"], sample_id, row["height"], row["width"]))
+            label = decode_label_map(row["target"], sample_id, "pseudo-label", image.shape[:2])
+            truth = decode_label_map(row["mask"], sample_id, "mask", image.shape[:2]) if row["mask"] else None
+            picture = prediction_panel(image, label, truth, images.classes, images.palette,
+                                       title=f"{sample_id}: pseudo-label of {split}",
+                                       prediction_caption=f"pseudo-label ({mode})" if mode else "pseudo-label")
+            written.append(save_png(picture, Path(show_dir) / f"{picture_name(sample_id)}.png"))
+        if len(written) >= count:
+            break
+    return written
+
+
 def _quality(confusion: np.ndarray, images: int, classes: int) -> dict | None:
     """Pseudo-mask mIoU against the ground truth of the `images` rows that have one
     (ignored pseudo-label pixels count as background)."""
@@ -310,6 +334,7 @@ def main(args) -> int:
         ground_truth_labels(args.data, args.out, split=args.split, overwrite=args.overwrite)
         print(f"wrote the {read_manifest(args.out).rows(args.split)} ground-truth masks of split "
               f"{args.split!r} as label shards to {args.out}")
+        _show(args)
         return 0
     if not args.checkpoint:
         raise ConfigError(f"--mode {args.mode} needs --checkpoint")
@@ -328,4 +353,11 @@ def main(args) -> int:
     print(f"wrote {rows} pseudo-labels ({args.mode}) to {args.out}"
           + (f"; pseudo-mask mIoU {100 * quality['miou']:.2f} on {quality['images_with_mask']} images with masks"
              if quality else "; the split has no ground truth to score them"))
+    _show(args)
     return 0
+
+
+def _show(args) -> None:
+    if args.show_dir:
+        pictures = write_pseudo_label_pictures(args.data, args.out, args.split, args.show_dir, args.show_images)
+        print(f"{len(pictures)} pictures (image | ground truth | pseudo-label) in {args.show_dir}")

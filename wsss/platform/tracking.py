@@ -24,6 +24,8 @@ _SECRET = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
 # How long wandb.init waits for an online server before tracking turns off (W&B's default
 # is 90 s, then it may retry): a run must not wait minutes on an unreachable server.
 INIT_TIMEOUT_S = 20
+OVERLAY_KEY = "cam_overlays"  # W&B key (and media file prefix) of the composed overlay pictures
+EVALUATION_TABLE = "evaluation/per_class_iou"
 
 
 def resolve_mode(mode: str) -> str:
@@ -86,14 +88,20 @@ class Tracker:
             logger.warning("W&B logging failed, tracking stops: %s", error)
             self.run = None
 
-    def log_cam_overlays(self, samples: list[dict], classes: list[str], step: int) -> None:
-        """samples: {"id", "image" uint8 HWC, "prediction" HW, "ground_truth" HW or None}."""
+    def log_cam_overlays(self, samples: list[dict], classes: list[str], palette, step: int) -> None:
+        """samples: {"id", "image" uint8 HWC, "prediction" HW, "ground_truth" HW or None, and
+        where there are CAMs "cams" [K,H,W], "labels" [K], "threshold"}. Logged twice: `cams`,
+        the image with W&B's interactive class masks, and `cam_overlays`, our own composed
+        picture (image | ground truth | CAM per class | prediction), which stays readable
+        outside W&B's viewer (`wsss report` takes its contact sheets from these files)."""
         if self.run is None or not samples:
             return
         import wandb
 
+        from wsss.platform.pictures import cam_panel, prediction_panel
+
         labels = {i: name for i, name in enumerate(classes)} | {IGNORE_INDEX: "void"}
-        images = []
+        images, overlays = [], []
         for sample in samples:
             masks = {"prediction": {"mask_data": np.asarray(sample["prediction"], np.uint8),
                                     "class_labels": labels}}
@@ -101,7 +109,32 @@ class Tracker:
                 masks["ground_truth"] = {"mask_data": np.asarray(sample["ground_truth"], np.uint8),
                                          "class_labels": labels}
             images.append(wandb.Image(sample["image"], masks=masks, caption=sample["id"]))
-        self.log({"cams": images}, step=step)
+            if "cams" in sample:
+                picture = cam_panel(sample["image"], sample["cams"], sample["labels"], sample["prediction"],
+                                    sample.get("ground_truth"), classes, palette, title=sample["id"],
+                                    prediction_caption=f"prediction (t={sample['threshold']:.2f})")
+            else:
+                picture = prediction_panel(sample["image"], sample["prediction"], sample.get("ground_truth"),
+                                           classes, palette, title=sample["id"])
+            overlays.append(wandb.Image(picture, caption=sample["id"]))
+        self.log({"cams": images, OVERLAY_KEY: overlays}, step=step)
+
+    def log_checkpoint(self, directory: str, *, epoch: int, metrics: dict) -> None:
+        """The checkpoint directory as a W&B model artifact (aliases `latest` and
+        `epoch-N`). Its files are copied to W&B's staging folder at once, so the directory
+        may be deleted after this returns."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(f"checkpoint-{self.run.id}", type="model", metadata={
+                "epoch": epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+            artifact.add_dir(directory)
+            self.run.log_artifact(artifact, aliases=["latest", f"epoch-{epoch}"])
+        except Exception as error:
+            logger.warning("W&B checkpoint upload failed, tracking stops: %s", error)
+            self.run = None
 
     def finish(self) -> None:
         if self.run is not None:
@@ -119,3 +152,38 @@ def run_id(storage_path: str, name: str) -> str:
     location = public_uri(storage_path).replace(f"://{REDACTED}@", "://")  # the same place, whoever reads it
     digest = hashlib.sha256(f"{location}\0{name}".encode()).hexdigest()[:10]
     return f"{re.sub(r'[^A-Za-z0-9_-]', '-', name)[:48]}-{digest}"
+
+
+def log_evaluation(results: dict, *, project: str, name: str, run_id: str, directory: str, mode: str,
+                   group: str = "", tags: list[str] = ()) -> str | None:
+    """A full evaluation (`wsss evaluate`) into the summary of the training run's W&B run,
+    resumed by its id, with a table of per-class IoU; returns where it went, or None when
+    W&B is off. Offline, the resumed run is a folder of its own beside the training's, and
+    `wandb sync` of both fills one run. Best effort, as in training."""
+    mode = resolve_mode(mode)
+    if mode == "disabled":
+        return None
+    tracker = Tracker(project=project, name=name, run_id=run_id, group=group, mode=mode, config={},
+                      directory=directory, tags=list(tags))
+    if tracker.run is None:
+        return None
+    try:
+        import wandb
+
+        crf = results.get("crf") or {}
+        rows = [[cls, iou, (crf.get("per_class_iou") or [None] * len(results["classes"]))[i]]
+                for i, (cls, iou) in enumerate(zip(results["classes"], results["per_class_iou"]))]
+        summary = {f"evaluation/{key}": results[key] for key in
+                   ("miou", "threshold", "fg_fpr", "fg_fnr", "split", "checkpoint", "epoch", "part_recall",
+                    "body_recall", "context_fpr", "cooccurrence_confusion") if key in results}
+        if crf:
+            summary["evaluation/crf_miou"] = crf["miou"]
+        summary["evaluation/scales"] = ",".join(str(s) for s in results["scales"])
+        summary[EVALUATION_TABLE] = wandb.Table(columns=["class", "IoU", "IoU + CRF"], data=rows)
+        tracker.run.summary.update(summary)
+        where = tracker.run.dir
+    except Exception as error:
+        logger.warning("W&B evaluation summary failed: %s", error)
+        where = None
+    tracker.finish()
+    return where

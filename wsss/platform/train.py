@@ -10,6 +10,7 @@ reported checkpoints there). Tune trials call `make_trainer` with their own call
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -27,7 +28,7 @@ from wsss.datasets.lease import acquire
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.verification import remember_verified
 from wsss.io import canonical, delete_file, join, read_text, write_text
-from wsss.platform.checkpoints import check_resumable, load_state, restore, save_checkpoint
+from wsss.platform.checkpoints import check_resumable, restore, resume_state, save_checkpoint
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.config_text import to_toml
 from wsss.platform.console import epoch_line, seconds_left
@@ -40,6 +41,7 @@ from wsss.platform.tracking import Tracker, public_config, run_id
 logger = logging.getLogger(__name__)
 DIVERGED_FILE = "diverged.txt"
 CONFIG_FILE = "config.toml"
+EPOCHS_FILE = "epochs.jsonl"  # every epoch's metrics, one JSON object a line
 CHECKPOINT_SCORE = "checkpoint_score"  # what Ray Train ranks a run's checkpoints by (see report_checkpoint)
 
 
@@ -66,7 +68,7 @@ def train_worker(loop_config: dict) -> None:
     start_epoch, step = 0, 0
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            start_epoch, step = restore(load_state(directory), method, optimizer)
+            start_epoch, step = restore(resume_state(directory, loop_config["run_dir"]), method, optimizer)
     resumed_from = start_epoch
 
     tracker = Tracker(project=config.wandb_project, name=loop_config["run_name"],
@@ -100,12 +102,19 @@ def train_worker(loop_config: dict) -> None:
             logger.info(epoch_line(metrics, config.epochs, seconds_left(
                 started, time.perf_counter(), epoch + 1 - start_epoch, config.epochs - epoch - 1)))
         tracker.log({f"epoch/{k}": v for k, v in metrics.items()}, step)
+        if rank == 0:
+            append_epoch(loop_config["run_dir"], metrics)
         if validation is not None and validation.overlays:
             tracker.log_cam_overlays(overlay_predictions(validation.overlays, metrics.get("threshold")),
-                                     dataset["classes"], step)
-        report_checkpoint(metrics, config, rank, lambda directory: save_checkpoint(
-            directory, method, optimizer, epoch=epoch + 1, step=step, config=public_config(config.to_dict()),
-            dataset=dataset, metrics=metrics))
+                                     dataset["classes"], dataset["palette"], step)
+
+        def save(directory: str) -> None:
+            save_checkpoint(directory, method, optimizer, epoch=epoch + 1, step=step,
+                            config=public_config(config.to_dict()), dataset=dataset, metrics=metrics)
+            if config.wandb_checkpoints:
+                tracker.log_checkpoint(directory, epoch=epoch + 1, metrics=metrics)
+
+        report_checkpoint(metrics, config, rank, save)
     tracker.finish()
 
 
@@ -113,6 +122,14 @@ def ddp(method) -> None:
     """DistributedDataParallel around the method's trainable network only."""
     method.distribute(lambda net: ray.train.torch.prepare_model(
         net, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters}))
+
+
+def append_epoch(run_dir: str, metrics: dict) -> None:
+    """One JSON line per epoch in the run's EPOCHS_FILE: the curves `wsss report` draws
+    (Ray keeps only the metrics of the checkpoints it keeps). Rewritten whole, as object
+    stores cannot append; an epoch trained again after a failure adds a second line."""
+    lines = read_text(join(run_dir, EPOCHS_FILE)) or ""
+    write_text(join(run_dir, EPOCHS_FILE), lines + json.dumps(metrics) + "\n")
 
 
 def quiet_report_log() -> None:

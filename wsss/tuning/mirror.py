@@ -1,6 +1,6 @@
 """What `wsss report` reads of sweeps and runs on cloud storage (s3://, gs://), copied to
 a local folder: the JSON files (Tune's result.json and params.json, best.json,
-checkpoint.json, results.json) and images, never the checkpoints' weights, except a run's
+checkpoint.json, results.json, a run's epochs.jsonl) and images, never the checkpoints' weights, except a run's
 newest `state.pt` when its checkpoint.json predates the config being recorded there.
 """
 
@@ -14,7 +14,7 @@ from wsss.io import resolve
 from wsss.platform.checkpoints import INFO_FILE, STATE_FILE
 from wsss.platform.config import ConfigError
 
-COPIED_SUFFIXES = (".json", ".png", ".jpg", ".jpeg")
+COPIED_SUFFIXES = (".json", ".jsonl", ".png", ".jpg", ".jpeg")
 
 
 def mirror(uri: str, into: Path) -> Path:

@@ -12,8 +12,11 @@ objective (the single-scale CAM mIoU at the best threshold, final epoch) as mean
 over its seeds, the full-protocol mIoU where one was evaluated, and its hyperparameters.
 Written as table.md, table.html and table.csv, all records as records.csv, plus PNG
 plots: each sweep's optimisation history and objective against every hyperparameter,
-and a contact sheet of CAM overlay images found in each row's best record. With W&B
-online, the table also goes to W&B as a wandb.Table and a W&B Report page.
+each record's per-epoch curves (loss, `miou`, the label shares its method notes), and a
+contact sheet of the CAM overlays (`wsss.platform.pictures`) its W&B run logged last
+for each row's best record. With plotly installed, each sweep's Optuna study also as
+interactive HTML (history, parameter importances, slices, contour). With W&B online,
+the table also goes to W&B as a wandb.Table and a W&B Report page.
 """
 
 from __future__ import annotations
@@ -22,22 +25,28 @@ import csv
 import html
 import io
 import json
+import math
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from PIL import Image
+
 from wsss.io import write_text
 from wsss.platform.config import ConfigError
 from wsss.tuning.mirror import mirror
-from wsss.tuning.plots import scatter_png, tile_png
+from wsss.platform.tracking import OVERLAY_KEY
+from wsss.tuning.plots import curves_png, scatter_png, tile_png
 
 OBJECTIVE = "miou"
 DIVERGED = "diverged"  # what `wsss tune` reports as a diverged trial's last result
 TABLE_KEY = "comparison"  # the wandb.Table in the report run
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_OVERLAYS = 8
+EPOCHS_FILE = "epochs.jsonl"  # wsss.platform.train.EPOCHS_FILE (that module starts Ray Train)
+OVERLAY_FILE = re.compile(rf"{OVERLAY_KEY}_(\d+)_[0-9a-f]+\.png")  # W&B media: <key>_<step>_<hash>.png
 # config keys that say where or how a run was logged, not what was trained
 NOT_CONFIGURATION = {"seed", "name", "storage_path", "data", "wandb", "wandb_project", "wandb_group",
                      "log_every", "cam_images", "dataset"}
@@ -53,7 +62,7 @@ class Record:
     params: dict  # what is shown as its hyperparameters
     configuration: str  # identity of the configuration, seed excluded
     miou: float  # final-epoch objective
-    history: list[float]  # objective per epoch
+    history: list[dict]  # metrics of every epoch, oldest first (loss, miou, the method's notes)
     source: str  # sweep name or run directory
     name: str  # trial id or run name
     started: float = 0.0  # orders a sweep's trials
@@ -101,8 +110,7 @@ def read_sweep(folder: Path) -> list[Record]:
     trials = []
     for trial in sorted(folder.glob("trial_*")):
         results = [json.loads(line) for line in _text(trial / "result.json").splitlines() if line.strip()]
-        history = [r[OBJECTIVE] for r in results if OBJECTIVE in r]
-        if not history:
+        if not any(OBJECTIVE in r for r in results):
             continue  # errored before its first epoch
         config = _json(trial / "params.json") or results[-1].get("config", {})
         run = config.get("run", {})
@@ -113,7 +121,8 @@ def read_sweep(folder: Path) -> list[Record]:
         trials.append(Record(
             method=run.get("method", "?"), dataset=run.get("dataset", "?"), seed=run.get("seed", 0),
             params=params, configuration=_identity({**_configuration(run), **params}),
-            miou=history[-1], history=history, source=folder.name, name=trial_id,
+            miou=[r[OBJECTIVE] for r in results if OBJECTIVE in r][-1], history=results,
+            source=folder.name, name=trial_id,
             started=first.get("timestamp", 0) - first.get("time_total_s", 0),
             full_miou=(best.get("evaluation") or {}).get(OBJECTIVE) if best.get("trial_id") == trial_id else None,
             diverged=bool(results[-1].get(DIVERGED)),
@@ -126,8 +135,9 @@ def read_run(folder: Path) -> Record:
 
     checkpoints = sorted(p.parent for p in folder.glob("checkpoint_*/checkpoint.json"))
     infos = [_json(p / "checkpoint.json") for p in checkpoints]
-    history = [i["metrics"][OBJECTIVE] for i in infos if OBJECTIVE in i.get("metrics", {})]
-    if not history:
+    history = _epochs(folder) or [i["metrics"] for i in infos if "metrics" in i]
+    scores = [m[OBJECTIVE] for m in history if OBJECTIVE in m]
+    if not scores:
         raise ConfigError(f"{folder}: its checkpoints hold no {OBJECTIVE!r} (trained without val_split?)")
     if "config" in infos[-1]:
         config, dataset = infos[-1]["config"], infos[-1].get("dataset", "?")
@@ -138,8 +148,18 @@ def read_run(folder: Path) -> Record:
     return Record(
         method=config["method"], dataset=dataset, seed=config.get("seed", 0),
         params=_shown_params(config), configuration=_identity(_configuration(config)),
-        miou=history[-1], history=history, source=str(folder), name=folder.name,
+        miou=scores[-1], history=history, source=str(folder), name=folder.name,
         full_miou=evaluation.get(OBJECTIVE), folders=[folder])
+
+
+def _epochs(folder: Path) -> list[dict]:
+    """The run's epoch metrics; an epoch trained again after a failure counts once, as last written."""
+    by_epoch = {}
+    for line in _text(folder / EPOCHS_FILE).splitlines():
+        if line.strip():
+            metrics = json.loads(line)
+            by_epoch[metrics.get("epoch", len(by_epoch) + 1)] = metrics
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def comparison_rows(records: list[Record]) -> list[dict]:
@@ -213,8 +233,9 @@ def csv_text(header: list[str], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
-def write_plots(sweeps: dict[str, list[Record]], rows: list[dict], out: Path) -> list[Path]:
-    """Each sweep: history and objective vs each hyperparameter; each row: its overlays."""
+def write_plots(records: list[Record], sweeps: dict[str, list[Record]], rows: list[dict], out: Path) -> list[Path]:
+    """Each sweep: history and objective vs each hyperparameter; each record: its curves;
+    each row: its overlays."""
     written = []
     for name, trials in sorted(sweeps.items()):
         trials = sorted(trials, key=lambda r: r.started)
@@ -230,19 +251,103 @@ def write_plots(sweeps: dict[str, list[Record]], rows: list[dict], out: Path) ->
             written.append(scatter_png(out / "plots" / f"{name}-{param}.png", xs, [y for _, y in points],
                                        title=f"{name}: objective vs {param}", xlabel=param,
                                        ylabel="CAM mIoU", log_x=log_x))
+    for record in records:
+        written.append(write_curves(record, out / "curves"))
     for row in rows:
         images = overlay_images(row["best"])
         if images:
             written.append(tile_png(out / "overlays" / f"{row['method']}-{row['dataset']}.png".replace("+", "-"),
-                                    images, title=f"{row['method']} on {row['dataset']}: {row['best'].name}"))
+                                    images, title=f"{row['method']} on {row['dataset']}: {row['best'].name}",
+                                    width=min(1200, max(Image.open(p).width for p in images)), columns=1))
     return written
 
 
+def write_curves(record: Record, folder: Path) -> Path:
+    """The record's per-epoch curves: losses, mIoU, and the shares its method notes
+    (`<part>/<key>` metrics such as `fsae/labelled`)."""
+    def series(keys) -> dict:  # a diverged epoch's NaN loss is left out, not drawn
+        points = {key: [(m.get("epoch", i + 1), m[key]) for i, m in enumerate(record.history)
+                        if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])] for key in keys}
+        return {key: ([x for x, _ in p], [y for _, y in p]) for key, p in points.items()}
+
+    keys = sorted({k for m in record.history for k in m})
+    losses = ["loss"] + [k for k in keys if k.startswith("loss/")]
+    # the notes of a method part (`<part>/<key>`), less its timings (`csrm/crf_wait_s`)
+    notes = [k for k in keys if "/" in k and not k.startswith("loss/") and not k.endswith("_s")]
+    # a run is named by its folder; a trial by its sweep and id
+    stem = record.name if Path(record.source).name == record.name else f"{record.source}-{record.name}"
+    return curves_png(folder / f"{stem}.png", [("loss", series(losses)), ("mIoU (val)", series(["miou", "seg_miou"])),
+                                              ("label shares", series(notes))],
+                      title=f"{record.method} on {record.dataset}: {stem}")
+
+
+STUDY_PLOTS = ("history", "importances", "slices", "contour")
+PLOTLY_MISSING = ("plotly is not installed, so the sweeps' interactive Optuna plots (HTML) were not written: "
+                  "`pip install 'wsss[plots]'` adds it")
+
+
+def write_study_html(sweeps: dict[str, list[Record]], out: Path, scratch: Path) -> tuple[list[Path], list[str]]:
+    """Each sweep's Optuna study as interactive HTML (optuna.visualization: optimisation
+    history, parameter importances, slices, contour), beside the PNGs in `out/plots`, with
+    one copy of plotly.js they share (they open offline); and what was left out, and why."""
+    if not sweeps:
+        return [], []
+    try:
+        import plotly.offline
+    except ImportError:
+        return [], [PLOTLY_MISSING]
+    import optuna
+    from optuna import visualization
+
+    plots = dict(zip(STUDY_PLOTS, (visualization.plot_optimization_history, visualization.plot_param_importances,
+                                   visualization.plot_slice, visualization.plot_contour)))
+    written, notes = [], []
+    for name, trials in sorted(sweeps.items()):
+        storage = study_storage(trials[0].folders[0].parent, scratch / name)
+        if storage is None:
+            notes.append(f"{name}: no Optuna study found (optuna.db, or sweep.json's study_storage)")
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        for kind, plot in plots.items():
+            try:
+                figure = plot(study)
+            except (ValueError, RuntimeError) as error:  # e.g. importances of a study with one finished trial
+                notes.append(f"{name}-{kind}: {error}")
+                continue
+            path = out / "plots" / f"{name}-{kind}.html"
+            write_text(str(path), figure.to_html(include_plotlyjs="directory"))
+            written.append(path)
+    if written:
+        write_text(str(out / "plots" / "plotly.min.js"), plotly.offline.get_plotlyjs())
+    return written, notes
+
+
+def study_storage(sweep_folder: Path, scratch: Path) -> str | None:
+    """A copy of the sweep's SQLite study (beside it, or where sweep.json says; a cloud
+    sweep keeps it on its driver's disk), so a running sweep's file is only read."""
+    import shutil
+
+    recorded = (_json(sweep_folder / "sweep.json") or {}).get("study_storage", "")
+    candidates = [sweep_folder / "optuna.db"]
+    if recorded.startswith("sqlite:///"):
+        candidates.append(Path(recorded[len("sqlite:///"):]))
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        return None
+    scratch.mkdir(parents=True, exist_ok=True)
+    copy = shutil.copyfile(found, scratch / "optuna.db")
+    return f"sqlite:///{copy}"
+
+
 def overlay_images(record: Record) -> list[Path]:
-    """CAM overlays saved beside a record (W&B media of its run), newest last."""
-    found = {p for folder in record.folders if folder.is_dir()
-             for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "media" in p.parts}
-    return sorted(found, key=lambda p: p.stat().st_mtime)[-MAX_OVERLAYS:]
+    """The composed CAM overlays (`cam_overlays` in W&B's media folder) that the record's
+    W&B run logged last, at its highest step."""
+    found = [(int(match.group(1)), p) for folder in record.folders if folder.is_dir()
+             for p in folder.rglob(f"{OVERLAY_KEY}_*.png") if (match := OVERLAY_FILE.fullmatch(p.name))]
+    if not found:
+        return []
+    last = max(step for step, _ in found)
+    return sorted(p for step, p in found if step == last)[:MAX_OVERLAYS]
 
 
 def log_to_wandb(rows: list[dict], plots: list[Path], project: str, markdown: str) -> str:
@@ -287,9 +392,10 @@ def make_report(paths: list[str], out: str, wandb_project: str = "wsss") -> dict
         directory = Path(out)
         directory.mkdir(parents=True, exist_ok=True)
         write_tables(rows, records, directory)
-        plots = write_plots(sweeps, rows, directory)
+        plots = write_plots(records, sweeps, rows, directory)
+        pages, notes = write_study_html(sweeps, directory, Path(scratch) / "studies")
     return {"rows": len(rows), "records": len(records), "out": str(directory),
-            "plots": [str(p) for p in plots],
+            "plots": [str(p) for p in plots], "html": [str(p) for p in pages], "notes": notes,
             "wandb": log_to_wandb(rows, plots, wandb_project, (directory / "table.md").read_text())}
 
 
@@ -322,5 +428,5 @@ def _json(path: Path) -> dict | None:
 def main(args) -> int:
     summary = make_report(args.dirs, args.out, args.wandb_project)
     print((Path(args.out) / "table.md").read_text())
-    print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("plots", "html")}, indent=2))
     return 0

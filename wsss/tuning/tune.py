@@ -89,9 +89,9 @@ def _sweep(config: TrainConfig, settings: dict, space: SearchSpace, sweep_dir: s
     dataset = read_manifest(config.data).dataset
 
     ensure_ray()
-    wandb = wandb_mode(config)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config.to_dict(), train_storage=join(sweep_dir, "train")),
+        tune.with_parameters(run_trial, base=config.to_dict(), train_storage=join(sweep_dir, "train"),
+                             wandb=resolve_mode(config.wandb), sweep_name=name),
         trial_resources())
     if resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
@@ -106,7 +106,6 @@ def _sweep(config: TrainConfig, settings: dict, space: SearchSpace, sweep_dir: s
                 max_concurrent_trials=max_concurrent_trials(config, settings["concurrency"]),
                 trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=canonical(config.storage_path),
-                                      callbacks=wandb_callbacks(wandb, config, name, dataset),
                                       failure_config=tune.FailureConfig(max_failures=0)))
     results = tuner.fit()
     if results.num_terminated + results.num_errors == len(results):  # interrupted: trials wait for --resume
@@ -119,16 +118,18 @@ def _sweep(config: TrainConfig, settings: dict, space: SearchSpace, sweep_dir: s
     return summary
 
 
-def run_trial(params: dict, base: dict, train_storage: str) -> None:
+def run_trial(params: dict, base: dict, train_storage: str, wandb: str, sweep_name: str) -> None:
     """One Tune trial: a Train V2 run of the base config with this trial's overrides."""
     from wsss.platform.train import DIVERGED_FILE, make_trainer, remember_read_splits
 
     overrides = {k: v for k, v in params.items() if k != "run"}
     # The trial's name is its Tune id, so a trial restarted by --resume continues its Train
-    # run from the last checkpoint. W&B: the Tuner-level callback makes the trial's run.
+    # run from the last checkpoint, and its W&B run too. Its W&B run is the Train run's, as
+    # for `wsss train` (scalars, CAM overlays), grouped by sweep; `wandb` is the mode the
+    # driver resolved, as the workers may not see this machine's W&B login.
     config = TrainConfig.from_dict(base).with_overrides(
         {**overrides, "name": tune.get_context().get_trial_id(), "storage_path": train_storage,
-         "wandb": "disabled"})
+         "wandb": wandb, "wandb_group": sweep_name})
     run_dir = join(train_storage, config.name)
     finished = finished_run_metrics(run_dir, config.epochs)
     if finished:  # restarted by --resume after its last epoch: training would report nothing
@@ -243,29 +244,6 @@ def max_concurrent_trials(config: TrainConfig, requested: int | None) -> int:
 
 def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
-
-
-def wandb_mode(config: TrainConfig) -> str:
-    """Offline unless W&B is configured; Ray's callback wants WANDB_MODE set when offline
-    (it asks for an API key otherwise), also when a resumed sweep restores the callback."""
-    mode = resolve_mode(config.wandb)
-    if mode == "offline":
-        os.environ.setdefault("WANDB_MODE", "offline")
-    return mode
-
-
-def wandb_callbacks(mode: str, config: TrainConfig, sweep_name: str, dataset: str) -> list:
-    """One W&B run per trial, grouped by sweep, tagged with method and dataset."""
-    if mode == "disabled":
-        return []
-    from ray.air.integrations.wandb import WandbLoggerCallback
-
-    directory = os.environ.get("WANDB_DIR") or (
-        join(config.storage_path, sweep_name) if not is_uri(config.storage_path) else os.path.abspath("."))
-    os.makedirs(directory, exist_ok=True)
-    return [WandbLoggerCallback(project=config.wandb_project, group=sweep_name, mode=mode,
-                                tags=[config.method, dataset], dir=directory,
-                                excludes=[CHECKPOINT_PATH])]
 
 
 def summarize(results, name: str, sweep_dir: str) -> dict:
