@@ -18,6 +18,7 @@ import json
 import numpy as np
 import torch
 
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.datasets.reading import eval_rows
 from wsss.methods.lnl import SIMILARITY_KINDS, Config, class_maps_with_background, consistency_scores, \
     feature_similarity, seed_labels
@@ -26,7 +27,6 @@ from wsss.platform.checkpoints import load_method
 
 ETAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_PRECISION = 0.9  # a seed setting is usable when both its bg and fg seeds are at least this precise
-IGNORE = 255
 
 
 def cell_truth(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -53,12 +53,12 @@ def seed_counts(checkpoint: str, data: str, split: str, kinds=SIMILARITY_KINDS, 
         labels = torch.from_numpy(np.asarray(row["labels"], np.float32))[None]
         maps = class_maps_with_background(out["cam_logits"], labels)
         truth = cell_truth(np.asarray(row["mask"]), tuple(maps.shape[2:]))
-        cells += np.bincount(truth[truth != IGNORE], minlength=classes)[:classes]
+        cells += np.bincount(truth[truth != IGNORE_INDEX], minlength=classes)[:classes]
         for kind in kinds:
             scores = consistency_scores(feature_similarity(out["features"], kind), maps)
             for eta in etas:
                 seeds = seed_labels(scores, eta, erosion)[0].numpy()
-                seeded = (seeds != IGNORE) & (truth != IGNORE)
+                seeded = (seeds != IGNORE_INDEX) & (truth != IGNORE_INDEX)
                 counts[(kind, eta)][:, 0] += np.bincount(seeds[seeded], minlength=classes)[:classes]
                 right = seeded & (seeds == truth)
                 counts[(kind, eta)][:, 1] += np.bincount(seeds[right], minlength=classes)[:classes]

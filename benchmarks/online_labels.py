@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.datasets.reading import eval_rows
 from wsss.methods.csrm import CSRMConfig
 from wsss.methods.csrm_pseudo import cam_pseudo_label
@@ -35,7 +36,6 @@ from wsss.platform.checkpoints import load_method
 
 from lnl_seeds import cell_truth  # benchmarks/, beside this script
 
-IGNORE = 255
 
 
 def cell_labels(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -51,8 +51,8 @@ class Tally:
         self.cells = self.bg = self.bg_right = self.fg = self.fg_right = self.fg_on_bg = 0
 
     def add(self, labels: torch.Tensor, truth: torch.Tensor) -> None:
-        known = truth != IGNORE
-        labelled = (labels != IGNORE) & known
+        known = truth != IGNORE_INDEX
+        labelled = (labels != IGNORE_INDEX) & known
         right = labelled & (labels == truth)
         self.cells += int(known.sum())
         self.bg += int((labelled & (labels == 0)).sum())
@@ -99,7 +99,7 @@ def measure(checkpoint: str, data: str, split: str, images: int, fg_thresholds: 
                 tallies[f"fscm {kind}"].add(seed_labels(scores, lnl.eta, lnl.erosion), truth)
                 best_scores[kind].append(scores.amax(dim=1).flatten().numpy())  # what η is compared with
             pseudo, confident = online_pseudo_labels(class_scores(logits, 0.0, labels), tau_fae, tau_sae, kernel)
-            tallies["fsae"].add(pseudo.masked_fill(~confident, IGNORE), truth)
+            tallies["fsae"].add(pseudo.masked_fill(~confident, IGNORE_INDEX), truth)
             cams = teacher.cam_logits(image) if teacher is not None else logits
             ids = np.flatnonzero(labels[0].numpy() > 0.5)
             full_truth = torch.from_numpy(np.asarray(row["mask"], np.int64))[None]

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method
 from wsss.methods.deeplab import DeepLabConfig
 
@@ -34,7 +35,7 @@ def make_batch(batch: int, size: int, num_classes: int, generator: torch.Generat
     candidates = torch.cat([torch.ones(batch, 1), labels], dim=1)  # background always
     choice = torch.multinomial(candidates, size * size, replacement=True, generator=generator)
     target = choice.view(batch, size, size)
-    target[torch.rand(batch, size, size, generator=generator) < 0.1] = 255
+    target[torch.rand(batch, size, size, generator=generator) < 0.1] = IGNORE_INDEX
     return {"image": torch.randn(batch, 3, size, size, generator=generator), "labels": labels,
             "valid": torch.ones(batch, size, size, dtype=torch.bool), "target": target}
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from wsss.datasets.augment import AugmentConfig, EvalTransform, TrainTransform
-from wsss.datasets.base import DataError
 from wsss.datasets.photometric import RANDAUGMENT_OPS, color_jitter, gaussian_blur
 from wsss.datasets.shards import encode_mask
+from wsss.io import DataError
 
 K = 3
 PALETTE = np.array([[0, 0, 0], [220, 20, 60], [30, 144, 255], [255, 215, 0]], dtype=np.uint8)

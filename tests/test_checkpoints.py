@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from wsss.datasets.base import DataError
+from wsss.io import DataError
 from wsss.methods.base import BackboneConfig, build_method
 from wsss.platform import checkpoints
 from wsss.platform.checkpoints import (INFO_FILE, STATE_FILE, UnsafeCheckpointError, latest_checkpoint, load_method,
@@ -142,17 +142,17 @@ def test_a_full_disk_while_saving_leaves_no_checkpoint_to_pick(tmp_path, monkeyp
 
 def test_a_full_disk_while_writing_the_info_file_leaves_the_old_one(tmp_path, monkeypatch):
     """checkpoint.json (and every results.json, sweep.json) goes through one atomic write."""
-    from wsss.datasets import storage
+    from wsss import io
 
     target = tmp_path / "results.json"
-    storage.write_text(str(target), '{"miou": 0.5}')
+    io.write_text(str(target), '{"miou": 0.5}')
     real_fsync = os.fsync
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(storage.os, "fsync", disk_full)
+    monkeypatch.setattr(io.os, "fsync", disk_full)
     with pytest.raises(OSError):
-        storage.write_text(str(target), '{"miou": 0.7, "per_class_iou": [0.1, 0.2]}')
-    monkeypatch.setattr(storage.os, "fsync", real_fsync)
+        io.write_text(str(target), '{"miou": 0.7, "per_class_iou": [0.1, 0.2]}')
+    monkeypatch.setattr(io.os, "fsync", real_fsync)
     assert target.read_text() == '{"miou": 0.5}' and os.listdir(tmp_path) == ["results.json"]

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from tests.cityscapes_tree import HEIGHT, WIDTH, write_cityscapes_tree
-from wsss.datasets.base import DataError, build_reader
+from wsss.datasets.base import build_reader
+from wsss.io import DataError
 
 # cityscapesScripts/helpers/labels.py: (name, label id, train id); 255 and -1 are not evaluated.
 OFFICIAL_LABELS = [

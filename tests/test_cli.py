@@ -168,7 +168,7 @@ def test_prepare_takes_reader_options_as_key_values(tmp_path):
 
 def test_only_input_errors_are_one_line():
     from wsss.cli import _input_error
-    from wsss.datasets.base import DataError
+    from wsss.io import DataError
     from wsss.platform.config import ConfigError
 
     argv = ["evaluate", "--checkpoint", "runs/r1", "--data", "shards", "lnl.export=shrink"]

@@ -16,8 +16,9 @@ from tests.coco_tree import (
     rle_string,
     write_coco_tree,
 )
-from wsss.datasets.base import DataError, build_reader
+from wsss.datasets.base import build_reader
 from wsss.datasets.coco import decode_rle_string, rle_to_bitmap
+from wsss.io import DataError
 
 # Class indices by hand: COCO ids sorted, numbered from 1 (ids 12, 26, 29, 30, 45, ... unused).
 PERSON, BICYCLE, CAR, AIRPLANE, BIRD, CAT, DOG, CHAIR, TOOTHBRUSH = 1, 2, 3, 5, 15, 16, 17, 57, 80

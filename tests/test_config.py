@@ -25,6 +25,18 @@ def test_config_file_then_overrides(tmp_path):
     assert config.epochs == 2 and config.sections["fsae"].kernel == 7
 
 
+def test_defaults_sit_below_the_config_file_and_the_command_line(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('epochs = 7\n[fsae]\nkernel = 7\n')
+    defaults = {"method": "cam+fsae", "epochs": 20, "lr": 0.5, "batch_size": 4, "fsae": {"kernel": 5, "lam": 0.5}}
+    config = load_config(str(path), ["batch_size=2"], defaults=defaults)
+    assert (config.method, config.epochs, config.lr, config.batch_size) == ("cam+fsae", 7, 0.5, 2)
+    assert (config.sections["fsae"].kernel, config.sections["fsae"].lam) == (7, 0.5)  # a file's table merges into them
+    assert load_config(None, defaults=defaults, lr=0.1).lr == 0.1
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'"):
+        load_config(None, defaults={"epoch": 3})
+
+
 def test_round_trip_through_dict():
     config = load_config(None, ["fsae.kernel=1"], method="cam+fsae")
     assert TrainConfig.from_dict(config.to_dict()) == config

@@ -8,8 +8,7 @@ import json
 import pytest
 
 from tests.test_s3 import s3, s3_env  # noqa: F401  (fixtures)
-from wsss.datasets.base import DataError
-from wsss.datasets.credentials import is_redacted, public_uri
+from wsss.io import DataError, is_redacted, public_uri
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.tracking import Tracker, public_config, run_id
 

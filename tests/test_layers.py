@@ -1,5 +1,6 @@
-"""Imports go one way: ops < datasets < methods < platform < tuning < cli. A lower layer never
-imports a higher one (not even inside a function), and Ray stays in platform and tuning."""
+"""Imports go one way: io < ops < datasets < methods < platform < tuning < cli. A lower layer
+never imports a higher one (not even inside a function), and Ray stays in platform and tuning.
+`wsss.io` (files, URIs, DataError) is the bottom: it imports no other wsss module."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "wsss"
-LAYERS = ("ops", "datasets", "methods", "platform", "tuning", "cli")
+LAYERS = ("io", "ops", "datasets", "methods", "platform", "tuning", "cli")
 
 
 def layer(module: str) -> str | None:
@@ -52,3 +53,18 @@ def test_a_module_imports_only_its_own_layer_and_those_below(path):
 def test_every_subpackage_has_a_layer():
     packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert packages <= set(LAYERS), f"add {sorted(packages - set(LAYERS))} to LAYERS"
+
+
+def test_every_top_level_module_has_a_layer():
+    top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert {layer(f"wsss.{name}") for name in top} <= set(LAYERS), f"add {sorted(top)} to LAYERS"
+
+
+def test_the_ignore_label_is_defined_once():
+    """Every module imports IGNORE_INDEX from wsss.datasets.base; none names 255 for itself."""
+    found = []
+    for path in modules():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and node.value.value == 255:
+                found.append(f"{module_name(path)}: {ast.unparse(node)}")
+    assert found == ["wsss.datasets.base: IGNORE_INDEX = 255"]

@@ -15,10 +15,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from wsss.datasets.augment import AugmentConfig
-from wsss.datasets.base import DataError, DatasetInfo, Sample
+from wsss.datasets.base import DatasetInfo, Sample
 from wsss.datasets.loader import ShardIterable, train_loader
 from wsss.datasets.reading import eval_rows, iter_shard_batches
 from wsss.datasets.shards import read_manifest, write_shards
+from wsss.io import DataError
 
 CLASSES = ("background", "cat", "dog", "boat")
 K = len(CLASSES) - 1

@@ -16,9 +16,9 @@ import torch
 
 from tests.ray_state import alive_actors, all_cpus_free
 from wsss.cli import build_parser
-from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import decode_mask, read_manifest, verify_checksums
+from wsss.io import DataError
 from wsss.platform.label_shards import LabelShardWriter, RowAssembler
 from wsss.platform.pseudo_labels import (
     DEFAULT_THRESHOLD,

@@ -148,7 +148,7 @@ def test_segment_command_with_ocr_resumes_by_name_and_writes_results(ray_local, 
 
 
 def test_segment_refuses_pseudo_labels_of_another_split_before_training(shards, tmp_path):
-    from wsss.datasets.base import DataError
+    from wsss.io import DataError
     from wsss.platform.label_shards import LabelShardWriter
 
     images = read_manifest(shards)

@@ -25,7 +25,7 @@ from tests.cityscapes_tree import write_cityscapes_tree
 from tests.coco_tree import write_coco_tree
 from tests.voc_tree import make_voc_tree
 from wsss.datasets import parallel
-from wsss.datasets.base import DataError, DatasetInfo, Sample, build_reader
+from wsss.datasets.base import DatasetInfo, Sample, build_reader
 from wsss.datasets.prepare import prepare
 from wsss.datasets.shards import (
     decode_mask,
@@ -34,7 +34,7 @@ from wsss.datasets.shards import (
     verify_checksums,
     write_shards,
 )
-from wsss.datasets.storage import join, resolve
+from wsss.io import DataError, join, resolve
 
 
 def png_bytes(seed: int, size=(12, 16)) -> bytes:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsss.datasets.base import REGION_BODY, REGION_CONTEXT, REGION_PART, DataError, build_reader
+from wsss.datasets.base import REGION_BODY, REGION_CONTEXT, REGION_PART, build_reader
 from wsss.datasets.synthetic import (
     BIRD,
     BOAT,
@@ -25,6 +25,7 @@ from wsss.datasets.synthetic import (
     render_image,
     resolve_params,
 )
+from wsss.io import DataError
 
 SIZE = 64
 

@@ -113,6 +113,21 @@ def test_a_run_keeps_its_newest_and_best_checkpoints(ray_local, shards, tmp_path
     assert is_verified(read_manifest(shards), "train")
 
 
+def test_the_ray_worker_and_the_plain_loop_validate_on_the_same_epochs(ray_local, shards, tmp_path):
+    """Both feeders validate every eval_every epochs and after the last one."""
+    from wsss.platform.plain import train_plain
+    from wsss.platform.train import fit
+
+    config = tiny(shards, tmp_path, name="schedule", epochs=3, eval_every=2, keep_checkpoints=0, wandb="disabled")
+    fit(config)
+    infos = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "schedule").glob("checkpoint_*/checkpoint.json")]
+    assert sorted(info["epoch"] for info in infos) == [1, 2, 3]
+    on_ray = sorted(info["epoch"] for info in infos if "miou" in info["metrics"])
+    _, history = train_plain(config, device="cpu")
+    plain = [metrics["epoch"] for metrics in history if "miou" in metrics]
+    assert on_ray == plain == [2, 3]
+
+
 def test_the_same_seed_repeats_a_run(ray_local, tmp_path):
     """Same seed, same batches, same losses: the reads of many small shard files finish
     in any order, but Train hands their blocks over in order."""

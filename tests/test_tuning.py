@@ -220,7 +220,7 @@ def tiny_config(shards: str, storage, method: str = "cam+fsae", **values) -> Tra
 def test_bad_sweep_settings_fail_before_ray_starts(shards, tmp_path, change, message):
     import ray
 
-    from wsss.datasets.base import DataError
+    from wsss.io import DataError
     from wsss.tuning.tune import run_sweep
 
     config = tiny_config(shards, tmp_path, **change.pop("config", {}))
@@ -231,7 +231,8 @@ def test_bad_sweep_settings_fail_before_ray_starts(shards, tmp_path, change, mes
 
 
 def test_existing_sweep_name_needs_resume(shards, tmp_path):
-    from wsss.tuning.tune import run_sweep, write_json
+    from wsss.io import write_json
+    from wsss.tuning.tune import run_sweep
 
     write_json(str(tmp_path / "taken" / "sweep.json"), {"name": "taken"})
     with pytest.raises(ConfigError, match="already exists.*--resume"):
@@ -239,7 +240,8 @@ def test_existing_sweep_name_needs_resume(shards, tmp_path):
 
 
 def test_resume_needs_tune_state(shards, tmp_path):
-    from wsss.tuning.tune import run_sweep, write_json
+    from wsss.io import write_json
+    from wsss.tuning.tune import run_sweep
 
     write_json(str(tmp_path / "early" / "sweep.json"), {"name": "early"})  # killed before Tune started
     with pytest.raises(ConfigError, match="no Tune experiment state"):

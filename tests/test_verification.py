@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from wsss.datasets.base import DataError
 from wsss.datasets.reading import read_shard
 from wsss.datasets.shards import read_manifest
 from wsss.datasets.verification import RECORDS_FOLDER, is_verified, remember_verified, verification_key
+from wsss.io import DataError
 
 
 @pytest.fixture

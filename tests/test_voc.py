@@ -21,8 +21,9 @@ from voc_tree import (
     write_sbd_mat,
 )
 
-from wsss.datasets.base import DataError, build_reader
+from wsss.datasets.base import build_reader
 from wsss.datasets.voc import VOC_CLASSES, VOCReader
+from wsss.io import DataError
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ class _PrepareProgress:
 
 
 def _train(args) -> int:
-    from wsss.datasets.credentials import public_uri
+    from wsss.io import public_uri
     from wsss.methods.base import method_sections
     from wsss.platform.config import ConfigError, TrainConfig, load_config
     from wsss.platform.config_text import help_config, to_toml
@@ -77,7 +77,7 @@ def _train(args) -> int:
                           "or `data` in the --config file")
 
     from wsss.datasets.shards import read_manifest
-    from wsss.datasets.storage import check_bucket
+    from wsss.io import check_bucket
     from wsss.platform.console import run_summary
     from wsss.platform.runtime import ensure_ray
     from wsss.platform.train import check_start, fit, result_locations
@@ -348,7 +348,7 @@ def _input_error(error: BaseException, argv: list[str]) -> bool:
     """The project's own errors about what the user gave (config keys, data, a file the
     user named): one line. Anything else is a bug and keeps its traceback."""
     kinds = []
-    for module, name in (("wsss.platform.config", "ConfigError"), ("wsss.datasets.base", "DataError"),
+    for module, name in (("wsss.platform.config", "ConfigError"), ("wsss.io", "DataError"),
                          ("wsss.datasets.lease", "FolderInUseError")):
         if module in sys.modules:  # an error of a module not imported yet cannot have been raised
             kinds.append(getattr(sys.modules[module], name))
@@ -397,7 +397,7 @@ def _run_guarded(args, argv: list[str]) -> int:
     except Exception as error:
         if not _input_error(error, argv):
             raise
-        from wsss.datasets.credentials import public_uri
+        from wsss.io import public_uri
 
         print(f"wsss {args.command}: error: {public_uri(str(error))}", file=sys.stderr)
         return 2

@@ -31,10 +31,11 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from wsss.datasets.base import IGNORE_INDEX, DataError
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.datasets.photometric import color_jitter, strong_photometric
 from wsss.datasets.shards import decode_mask
 from wsss.datasets.voc import ALPHA_MODES, RGB_EXACT_MODES
+from wsss.io import DataError
 
 OPTIONAL_VIEWS = frozenset({"strong", "mask", "target"})
 

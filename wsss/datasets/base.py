@@ -12,25 +12,15 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from wsss.datasets.credentials import public_uri
+from wsss.io import DataError
 
+# The label of pixels that no loss or metric counts: void in ground truth, padding, and
+# pixels a pseudo-label leaves undecided. Every layer imports it from here.
 IGNORE_INDEX = 255
 # Values of a region map (`Sample.region`): plain background, an object's discriminative
 # part, the rest of its body, and a context region that is labelled background (the
 # synthetic benchmark's water under its boats).
 REGION_BACKGROUND, REGION_PART, REGION_BODY, REGION_CONTEXT = 0, 1, 2, 3
-
-
-class DataError(ValueError):
-    """Bad input data. The message always names the file (or key) and the problem."""
-
-    def __init__(self, path: object, problem: str):
-        self.path = public_uri(str(path))  # messages are printed and logged
-        self.problem = public_uri(problem)
-        super().__init__(f"{self.path}: {self.problem}")
-
-    def __reduce__(self):  # rebuilt from its two parts when it crosses to another process
-        return type(self), (self.path, self.problem)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import numpy as np
 
 from wsss.datasets.base import (
     IGNORE_INDEX,
-    DataError,
     DatasetInfo,
     ItemReader,
     Sample,
@@ -28,6 +27,7 @@ from wsss.datasets.base import (
     register_reader,
 )
 from wsss.datasets.voc import decode_image, read_png_mask
+from wsss.io import DataError
 
 # (label id, name, colour) of the 19 evaluated classes, in train id order (cityscapesScripts).
 TRAIN_CLASSES = (

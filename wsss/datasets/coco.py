@@ -28,7 +28,6 @@ from PIL import Image, ImageDraw
 
 from wsss.datasets.base import (
     IGNORE_INDEX,
-    DataError,
     DatasetInfo,
     ItemReader,
     Sample,
@@ -36,6 +35,7 @@ from wsss.datasets.base import (
     register_reader,
 )
 from wsss.datasets.voc import decode_image, voc_colormap
+from wsss.io import DataError
 
 COCO_CATEGORIES = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",

@@ -26,8 +26,7 @@ from datetime import datetime, timezone
 
 from pyarrow import fs as pafs
 
-from wsss.datasets.credentials import public_uri
-from wsss.datasets.storage import canonical, resolve
+from wsss.io import canonical, public_uri, resolve
 
 logger = logging.getLogger(__name__)
 

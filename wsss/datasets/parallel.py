@@ -14,7 +14,8 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-from wsss.datasets.base import DataError, DatasetReader, ItemReader
+from wsss.datasets.base import DatasetReader, ItemReader
+from wsss.io import DataError
 
 ITEMS_PER_TASK = 8
 

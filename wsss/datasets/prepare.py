@@ -13,10 +13,9 @@ import os
 from collections.abc import Callable
 
 from wsss.datasets.base import READERS, build_reader
-from wsss.datasets.credentials import public_uri
 from wsss.datasets.parallel import default_workers
 from wsss.datasets.shards import Manifest, check_writable, write_shards
-from wsss.datasets.storage import canonical
+from wsss.io import canonical, public_uri
 
 
 def prepare(dataset: str, root: str | os.PathLike, out: str | os.PathLike, sbd: str | os.PathLike | None = None,

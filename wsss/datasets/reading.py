@@ -15,9 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from wsss.datasets.augment import EvalTransform
-from wsss.datasets.base import DataError
 from wsss.datasets.shards import Manifest, has_regions, read_manifest
-from wsss.datasets.storage import resolve
+from wsss.io import DataError, resolve
 
 NumpyBatch = dict[str, np.ndarray]
 

@@ -36,10 +36,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pyarrow import fs as pafs
 
-from wsss.datasets.base import IGNORE_INDEX, DataError, DatasetInfo, DatasetReader, Sample
+from wsss.datasets.base import IGNORE_INDEX, DatasetInfo, DatasetReader, Sample
 from wsss.datasets.lease import acquire
 from wsss.datasets.parallel import read_split
-from wsss.datasets.storage import canonical, check_bucket, join, resolve
+from wsss.io import DataError, canonical, check_bucket, join, resolve
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1

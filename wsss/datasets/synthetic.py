@@ -48,8 +48,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsss.datasets.base import IGNORE_INDEX, REGION_BODY, REGION_CONTEXT, REGION_PART, DataError, register_reader
+from wsss.datasets.base import IGNORE_INDEX, REGION_BODY, REGION_CONTEXT, REGION_PART, register_reader
 from wsss.datasets.voc import REGION_FOLDER, VOCReader, voc_colormap
+from wsss.io import DataError
 
 CLASSES = ("background", "boat", "horse", "rider", "dog", "bird")
 BOAT, HORSE, RIDER, DOG, BIRD = 1, 2, 3, 4, 5

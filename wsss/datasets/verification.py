@@ -22,7 +22,7 @@ from pathlib import Path
 from pyarrow import fs as pafs
 
 from wsss.datasets.shards import Manifest
-from wsss.datasets.storage import join, resolve, write_text
+from wsss.io import join, resolve, write_text
 
 RECORDS_FOLDER = ".verified"
 

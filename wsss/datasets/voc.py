@@ -30,13 +30,13 @@ from PIL import Image
 from wsss.datasets.base import (
     IGNORE_INDEX,
     REGION_CONTEXT,
-    DataError,
     DatasetInfo,
     ItemReader,
     Sample,
     SkipLog,
     register_reader,
 )
+from wsss.io import DataError
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from wsss.datasets.storage import read_bytes
+from wsss.io import read_bytes
 
 CHANNELS = {"resnet18": (64, 512), "resnet50": (256, 2048), "resnet101": (256, 2048)}
 _DILATE = {16: [False, False, True], 8: [False, True, True]}

@@ -21,7 +21,6 @@ these types on the device by `wsss.platform.loop.model_inputs`):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -284,7 +283,3 @@ def build_method(spec: str, num_classes: int, configs: dict | None = None,
                              f"{sorted(missing)} that {base.name!r} does not produce")
         method.addons.append(addon_cls(configs.get(addon_cls.name) or addon_cls.Config(), num_classes))
     return method
-
-
-def config_dict(config) -> dict:
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}

@@ -2,45 +2,21 @@
 
 Three branches on the shared backbone (Sec. 3.1): classification (bias-free 1×1 conv, the
 CAM), segmentation (DeepLabV3+ decoder, K+1 classes) and representation (256-d per pixel).
-The representation branch is "similar to the segmentation one, except for the last
-convolution layer" (Sec. 3.1): it reads the segmentation decoder's input (ASPP ⊕ projected
-low-level features), shared as in U2PL and the authors' code, through its own two 3×3
-layers (U2PL's shape; the authors' code has one), then a 1×1 to 256. Sharing the ASPP and
-computing representations for the weak view only cut a step's FLOPs by 24%
-(benchmarks/train_step.py). An EMA teacher (a copy of the network, no gradient) supervises:
+An EMA teacher (a copy of the network, no gradient) supervises:
   L = L_c + L_s + λ_s2c·L_s2c + λ_u·L_u + λ_m·L_m                                (Eq. 14)
   L_c   multi-label soft margin on the student's CAMs                           (Eq. 5)
   L_s   CE of the segmentation branch on the teacher's CRF-refined CAM pseudo-labels (Eqs. 6-7)
-  L_s2c the student's CAMs (with its detached background logit) against the teacher's
-        confident segmentation                                                  (Eqs. 8-9)
+  L_s2c the student's CAMs against the teacher's confident segmentation          (Eqs. 8-9)
   L_u   the student's segmentation of a ClassMix of the batch against the teacher's
-        segmentation mixed the same way, on its low-entropy pixels              (Eqs. 10-12)
-  L_m   InfoNCE of confident pixels' representations against class prototypes and a
-        per-class bank of hard negatives                                        (Eq. 13)
+        segmentation mixed the same way, on its reliable (low-entropy) pixels   (Eqs. 10-12)
+  L_m   InfoNCE of reliable pixels' representations against class prototypes and a
+        per-class bank of hard negatives from the unreliable ones               (Eq. 13)
 During warm-up the last three terms are 0 and the teacher is a plain copy of the student.
-
-One student forward per step through the contract: views {"image": weak view, "mixed":
-the rows ClassMix pasted into} (no "mixed" during warm-up; an unpasted row is the weak
-image, whose outputs L_u takes from the weak view); the representation branch runs on the
-weak view's rows only, the only ones L_m reads. The teacher runs inside `views` on the weak
-view: its CAMs go to the CRF workers first (`csrm_pseudo`), then its decoders run while the
-CRF works; L_s (the only term needing the CRF) is computed last.
-
-Entropy groups follow α_t = α₀·(1 − share of training done) (Sec. 3.2.4-3.2.5): the teacher's
-pixels up to the (1 − α_t)-quantile of entropy are reliable, the rest unreliable. L_u trains
-on the reliable ones (Eq. 11), L_m draws its queries from them and its bank negatives from
-the unreliable ones. Reading Sec. 3.2.5's low-entropy group as the pixels below the
-α_t-quantile, as U2PL codes it, would leave no queries as α_t → 0 and L_m would fade out;
-U2PL and the authors' code escape that only because they also query every labelled pixel.
-The paper's "confidence lower than 1%" for negatives is not applied: with the rank rule
-(a) it would admit almost no high-entropy pixel; the issue specifies the ranks only.
-
-Resolutions: L_s at the input size (logits upsampled, as stage 2 does); L_s2c, L_u and L_m
-at the decoders' output size (a quarter of the input), where the teacher's predictions are.
-
-Randomness (dropout in the decoders, ClassMix, query and negative sampling) is drawn from
-generators seeded by (the process's initial torch seed, step, rank), so a resumed run
-repeats the original exactly.
+One student forward per step; the teacher's CAMs go to the CRF workers (`csrm_pseudo`)
+first, so the CRF works while the teacher's decoders run. Randomness is seeded by (initial
+seed, step, rank), so a resumed run repeats the original exactly. Where this departs from
+the paper (the representation branch, the entropy groups, the losses' resolutions):
+docs/deviations.md.
 """
 
 from __future__ import annotations
@@ -53,12 +29,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.methods.backbone import Backbone
 from wsss.methods.base import BackboneConfig, Method, Progress, register_method, split_views, valid_at
 from wsss.methods.cam import classification_loss
 from wsss.methods.csrm_bank import NegativeBank
 from wsss.methods.csrm_contrast import negative_candidates, select_queries
-from wsss.methods.csrm_losses import (IGNORE_INDEX, classmix, info_nce, mix_like, reliable_mask, resize_labels,
+from wsss.methods.csrm_losses import (classmix, info_nce, mix_like, reliable_mask, resize_labels,
                                       s2c_loss)
 from wsss.methods.csrm_pseudo import CRFPseudoLabeler
 from wsss.methods.csrm_teacher import broadcast_buffers, ema_decay, ema_update

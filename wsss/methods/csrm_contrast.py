@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wsss.methods.csrm_losses import IGNORE_INDEX
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.methods.lnl_bank import subsample_per_class
 
 

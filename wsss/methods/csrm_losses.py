@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from wsss.datasets.base import IGNORE_INDEX
+
 _LABEL_VALUES = 256  # classmix labels are class indices < 255, or 255 = ignore
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.ops.crf import dense_crf_labels
 
-IGNORE_INDEX = 255
 _POOLS: dict[int, ProcessPoolExecutor] = {}
 
 

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.methods.backbone import Backbone
 from wsss.methods.base import BackboneConfig, Method, register_method
 
-IGNORE_INDEX = 255
 VARIANTS = ("v2", "v3plus")
 DECODER_INPUT_CHANNELS = 256 + 48  # DeepLabV3+: ASPP output ⊕ projected low-level features
 

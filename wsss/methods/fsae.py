@@ -6,25 +6,12 @@ RandAugment plus Gaussian blur, same geometry) in one forward pass. Confident pe
 predictions of the source (Eq. 6), widened by one dilation ring of less confident pixels
 (Eqs. 7-8), supervise the target with a masked cross-entropy (Eq. 9).
 
-Per-pixel class scores with background. The paper's base models bring their own
-background channel (EPS: a saliency-trained channel; SIPE: a background map derived from
-the CAMs); a plain CAM head has only K foreground logits. We give the background a fixed
-logit, `background_logit` (0 by default): with a zero background logit, a pixel of a
-one-class image gets p(class) = sigmoid(cam_logit), the same per-pixel reading of the logit
-that the multi-label soft-margin (sigmoid) classification loss trains on its spatial
-mean. So a pixel is confident foreground (Eq. 6, τ 0.95) when its CAM logit exceeds
-log(0.95/0.05) ≈ 2.9, confident background when it is below -2.9, and the target's cross-
-entropy pushes CAM logits up on confident object pixels and down on confident background,
-exactly the foreground/background decision the CAM is later thresholded for. On the source,
-classes absent from the image labels get -inf (out of the softmax; background is always
-present). On the target every class stays in, so its cross-entropy also suppresses absent
-classes.
-
-Resolution: pseudo-labels and loss live at feature (CAM) resolution, as in the paper
-("we only use representations from feature maps"): cheapest, and the dilation kernel k is
-then measured in feature cells like the paper's. Padding pixels (batch["valid"] False;
-a feature cell is padding when most of its image area is) neither seed the dilation nor
-receive a label.
+A plain CAM head has no background channel, so the background gets a fixed logit,
+`background_logit` (why: docs/deviations.md). On the source, classes absent from the image
+labels are out of the softmax; on the target every class stays in, so its cross-entropy
+also suppresses them. Pseudo-labels and loss live at feature (CAM) resolution, as in the
+paper, so the dilation kernel counts feature cells; padding cells (most of their image
+area outside `valid`) neither seed the dilation nor receive a label.
 """
 
 from __future__ import annotations

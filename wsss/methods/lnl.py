@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.methods.base import BackboneConfig, Method, register_method, valid_at
 from wsss.methods.cam import CAMNetwork, classification_loss
 from wsss.methods.lnl_bank import PrototypeBank, contrastive_loss, subsample_per_class
 
-IGNORE = 255
 SIMILARITY_KINDS = ("cosine", "softmax", "sigmoid")
 EXPORTS = ("shrink", "expand", "fusion")
 
@@ -89,13 +89,13 @@ def seed_labels(scores: torch.Tensor, eta: float, erosion: int) -> torch.Tensor:
     if erosion < 1 or erosion % 2 == 0:
         raise ValueError(f"erosion must be an odd kernel size >= 1 (1 = no erosion), got {erosion}")
     best, labels = scores.max(dim=1)
-    labels = labels.masked_fill(best < eta, IGNORE)
+    labels = labels.masked_fill(best < eta, IGNORE_INDEX)
     if erosion == 1:
         return labels
     padded = labels[:, None].float()
     highest = F.max_pool2d(padded, erosion, stride=1, padding=erosion // 2)
     lowest = -F.max_pool2d(-padded, erosion, stride=1, padding=erosion // 2)
-    return labels.masked_fill((highest != lowest)[:, 0], IGNORE)
+    return labels.masked_fill((highest != lowest)[:, 0], IGNORE_INDEX)
 
 
 def location_map(h: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -219,14 +219,14 @@ def fscm_seeds(features: torch.Tensor, cam_logits: torch.Tensor, image_labels: t
         cams = class_maps_with_background(cam_logits, image_labels) * valid[:, None]
         similarity = feature_similarity(features, kind) * valid.flatten(1)[:, None, :]
         seeds = seed_labels(consistency_scores(similarity, cams), eta, erosion)
-    return seeds.masked_fill(~valid, IGNORE)
+    return seeds.masked_fill(~valid, IGNORE_INDEX)
 
 
 def labelled_pixels(features: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [M,C] of features [B,C,h,w] where seeds [B,h,w] != 255, and their labels [M]."""
     flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     labels = seeds.reshape(-1)
-    keep = labels != IGNORE
+    keep = labels != IGNORE_INDEX
     return flat[keep], labels[keep]
 
 
@@ -257,9 +257,9 @@ class LNL(Method):
                                 config.eta, config.erosion)  # E_s
             expanded = fscm_seeds(out["features_expanded"], out["cam_logits_expanded"], labels, valid,
                                   config.similarity, config.eta, 1)  # E_e
-            seeded, cells = shrunk != IGNORE, valid.sum().clamp_min(1)
+            seeded, cells = shrunk != IGNORE_INDEX, valid.sum().clamp_min(1)
             self.note(seeds=seeded.sum() / cells, seeds_fg=(seeded & (shrunk > 0)).sum() / seeded.sum().clamp_min(1),
-                      anchors=(expanded != IGNORE).sum() / cells)
+                      anchors=(expanded != IGNORE_INDEX).sum() / cells)
         if progress.epoch < config.warmup_epochs or config.lam == 0:
             terms["con"] = features.new_zeros((), dtype=torch.float32)
         else:

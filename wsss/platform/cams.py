@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss.datasets.base import REGION_BODY, REGION_CONTEXT, REGION_PART
+from wsss.datasets.base import IGNORE_INDEX, REGION_BODY, REGION_CONTEXT, REGION_PART
 from wsss.platform.metrics import miou
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
@@ -60,7 +60,7 @@ def threshold_predictions(cams: torch.Tensor, thresholds=THRESHOLDS) -> torch.Te
 
 
 def threshold_confusions(cams: torch.Tensor, gt: torch.Tensor, num_classes: int,
-                         thresholds=THRESHOLDS, ignore_index: int = 255) -> torch.Tensor:
+                         thresholds=THRESHOLDS, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """int64 [T,C,C] confusion matrices (rows = ground truth), C = K+1, one per threshold.
     The same counts as `metrics.confusion_matrix` per threshold, in one bincount on the
     CAMs' device (this runs for every evaluated image)."""
@@ -77,7 +77,7 @@ def threshold_confusions(cams: torch.Tensor, gt: torch.Tensor, num_classes: int,
 
 
 def region_counts(predictions: torch.Tensor, gt: torch.Tensor, region: torch.Tensor,
-                  ignore_index: int = 255) -> torch.Tensor:
+                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """int64 [T, 6] `wsss.platform.metrics.REGION_COUNTS` of label maps `predictions` [T,H,W]
     against ground truth `gt` [H,W] and a region map `region` [H,W] (void pixels skipped)."""
     gt, region = gt.to(predictions.device), region.to(predictions.device)

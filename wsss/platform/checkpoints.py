@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 from pyarrow.fs import FileSelector, FileType
 
-from wsss.datasets.base import DataError
-from wsss.datasets.storage import join, resolve, write_text
+from wsss.io import DataError, join, resolve, write_text
 from wsss.methods.base import build_method
 from wsss.platform.config import ConfigError
 

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsss.datasets.credentials import public_uri
-from wsss.datasets.storage import is_file
+from wsss.io import is_file, public_uri
 from wsss.methods.base import BackboneConfig, method_sections, required_inputs
 
 
@@ -126,7 +125,6 @@ class TrainConfig:
               "csrm's ClassMix pastes from another image of a worker's batch: must be >= 2")
         check(self.lr > 0, "lr", "must be > 0")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
-        check(self.poly_power >= 0, "poly_power", "must be >= 0")
         check(0 < self.lr_decay_per_epoch <= 1, "lr_decay_per_epoch", "must be in (0, 1]")
         check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -210,18 +208,23 @@ class TrainConfig:
         return TrainConfig.from_dict(values)
 
 
-def load_config(path: str | None = None, overrides: list[str] | dict | None = None,
-                **values) -> TrainConfig:
-    """Defaults < config file < keyword values < `key=value` overrides."""
-    merged: dict[str, Any] = {}
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None, *,
+                defaults: dict | None = None, **values) -> TrainConfig:
+    """TrainConfig defaults < `defaults` (a command's own, shaped like the file: `key` and
+    `{section: {key: value}}`) < config file < keyword values < `key=value` overrides."""
+    in_file: dict[str, Any] = {}
     if path:
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"--config {path}: no such file")
         try:
-            merged = tomllib.loads(file.read_text())
+            in_file = tomllib.loads(file.read_text())
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"--config {path}: not valid TOML ({error})") from None
+    merged = dict(defaults or {})
+    for key, value in in_file.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
     sections = {k: merged.pop(k) for k in list(merged) if isinstance(merged[k], dict)}
     merged.update({k: v for k, v in values.items() if v is not None})
     merged["sections"] = sections

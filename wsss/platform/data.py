@@ -32,37 +32,25 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from wsss.datasets.augment import AugmentConfig, EvalTransform, TrainTransform
-from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import Manifest, has_regions, read_manifest
 from wsss.datasets.verification import is_verified
+from wsss.io import DataError
 
-# Rows per decode/augment call. Ray Data waits between calls (fetch, put, dispatch: 12-15 ms
-# median in the CRF actors) next to ~3 ms of decoding per image: 64 rows gave 8% more
-# images/s and 13% more per CPU-second than 16, and 128 no more than 64
-# (benchmarks/ingest.py --map-batches 16). 64 uint8 320² crops are ~26 MB (the training
-# worker normalises).
+# The values below were measured with benchmarks/ingest.py; the numbers and the settings
+# they beat are in docs/benchmarks.md ("Settings that came from measurements").
+# Rows per decode/augment call: enough that Ray Data's wait between calls is small beside
+# the decoding, few enough that a batch of uint8 crops stays ~26 MB.
 MAP_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 16  # evaluation rows keep their original size (Cityscapes: 6 MB each)
-# Reads are light (pyarrow reads a 256-row shard file in ~50 ms, ~20x faster than decoding
-# its rows), but Ray runs each as a streaming generator that pauses until its block is
-# taken, keeping the CPU it reserved. Reads used to be unbounded at 0.25 CPU: 8 paused ones
-# filled 2 CPUs at the start of every epoch and the first decode waited ~1.2 s for them.
-# Now at most one runs per CPU in the cluster when the pipeline is built (at least
-# MIN_READ_TASKS, at most one per file), at 0.05 CPU each, so paused reads hold at most
-# 0.05 x max(4, CPUs): below the 0.25 CPU that a decoder leaves beside a Ray Train worker
-# on 2 CPUs. Reads that cannot fill the CPUs gave 11-25% more images/s, best of rounds
-# (benchmarks/ingest.py --read-cpus, 4 runs); 0, 0.05 and 0.25 CPU under a cap of 4 were
-# within this machine's noise (2 runs), but reads at 0 CPU added ~0.7 s of input wait to
-# every Ray Train epoch (docs/benchmarks.md). A CPU share unlike the
-# decoders' also keeps reads from fusing with them, so decoding spreads over every CPU
-# however few files.
+# A streaming read keeps the CPU it reserved while it waits for its block to be taken, so
+# reads ask for little, and at most one per CPU (at least MIN_READ_TASKS) runs: paused
+# reads then never crowd out the decoders. A CPU share unlike the decoders' also keeps
+# reads from fusing with them, so decoding spreads over every CPU however few files.
 READ_CPUS = 0.05
 MIN_READ_TASKS = 4
-# A decode task asks for 0.75 CPU, so that reads fit beside 2 decoders on 2 CPUs (and
-# beside 1 on the CPU a Ray Train worker leaves). With reads at 0 CPU, 1 CPU per decoder
-# measured the same or up to 7% slower (benchmarks/ingest.py --map-cpus 1, 3 runs). On N
-# CPUs up to 4N/3 decoders may run: not measured beyond 2 CPUs.
+# Below 1 CPU, so that reads fit beside 2 decoders on 2 CPUs (and beside 1 on the CPU a
+# Ray Train worker leaves).
 MAP_CPUS = 0.75
 
 

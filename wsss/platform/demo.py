@@ -48,7 +48,7 @@ def all_background_miou(data: str, split: str = "val") -> float:
     import pyarrow.parquet as pq
 
     from wsss.datasets.shards import decode_mask
-    from wsss.datasets.storage import resolve
+    from wsss.io import resolve
 
     manifest = read_manifest(data)
     conf = np.zeros((manifest.num_classes + 1,) * 2, np.int64)

@@ -18,11 +18,10 @@ import numpy as np
 import ray
 import torch
 
-from wsss.datasets.credentials import public_uri
 from wsss.datasets.reading import eval_rows
 from wsss.datasets.shards import image_labels, read_manifest
-from wsss.datasets.storage import canonical, check_bucket, join, write_text
 from wsss.datasets.verification import remember_verified
+from wsss.io import canonical, check_bucket, join, public_uri, write_text
 from wsss.platform.cams import (FULL_SCALES, THRESHOLDS, best_threshold, check_threshold, image_tensor,
                                normalized_cams, region_counts, score_at_threshold, threshold_confusions,
                                threshold_predictions)

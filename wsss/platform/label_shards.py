@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from wsss.datasets.base import IGNORE_INDEX, DataError
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.datasets.shards import DatasetPublisher, Manifest
-from wsss.datasets.storage import canonical, join
+from wsss.io import DataError, canonical, join
 
 LABEL_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("mask", pa.binary(), nullable=False)])
 

@@ -1,5 +1,6 @@
 """The training loop, top to bottom. No Ray here: `train.py` feeds it Ray Data shards on
-Ray Train workers, `plain.py` feeds it a local loader; both run exactly this code.
+Ray Train workers, `plain.py` feeds it a local loader; both set up with `set_up`, validate
+when `validates_after` says so, and run exactly this code.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from wsss.datasets.augment import AugmentConfig
-from wsss.methods.base import Method, Progress, required_inputs
+from wsss.methods.base import DatasetStats, Method, Progress, build_method, required_inputs
 from wsss.platform.cams import (THRESHOLDS, best_threshold, image_tensor, normalize_images, normalized_cams,
                                region_counts, threshold_confusions, threshold_predictions)
+from wsss.platform.checkpoints import start_fresh
 from wsss.platform.config import TrainConfig
 from wsss.platform.metrics import (REGION_COUNTS, confusion_matrix, cooccurrence_confusion, miou,
                                    region_rates)
@@ -28,6 +30,33 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops, the last good checkpoint stays."""
+
+
+def set_up(config: TrainConfig, *, num_classes: int, image_labels: np.ndarray, device: torch.device,
+           fresh: bool = True, distribute: Callable[[Method], None] | None = None) -> tuple[Method, torch.optim.SGD]:
+    """What every feeder does before its first epoch: seeds, the method with the training
+    split's statistics (`image_labels` bool [N, K+1]) on `device`, its start weights unless a
+    checkpoint will be restored into it (`fresh=False`), `distribute` (data-parallel
+    wrapping, before the optimizer sees the parameters), and the optimizer."""
+    set_flush_denormal(config, device)
+    torch.manual_seed(config.seed)
+    method = build_method(config.method, num_classes, config.sections, config.backbone_config)
+    labels = torch.as_tensor(np.asarray(image_labels, dtype=bool))
+    method.on_dataset(DatasetStats(num_images=len(labels), image_labels=labels))
+    method.to(device)  # after on_dataset: it may create buffers (e.g. the ocr co-occurrence prior)
+    if fresh:
+        start_fresh(method, config.init_from)
+    if distribute is not None:
+        distribute(method)
+    return method, make_optimizer(method, config)
+
+
+def validates_after(epoch: int, config: TrainConfig) -> bool:
+    """Whether validation follows `epoch` (0-based): every `eval_every` epochs, and after the
+    last one, so a run always ends with its objective."""
+    if not (config.val_split and config.eval_every):
+        return False
+    return (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
 
 
 def augment_config(config: TrainConfig) -> AugmentConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from wsss.datasets.base import IGNORE_INDEX
 
 
 def _numpy(name: str, array) -> np.ndarray:

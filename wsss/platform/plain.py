@@ -11,13 +11,10 @@ import torch
 from wsss.datasets.loader import train_loader
 from wsss.datasets.reading import eval_rows
 from wsss.datasets.shards import image_labels, read_manifest
-from wsss.methods.base import DatasetStats, Method, build_method
-from wsss.platform.checkpoints import start_fresh
+from wsss.methods.base import Method
 from wsss.platform.config import TrainConfig
-from wsss.platform.loop import (augment_config, epoch_metrics, evaluate_rows, make_optimizer, set_flush_denormal,
-                                train_epoch)
+from wsss.platform.loop import augment_config, epoch_metrics, evaluate_rows, set_up, train_epoch, validates_after
 from wsss.platform.metrics import cooccurring_pairs
-
 
 def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | None = None,
                 log=lambda values, step: None, on_epoch=lambda metrics: None) -> tuple[Method, list[dict]]:
@@ -25,14 +22,8 @@ def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | N
     handed to `on_epoch` as each epoch ends."""
     manifest = read_manifest(config.data)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    set_flush_denormal(config, device)
-    torch.manual_seed(config.seed)
     labels = image_labels(manifest, config.train_split)
-    method = build_method(config.method, manifest.num_classes, config.sections, config.backbone_config)
-    method.on_dataset(DatasetStats(num_images=len(labels), image_labels=torch.from_numpy(labels)))
-    method.to(device)
-    start_fresh(method, config.init_from)
-    optimizer = make_optimizer(method, config)
+    method, optimizer = set_up(config, num_classes=manifest.num_classes, image_labels=labels, device=device)
     loader = train_loader(config.data, config.train_split, augment_config(config),
                           batch_size=config.batch_size, num_workers=loader_workers,
                           label_uri=config.pseudo_labels or None)
@@ -43,7 +34,7 @@ def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | N
         step, stats = train_epoch(method, optimizer, loader, config=config, epoch=epoch, step=step,
                                   steps_per_epoch=steps_per_epoch, device=device, log=log)
         validation = None
-        if config.val_split and config.eval_every and (epoch + 1) % config.eval_every == 0:
+        if validates_after(epoch, config):
             validation = evaluate_rows(method, eval_rows(config.data, config.val_split),
                                        num_classes=manifest.num_classes, device=device,
                                        max_images=config.eval_max_images)

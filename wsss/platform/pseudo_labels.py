@@ -30,7 +30,6 @@ settings and, where the split has ground truth, the pseudo-masks' mIoU.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,11 +40,10 @@ import ray.data
 import torch
 
 from wsss.datasets.augment import decode_image, decode_label_map, multi_hot
-from wsss.datasets.base import IGNORE_INDEX, DataError
-from wsss.datasets.credentials import public_uri
+from wsss.datasets.base import IGNORE_INDEX
 from wsss.datasets.reading import pseudo_label_files, read_shard, to_numpy
 from wsss.datasets.shards import Manifest, check_writable, encode_mask, read_manifest, verify_checksums
-from wsss.datasets.storage import join, read_text
+from wsss.io import DataError, join, public_uri, read_json
 from wsss.methods.csrm_pseudo import cam_pseudo_label
 from wsss.ops.crf import dense_crf_labels
 from wsss.platform.cams import FULL_SCALES, image_tensor, normalized_cams
@@ -116,8 +114,7 @@ def pseudo_label(image: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
 def checkpoint_threshold(checkpoint: str) -> float | None:
     """The background threshold recorded with a checkpoint (its last validation), if any."""
     try:
-        text = read_text(join(latest_checkpoint(checkpoint), INFO_FILE))
-        info = json.loads(text) if text is not None else {}
+        info = read_json(join(latest_checkpoint(checkpoint), INFO_FILE)) or {}
     except (OSError, ValueError):
         return None
     threshold = info.get("metrics", {}).get("threshold")

@@ -13,8 +13,8 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 def workers_soft_limit(cpus: int) -> int:
     """Idle worker processes a Ray node keeps. Ray's default, one per CPU, kills the extra
     workers of a streaming Ray Data job (read tasks beside decode tasks) after 1 s idle,
-    and each restart re-imports torch: on 2 CPUs the training input ran at down to a third
-    of its speed (benchmarks/ingest.py, docs/benchmarks.md). cluster.yaml's nodes use the same rule."""
+    and each restart re-imports torch (measured: docs/benchmarks.md). cluster.yaml's nodes
+    use the same rule."""
     return 4 * cpus + 8
 
 
@@ -56,10 +56,7 @@ def job_batches(dataset: ray.data.Dataset, **iter_batches_args) -> Iterator:
     task still in flight in its metadata fetcher, or a notebook's last error can keep a
     handle, and the actor then holds its CPU or GPU until the driver exits. A rerun in
     the same driver (a notebook, a Tune driver, the tests' shared Ray) waits forever.
-    Measured on 2 busy CPUs with tests/test_runtime.py's job: plain `iter_batches` kept
-    a two-actor pool alive every time, even after the error was dropped; clearing the
-    error's frames (this function's first version) left an actor alive in 3 jobs of 15;
-    killing them left none in 8.
+    Killing the actors is the only remedy that held (docs/reliability.md).
     """
     context = dataset.context
     if _KillActorsOnFailure not in context.custom_execution_callback_classes:

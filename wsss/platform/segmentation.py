@@ -14,8 +14,6 @@ pixels of the image). Works for any checkpoint whose method has a segmentation b
 from __future__ import annotations
 
 import json
-import tomllib
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -23,11 +21,9 @@ import ray.data
 import torch
 import torch.nn.functional as F
 
-from wsss.datasets.base import DataError
 from wsss.datasets.reading import pseudo_label_files
 from wsss.datasets.shards import read_manifest
-from wsss.datasets.credentials import public_uri
-from wsss.datasets.storage import join, write_text
+from wsss.io import DataError, join, public_uri, write_text
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
 from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_overrides
@@ -41,7 +37,7 @@ SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 # Below the config file and the command line. The papers' backbone is a ResNet-101 (output
 # stride: STAGE2_OUTPUT_STRIDE by variant). DeepLab fine-tunes at a low lr (the head gets 10×); 0.01
 # diverged with ResNets. ~20 epochs of train_aug ≈ DeepLabV2's 20k iterations.
-STAGE2_DEFAULTS = {"backbone": "resnet101", "lr": 1e-3, "weight_decay": 5e-4, "epochs": 20}
+STAGE2_DEFAULTS = {"method": "deeplab", "backbone": "resnet101", "lr": 1e-3, "weight_decay": 5e-4, "epochs": 20}
 STAGE2_OUTPUT_STRIDE = {"v2": 8, "v3plus": 16}
 OC_KEYS = ("images", "oc_images", "pixels", "oc_pixels")
 STAGE2_METHODS = ("deeplab", "deeplab+ocr")
@@ -56,19 +52,14 @@ def stage2_config(data: str | None = None, pseudo_labels: str | None = None, *, 
     overrides = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     if variant is not None:
         overrides.setdefault("deeplab.variant", variant)
-    try:
-        in_file = tomllib.loads(Path(config_file).read_text()) if config_file else {}
-    except (OSError, tomllib.TOMLDecodeError):
-        in_file = {}  # load_config below names the problem
-    method = "deeplab+ocr" if ocr else in_file.get("method", "deeplab")
-    if method not in STAGE2_METHODS:
-        raise ConfigError(f"--config {config_file}: method={method!r}: `wsss segment` trains "
-                          f"{' or '.join(STAGE2_METHODS)}")
-    config = load_config(config_file, overrides, method=method, data=data,
-                         pseudo_labels=pseudo_labels)  # validates the file and every key first
-    stage2 = {**STAGE2_DEFAULTS, "output_stride": STAGE2_OUTPUT_STRIDE[config.sections["deeplab"].variant]}
-    defaults = {k: v for k, v in stage2.items() if k not in in_file and k not in overrides}
-    return config.with_overrides(defaults) if defaults else config
+    values = dict(method="deeplab+ocr" if ocr else None, data=data, pseudo_labels=pseudo_labels)
+    config = load_config(config_file, overrides, defaults=STAGE2_DEFAULTS, **values)
+    if config.method not in STAGE2_METHODS:
+        where = f"--config {config_file}: " if config_file else ""
+        raise ConfigError(f"{where}method={config.method!r}: `wsss segment` trains {' or '.join(STAGE2_METHODS)}")
+    # The default output stride is the variant's, and the variant is known only once loaded.
+    stride = STAGE2_OUTPUT_STRIDE[config.sections["deeplab"].variant]
+    return load_config(config_file, overrides, defaults={**STAGE2_DEFAULTS, "output_stride": stride}, **values)
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.datasets.credentials import REDACTED, public_uri
+from wsss.datasets.base import IGNORE_INDEX
+from wsss.io import REDACTED, public_uri
 
 logger = logging.getLogger(__name__)
 _SECRET = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
@@ -99,7 +100,7 @@ class Tracker:
 
         from wsss.platform.pictures import cam_panel, prediction_panel
 
-        labels = {i: name for i, name in enumerate(classes)} | {255: "void"}
+        labels = {i: name for i, name in enumerate(classes)} | {IGNORE_INDEX: "void"}
         images, overlays = [], []
         for sample in samples:
             masks = {"prediction": {"mask_data": np.asarray(sample["prediction"], np.uint8),

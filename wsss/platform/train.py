@@ -26,16 +26,15 @@ import torch
 
 from wsss.datasets.lease import acquire
 from wsss.datasets.shards import image_labels, read_manifest
-from wsss.datasets.storage import canonical, delete_file, join, read_text, write_text
 from wsss.datasets.verification import remember_verified
-from wsss.methods.base import DatasetStats, build_method
-from wsss.platform.checkpoints import check_resumable, restore, resume_state, save_checkpoint, start_fresh
+from wsss.io import canonical, delete_file, join, read_text, write_text
+from wsss.platform.checkpoints import check_resumable, restore, resume_state, save_checkpoint
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.config_text import to_toml
 from wsss.platform.console import epoch_line, seconds_left
 from wsss.platform.data import eval_dataset, ingest_options, quiet_console, train_dataset
-from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, make_optimizer,
-                                overlay_predictions, set_flush_denormal, train_epoch)
+from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, overlay_predictions,
+                                set_up, train_epoch, validates_after)
 from wsss.platform.metrics import cooccurring_pairs
 from wsss.platform.tracking import Tracker, public_config, run_id
 
@@ -55,8 +54,6 @@ def train_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, context.get_local_world_size()))
-    set_flush_denormal(config, device)
-    torch.manual_seed(config.seed)
     quiet_report_log()
 
     # 1. Data: this worker's shards of the streaming pipelines.
@@ -64,19 +61,10 @@ def train_worker(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
 
     # 2. Method: dataset statistics, DDP around the trainable network only, last checkpoint.
-    method = build_method(config.method, len(dataset["classes"]) - 1, config.sections,
-                          config.backbone_config)
-    method.on_dataset(DatasetStats(num_images=dataset["num_images"],
-                                   image_labels=torch.tensor(loop_config["image_labels"])))
-    method.to(device)  # after on_dataset: it may create buffers (e.g. the ocr co-occurrence prior)
     checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
-        start_fresh(method, config.init_from)
-    if context.get_world_size() > 1:
-        method.distribute(lambda net: ray.train.torch.prepare_model(
-            net, move_to_device=False,
-            parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters}))
-    optimizer = make_optimizer(method, config)
+    method, optimizer = set_up(config, num_classes=len(dataset["classes"]) - 1,
+                               image_labels=loop_config["image_labels"], device=device, fresh=not checkpoint,
+                               distribute=ddp if context.get_world_size() > 1 else None)
     start_epoch, step = 0, 0
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -105,8 +93,7 @@ def train_worker(loop_config: dict) -> None:
             tracker.finish()
             return
         validation = None
-        if val_shard is not None and config.eval_every and (
-                (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+        if validates_after(epoch, config):
             validation = evaluate_rows(
                 method, val_shard.iter_rows(), num_classes=len(dataset["classes"]) - 1, device=device,
                 keep_overlays=config.cam_images if rank == 0 else 0, max_images=config.eval_max_images)
@@ -129,6 +116,12 @@ def train_worker(loop_config: dict) -> None:
 
         report_checkpoint(metrics, config, rank, save)
     tracker.finish()
+
+
+def ddp(method) -> None:
+    """DistributedDataParallel around the method's trainable network only."""
+    method.distribute(lambda net: ray.train.torch.prepare_model(
+        net, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters}))
 
 
 def append_epoch(run_dir: str, metrics: dict) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pyarrow import fs as pafs
 
-from wsss.datasets.storage import resolve
+from wsss.io import resolve
 from wsss.platform.checkpoints import INFO_FILE, STATE_FILE
 from wsss.platform.config import ConfigError
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from wsss.datasets.storage import write_text
+from wsss.io import write_text
 from wsss.platform.config import ConfigError
 from wsss.tuning.mirror import mirror
 from wsss.platform.tracking import OVERLAY_KEY

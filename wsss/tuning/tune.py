@@ -30,10 +30,10 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY as CHECKPOINT_PATH
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from wsss.datasets.credentials import is_redacted, public_uri
 from wsss.datasets.lease import acquire
 from wsss.datasets.shards import read_manifest
-from wsss.datasets.storage import canonical, delete_file, is_uri, join, read_text, resolve, write_text
+from wsss.io import (canonical, delete_file, is_redacted, is_uri, join, public_uri, read_json, read_text, resolve,
+                     write_json)
 from wsss.platform.config import ConfigError, TrainConfig, check_name, load_config, parse_overrides
 from wsss.platform.runtime import ensure_ray
 from wsss.platform.tracking import public_config, resolve_mode
@@ -339,18 +339,6 @@ def with_credentials(saved: dict, args) -> tuple[TrainConfig, str]:
     config = TrainConfig.from_dict(saved["config"]).with_overrides(
         {k: v for k, v in given.items() if k != "study_storage"})
     return config, study_storage
-
-
-def read_json(location: str) -> dict | None:
-    fs, path = resolve(location)
-    if fs.get_file_info(path).type.name != "File":
-        return None
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.read())
-
-
-def write_json(location: str, data: dict) -> None:
-    write_text(location, json.dumps(data, indent=2, default=str))
 
 
 # ---- command line ------------------------------------------------------------------

@@ -1,18 +1,51 @@
-"""Where shards live: local paths (relative too) and any URI pyarrow understands.
+"""Files and URIs, for every layer: where a location lives, whole-file reads and writes,
+and how a location is named in messages without the credentials it may carry.
 
-Everything that writes or reads shards goes through `resolve`, so `s3://`, `gs://`,
-`file://` and plain paths behave the same way everywhere.
+Everything that reads or writes goes through `resolve`, so `s3://`, `gs://`, `file://` and
+plain paths (relative too) behave the same way everywhere. A URI may carry credentials
+(`s3://KEY:SECRET@bucket/x`, `postgresql://user:pw@host/db`, `...?secret_key=...`): runs
+use it as given, and everything written for people to read (W&B config, checkpoints'
+config, results.json, sweep.json, error messages) goes through `public_uri`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import uuid
 
 import pyarrow as pa
 from pyarrow import fs as pafs
 
-from wsss.datasets.base import DataError
+REDACTED = "***"
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]*)@")
+_SECRET_QUERY = re.compile(r"(?P<key>[?&;][^=&#\s]*(?:key|token|secret|password|passwd|pwd|credential)[^=&#\s]*=)"
+                           r"(?P<value>[^&#\s]*)", re.IGNORECASE)
+
+
+def public_uri(text: str) -> str:
+    """`text` (a URI, or a message holding URIs) with user:password and secret query
+    values replaced by ***."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}{REDACTED}", text)
+
+
+def is_redacted(text: str) -> bool:
+    """Whether `text` is a URI that `public_uri` took credentials out of."""
+    return f"://{REDACTED}@" in text or f"={REDACTED}" in text
+
+
+class DataError(ValueError):
+    """Bad input data. The message always names the file (or key) and the problem."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = public_uri(str(path))  # messages are printed and logged
+        self.problem = public_uri(problem)
+        super().__init__(f"{self.path}: {self.problem}")
+
+    def __reduce__(self):  # rebuilt from its two parts when it crosses to another process
+        return type(self), (self.path, self.problem)
 
 
 def is_uri(location: str) -> bool:
@@ -108,3 +141,15 @@ def delete_file(location: str) -> None:
     fs, path = resolve(location)
     if fs.get_file_info(path).type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def read_json(location: str):
+    """The file's parsed JSON, or None when it does not exist."""
+    text = read_text(location)
+    return None if text is None else json.loads(text)
+
+
+def write_json(location: str, data) -> None:
+    """`data` as indented JSON, written whole (`write_text`); values JSON does not know
+    (paths, dates) as their str()."""
+    write_text(location, json.dumps(data, indent=2, default=str))
