@@ -58,19 +58,19 @@ def train_on_ground_truth(epochs: int | None) -> None:
         return dataclasses.replace(augment, views=augment.views | {"mask"})
 
     plain.augment_config = with_mask
-    submit, views = CRFPseudoLabeler.submit, CSRM.views
+    submit, before_forward = CRFPseudoLabeler.submit, CSRM.before_forward
     phase = {"ground_truth": True}
     # No CRF work to throw away while the ground truth is used.
     CRFPseudoLabeler.submit = lambda self, *args: submit(self, *args) if not phase["ground_truth"] else None
 
-    def views_with_ground_truth(self, batch, progress):
+    def before_forward_with_ground_truth(self, batch, progress):
         phase["ground_truth"] = epochs is None or progress.step < epochs * progress.steps_per_epoch
-        out = views(self, batch, progress)
+        added = before_forward(self, batch, progress)
         if phase["ground_truth"]:
-            self._step.pseudo_labels = GroundTruthLabels(batch["mask"])
-        return out
+            added["csrm_step"].pseudo_labels = GroundTruthLabels(batch["mask"])
+        return added
 
-    CSRM.views = views_with_ground_truth
+    CSRM.before_forward = before_forward_with_ground_truth
 
 
 def main() -> None:

@@ -453,8 +453,15 @@ def test_trains_in_a_plain_loop_with_every_term_after_warmup():
     pasted = []
     method.network.register_forward_hook(
         lambda module, args, out: calls.append((args[0].shape[0], out["representation"].shape[0])))
-    method.network.register_forward_pre_hook(lambda module, args: pasted.append(
-        0 if method._step.mix_masks is None else int(method._step.mix_masks.flatten(1).any(dim=1).sum())))
+    before_forward = method.before_forward
+
+    def count_pasted_rows(batch, progress):
+        added = before_forward(batch, progress)
+        masks = added["csrm_step"].mix_masks
+        pasted.append(0 if masks is None else int(masks.flatten(1).any(dim=1).sum()))
+        return added
+
+    method.before_forward = count_pasted_rows
     history = train(method, steps=3)  # step 0: warm-up; steps 1-2: every term
     assert calls == [(2 + rows, 2) for rows in pasted] and pasted[0] == 0, \
         "one student forward per step: weak view, then weak + the rows ClassMix pasted into; " \
@@ -659,7 +666,7 @@ def test_bad_configuration_and_missing_raw_are_named():
         CSRMConfig(fg_threshold=0.01)
     with pytest.raises(ValueError, match="csrm.export"):
         CSRMConfig(export="both")
-    with pytest.raises(ConfigError, match="batch_size=1: csrm's ClassMix"):
+    with pytest.raises(ConfigError, match=r"batch_size=1: must be >= 2 for csrm \(its ClassMix"):
         TrainConfig(method="csrm+ocr", data="shards", batch_size=1)
     method = make_method()
     batch = random_batch(torch.Generator().manual_seed(0))

@@ -9,9 +9,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from wsss.methods.base import ADDONS, METHODS, required_inputs
+from wsss.methods.base import ADDONS, METHODS, method_parts, required_inputs
 from wsss.platform.config import ConfigError, TrainConfig
-from wsss.tuning.spaces import PART_SPACES, SHARED, SpaceError, build_space, load_space_file
+from wsss.tuning.spaces import SHARED, SpaceError, build_space, load_space_file, tunable_keys
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -31,9 +31,13 @@ def sample(space, count: int, seed: int = 0) -> list[dict]:
     return [space(study.ask()) for _ in range(count)]
 
 
-def test_every_registered_part_has_a_search_space():
-    missing = sorted((set(METHODS) | set(ADDONS)) - set(PART_SPACES))
-    assert not missing, f"add search spaces for {missing} to PART_SPACES in wsss/tuning/spaces.py"
+@pytest.mark.parametrize("part", [*METHODS.values(), *ADDONS.values()], ids=lambda part: part.name)
+def test_a_part_sweeps_its_own_keys_and_run_keys_only(part):
+    """So that its space stays valid in every composition it is part of."""
+    run_keys = {key for key in tunable_keys("cam") if "." not in key}
+    for key in part.search_space:
+        section, _, _ = key.rpartition(".")
+        assert section == part.name or key in run_keys, f"{part.name} sweeps {key!r}"
 
 
 @pytest.mark.parametrize("method", compositions())
@@ -42,8 +46,7 @@ def test_space_samples_valid_configs_of_every_method(method):
     # stage-2 methods train on pseudo-labels: any URI passes config validation
     base = TrainConfig(method=method, pseudo_labels="s3://pseudo" if "target" in required_inputs(method) else "")
     space.check_against(base)
-    parts = method.split("+")
-    expected = {p.name for p in SHARED} | {p.name for part in parts for p in PART_SPACES[part]}
+    expected = {p.name for p in SHARED} | {key for part in method_parts(method) for key in part.search_space}
     assert sorted(space.names) == sorted(expected)  # a composed method sweeps the union, once each
     for overrides in sample(space, 25):
         assert set(overrides) == set(expected)
@@ -73,9 +76,9 @@ def test_paper_parameters_are_swept():
             "lnl.warmup_epochs", "fsae.kernel", "fsae.tau_fae", "fsae.tau_sae", "fsae.lam"} <= names
     params = {p.name: p for p in build_space("lnl+fsae").params}
     assert params["lnl.tau"].log and params["fsae.kernel"].choices == (1, 3, 5, 7)
-    assert {"ocr.delta", "ocr.t", "ocr.alpha"} <= {p.name for p in PART_SPACES["ocr"]}
+    assert {"ocr.delta", "ocr.t", "ocr.alpha"} <= set(ADDONS["ocr"].search_space)
     assert {"csrm.temperature", "csrm.negatives_per_query", "csrm.queries_per_class", "csrm.fg_threshold",
-            "csrm.bg_threshold", "csrm.rank_low", "csrm.rank_high", "csrm.decoder_lr_mult"} <= {p.name for p in PART_SPACES["csrm"]}
+            "csrm.bg_threshold", "csrm.rank_low", "csrm.rank_high", "csrm.decoder_lr_mult"} <= set(METHODS["csrm"].search_space)
 
 
 def test_erosion_kernels_are_odd():

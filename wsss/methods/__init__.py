@@ -1,11 +1,11 @@
 """Method modules over one backbone + CAM contract (see `wsss.methods.base`).
 
-Importing this package registers every method and add-on.
+Importing this package imports every module in it, and so registers every method and
+add-on: a new method is a new module here, with no list to extend.
 """
 
-from wsss.methods import cam  # noqa: F401
-from wsss.methods import lnl  # noqa: F401
-from wsss.methods import deeplab, ocr  # noqa: F401
-from wsss.methods import fsae  # noqa: F401
-from wsss.methods import csrm  # noqa: F401
-from wsss.methods.base import ADDONS, METHODS, build_method, parse_method  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -9,6 +9,10 @@ Composition: `build_method("lnl+fsae", ...)` builds the base method `lnl` and at
 the add-on `fsae`. Add-ons contribute views (extra images in the same forward pass) and
 loss terms computed from the network outputs, so `lnl+fsae` needs no special case.
 
+A part is one module of `wsss.methods`: its class carries everything the platform and
+tuning need (config, search space, batch size rule, demo settings), and the package finds
+it by importing every module (docs/adding_a_method.md).
+
 Batch keys (made by the data pipeline, see `wsss.datasets.augment`, and turned into
 these types on the device by `wsss.platform.loop.model_inputs`):
   image  float [B,3,S,S]  normalised weak view        labels float [B,K] multi-hot
@@ -21,13 +25,14 @@ these types on the device by `wsss.platform.loop.model_inputs`):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,15 @@ class _Part(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
     inputs: ClassVar[frozenset[str]] = frozenset()  # extra batch keys the pipeline must produce
+    # What `wsss tune` samples: override key ("lnl.erosion", or a run key such as "lr")
+    # -> spec {type: float|int|categorical, low, high, log, step, choices, above}, the format
+    # of a `--space` file. Plain data: `wsss.tuning.spaces` turns it into Optuna's.
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Smallest per-worker batch this part trains on, and why (shown when a config asks for less).
+    min_batch_size: ClassVar[int] = 1
+    min_batch_size_reason: ClassVar[str] = ""
+    # Overrides `wsss demo` applies to runs of this part (the user's own overrides win).
+    demo_overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(self):
         super().__init__()
@@ -85,6 +99,11 @@ class _Part(nn.Module):
         """Record scalars about this step (e.g. the share of pixels given a pseudo-label),
         logged as `<part>/<key>` beside the losses: self-training that degenerates shows here."""
         self.notes.update({f"{self.name}/{key}": value.detach().float() for key, value in values.items()})
+
+    def before_forward(self, batch: dict, progress: Progress) -> dict[str, Any]:
+        """Entries added to this step's batch before the forward pass, which `views` and
+        `losses` then read (e.g. a teacher's predictions). Keys must be new to the batch."""
+        return {}
 
     def views(self, batch: dict, progress: Progress) -> dict[str, torch.Tensor]:
         """Images to push through the network this step, by view name."""
@@ -110,6 +129,11 @@ class Method(_Part):
     # What validation scores as `miou`, the objective tuning optimises: "cams" (the CAM
     # threshold sweep: stage 1) or "segmentation" (the argmax of `segmentation_logits`: stage 2).
     validates: ClassVar[str] = "cams"
+    # Each training step draws its random numbers (dropout, sampling through generators seeded
+    # by `step_seed`) from a seed of (initial torch seed, step, rank) and leaves the process's
+    # generator as it found it: a resumed run repeats the original on every replica, whose
+    # generator states a checkpoint does not hold (only rank 0's).
+    seeded_steps: ClassVar[bool] = False
 
     def __init__(self, config, num_classes: int, backbone: BackboneConfig):
         super().__init__()
@@ -121,6 +145,7 @@ class Method(_Part):
         self.started_from_checkpoint = bool(backbone.init_from)
         self.addons = nn.ModuleList()
         self._distributed_network: nn.Module | None = None  # not a submodule: keeps state_dict clean
+        self.initial_seed = torch.initial_seed()  # see `seeded_steps`
 
     # ---- what subclasses implement -------------------------------------------------
     network: nn.Module  # forward(images) -> dict of [B, ...] tensors; must include "cam_logits"
@@ -136,22 +161,50 @@ class Method(_Part):
         """[B,K+1,h,w] for methods with a segmentation branch, else None."""
         return None
 
+    def network_options(self, views: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Keyword arguments of this step's network call, e.g. to run a branch on the first
+        view's rows only (see `split_views`)."""
+        return {}
+
+    def step_seed(self, progress: Progress) -> int:
+        """The seed of this step on this replica (see `seeded_steps`)."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return ((self.initial_seed * 1_000_003 + progress.step) * 1009 + rank) % (2 ** 63)
+
     # ---- what the platform calls ---------------------------------------------------
     def training_step(self, batch: dict, progress: Progress) -> dict[str, torch.Tensor]:
-        """One forward over all views of all parts, then every part's loss terms."""
+        """Every part's `before_forward`, one forward over all views of all parts (the base
+        method's first), then every part's loss terms."""
         parts = [self, *self.addons]
-        views: dict[str, torch.Tensor] = {}
-        for part in parts:
-            part.notes.clear()
-            views.update(part.views(batch, progress))
-        outputs = self.run_network(views)
-        losses: dict[str, torch.Tensor] = {}
-        for part in parts:
-            for key, value in part.losses(batch, outputs, progress).items():
-                if key in losses:
-                    raise KeyError(f"loss term {key!r} returned twice (by {part.name})")
-                losses[key] = value
+        with self._step_randomness(batch["image"].device, progress):
+            for part in parts:
+                part.notes.clear()
+                added = part.before_forward(batch, progress)
+                if set(added) & set(batch):
+                    raise KeyError(f"batch keys {sorted(set(added) & set(batch))} added twice (by {part.name})")
+                batch = {**batch, **added}
+            views: dict[str, torch.Tensor] = {}
+            for part in parts:
+                views.update(part.views(batch, progress))
+            outputs = self.run_network(views)
+            losses: dict[str, torch.Tensor] = {}
+            for part in parts:
+                for key, value in part.losses(batch, outputs, progress).items():
+                    if key in losses:
+                        raise KeyError(f"loss term {key!r} returned twice (by {part.name})")
+                    losses[key] = value
         return losses
+
+    @contextlib.contextmanager
+    def _step_randomness(self, device: torch.device, progress: Progress):
+        """With `seeded_steps`, the process's generators (and the GPU's) seeded for this step
+        inside, and restored after."""
+        if not self.seeded_steps:
+            yield
+            return
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.step_seed(progress))
+            yield
 
     def step_notes(self) -> dict[str, torch.Tensor]:
         """The last training step's diagnostics of every part (see `note`)."""
@@ -160,12 +213,11 @@ class Method(_Part):
     def run_network(self, views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Runs the (possibly DDP-wrapped) network once on the concatenated views."""
         network = self._distributed_network or self.network
-        return split_views(network(torch.cat(list(views.values()))), views)
+        return split_views(network(torch.cat(list(views.values())), **self.network_options(views)), views)
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Wrap only the trainable network (e.g. in DDP); state_dict keys stay unchanged."""
         object.__setattr__(self, "_distributed_network", wrap(self.network))  # bypass registration
-
 
     def param_groups(self, lr: float) -> list[dict]:
         """Backbone at lr, every other trainable parameter (heads, add-ons) at lr × mult."""
@@ -231,13 +283,23 @@ ADDONS: dict[str, type[Addon]] = {}
 
 
 def register_method(cls):
+    _check_new_name(cls)
     METHODS[cls.name] = cls
     return cls
 
 
 def register_addon(cls):
+    _check_new_name(cls)
     ADDONS[cls.name] = cls
     return cls
+
+
+def _check_new_name(cls) -> None:
+    """A part's name is its config section: two parts may not share one."""
+    taken = METHODS.get(cls.name) or ADDONS.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__}: the name {cls.name!r} is taken by "
+                         f"{taken.__module__}.{taken.__qualname__}")
 
 
 def parse_method(spec: str) -> tuple[type[Method], list[type[Addon]]]:
@@ -257,16 +319,20 @@ def parse_method(spec: str) -> tuple[type[Method], list[type[Addon]]]:
     return METHODS[base], [ADDONS[name] for name in addons]
 
 
+def method_parts(spec: str) -> list[type[_Part]]:
+    """'lnl+fsae' -> [LNL, FSAE]: the base method, then its add-ons."""
+    base, addons = parse_method(spec)
+    return [base, *addons]
+
+
 def required_inputs(spec: str) -> frozenset[str]:
     """Batch keys beyond image/labels/valid that the pipeline must produce for `spec`."""
-    base, addons = parse_method(spec)
-    return frozenset().union(base.inputs, *(a.inputs for a in addons))
+    return frozenset().union(*(part.inputs for part in method_parts(spec)))
 
 
 def method_sections(spec: str) -> dict[str, type]:
     """Config section name -> config dataclass for every part of a composed method."""
-    base, addons = parse_method(spec)
-    return {part.name: part.Config for part in (base, *addons)}
+    return {part.name: part.Config for part in method_parts(spec)}
 
 
 def build_method(spec: str, num_classes: int, configs: dict | None = None,

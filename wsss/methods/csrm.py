@@ -12,11 +12,11 @@ An EMA teacher (a copy of the network, no gradient) supervises:
   L_m   InfoNCE of reliable pixels' representations against class prototypes and a
         per-class bank of hard negatives from the unreliable ones               (Eq. 13)
 During warm-up the last three terms are 0 and the teacher is a plain copy of the student.
-One student forward per step; the teacher's CAMs go to the CRF workers (`csrm_pseudo`)
-first, so the CRF works while the teacher's decoders run. Randomness is seeded by (initial
-seed, step, rank), so a resumed run repeats the original exactly. Where this departs from
-the paper (the representation branch, the entropy groups, the losses' resolutions):
-docs/deviations.md.
+One student forward per step; the teacher runs in `before_forward`, its CAMs going to the
+CRF workers (`csrm_pseudo`) first, so the CRF works while its decoders run. Randomness is
+seeded by (initial seed, step, rank) (`seeded_steps`), so a resumed run repeats the original
+exactly. Where this departs from the paper (the representation branch, the entropy groups,
+the losses' resolutions): docs/deviations.md.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from wsss.datasets.base import IGNORE_INDEX
 from wsss.methods.backbone import Backbone
-from wsss.methods.base import BackboneConfig, Method, Progress, register_method, split_views, valid_at
+from wsss.methods.base import BackboneConfig, Method, Progress, register_method, valid_at
 from wsss.methods.cam import classification_loss
 from wsss.methods.csrm_bank import NegativeBank
 from wsss.methods.csrm_contrast import negative_candidates, select_queries
@@ -83,7 +82,7 @@ class CSRMConfig:
     ema_max_decay: float = 0.99  # cap of the teacher's EMA decay (the authors' code; the paper gives none)
     # lr of the segmentation and representation branches: lr × this (the paper: 10× for new layers).
     # At lr 0.05 that is 0.5, where a DeepLab head learns nothing even from ground truth, so
-    # `wsss demo` sets 0.2 (docs/results.md).
+    # `wsss demo` sets 0.2 (CSRM.demo_overrides).
     decoder_lr_mult: float = 10.0
     restrict_to_image_labels: bool = True  # teacher targets of L_s2c/L_u only over bg + image classes (authors' code)
     export: str = "segmentation"  # segmentation: stage 2 labels from `segmentation_logits` (pseudo-labels --mode segmentation); cam: CAMs only
@@ -149,8 +148,8 @@ class CSRMNetwork(nn.Module):
         return self.segmentation_head(features["high"], features["low"])
 
 
-class _Step:
-    """What one training step carries from `views` to `losses` and `after_step`."""
+class CSRMStep:
+    """What one training step carries from `before_forward` to `losses` (batch["csrm_step"])."""
 
     def __init__(self, seed: int, device: torch.device):
         self.cpu_generator = torch.Generator().manual_seed(seed)
@@ -158,7 +157,8 @@ class _Step:
         self.pseudo_labels = None  # PendingPseudoLabels
         self.crf_wait_before = 0.0  # the labeler's wait_seconds when this step submitted its CRFs
         self.teacher_probs = self.teacher_targets = self.teacher_rep = self.mix_masks = None
-        self.mixed_rows = None  # long [M]: rows of the batch ClassMix pasted into, the "mixed" view's rows
+        self.mixed_images = None  # the rows ClassMix pasted into: the "mixed" view
+        self.mixed_rows = None  # long [M]: those rows' indices in the batch
 
 
 @register_method
@@ -167,6 +167,26 @@ class CSRM(Method):
     Config = CSRMConfig
     network_outputs = frozenset({"features", "cam_logits", "seg_logits", "representation"})
     find_unused_parameters = True  # the representation branch has no loss during warm-up
+    seeded_steps = True
+    min_batch_size = 2
+    min_batch_size_reason = "its ClassMix pastes from another image of a worker's batch"
+    # At the paper's 10× lr, the decoders would train at 0.5 at the demo's lr 0.05, where a
+    # DeepLab head learns nothing even from ground truth; 0.2× puts them at 0.01, stage 2's
+    # head lr, and gave better CAMs over 3 seeds (docs/results.md).
+    demo_overrides = {"csrm.decoder_lr_mult": 0.2}
+    # Ranges bracket the paper's values (comments) by the spans its ablations explored or a bit more.
+    search_space = {
+        "csrm.temperature": {"type": "float", "low": 0.05, "high": 1.0, "log": True},  # τ = 0.5 (Eq. 13)
+        "csrm.negatives_per_query": {"type": "int", "low": 64, "high": 512, "log": True},  # N = 256
+        "csrm.queries_per_class": {"type": "int", "low": 10, "high": 100, "log": True},  # P = 50
+        "csrm.fg_threshold": {"type": "float", "low": 0.2, "high": 0.6},  # δ_fg = 0.35 (Eq. 6)
+        "csrm.bg_threshold": {"type": "float", "low": 0.01, "high": 0.15},  # δ_bg = 0.05 (Eq. 6)
+        "csrm.rank_low": {"type": "int", "low": 1, "high": 5},  # γ_l = 3
+        "csrm.rank_high": {"type": "int", "low": 2, "high": 10, "above": "csrm.rank_low"},  # γ_h = 6, above γ_l
+        "csrm.warmup_epochs": {"type": "float", "low": 0.0, "high": 3.0},  # 1 (authors' code)
+        # 10 (paper); 0.2 in the demo (docs/results.md)
+        "csrm.decoder_lr_mult": {"type": "float", "low": 0.02, "high": 20.0, "log": True},
+    }
 
     def __init__(self, config: CSRMConfig, num_classes: int, backbone: BackboneConfig):
         super().__init__(config, num_classes, backbone)
@@ -175,8 +195,6 @@ class CSRM(Method):
         self.negative_bank = NegativeBank(num_classes + 1, config.bank_size, config.representation_dim)
         self.pseudo_labeler = CRFPseudoLabeler(config.crf_workers, config.fg_threshold, config.bg_threshold,
                                                config.crf_preset)
-        self._seed = torch.initial_seed()
-        self._step: _Step | None = None
         self._new_negatives: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def train(self, mode: bool = True):
@@ -226,24 +244,13 @@ class CSRM(Method):
         return cfg.s2c_weight * ramp, cfg.s2c_sigma
 
     # ---- training ------------------------------------------------------------------
-    def training_step(self, batch, progress):
+    def before_forward(self, batch, progress):
+        """The teacher on the weak view: CAMs to the CRF workers, then its decoders; ClassMix."""
         if "raw" not in batch:
             raise KeyError("csrm needs batch['raw'] (uint8 [B,S,S,3], the un-normalised weak view) for its "
                            "CRF pseudo-labels")
-        device = batch["image"].device
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        seed = ((self._seed * 1_000_003 + progress.step) * 1009 + rank) % (2 ** 63)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)  # dropout of the decoders
-            self._step = _Step(seed, device)
-            try:
-                return super().training_step(batch, progress)
-            finally:
-                self._step = None
-
-    def views(self, batch, progress):
-        step = self._step
         images = batch["image"]
+        step = CSRMStep(self.step_seed(progress), images.device)
         valid = _valid(batch)
         step.crf_wait_before = self.pseudo_labeler.wait_seconds
         with torch.no_grad():
@@ -259,7 +266,7 @@ class CSRM(Method):
                 restricted = step.teacher_probs * allowed
                 step.teacher_targets = restricted / restricted.sum(dim=1, keepdim=True).clamp(min=1e-12)
         if self._warming_up(progress):
-            return {"image": images}
+            return {"csrm_step": step}
         with torch.no_grad():
             labels = step.teacher_targets.argmax(dim=1)
             labels = labels.masked_fill(~valid_at(valid, labels.shape[-2:]), IGNORE_INDEX)
@@ -268,20 +275,23 @@ class CSRM(Method):
         # A row ClassMix pasted nothing into is the weak image itself (half of them at the
         # paper's probability 0.5): its outputs are the weak view's, so only pasted rows run.
         step.mixed_rows = step.mix_masks.flatten(1).any(dim=1).nonzero()[:, 0]
-        return {"image": images, "mixed": mixed[step.mixed_rows]}
+        step.mixed_images = mixed[step.mixed_rows]
+        return {"csrm_step": step}
 
-    def run_network(self, views):
-        """The weak view first: the representation branch runs on its rows only."""
-        views = {"image": views["image"], **views}
-        network = self._distributed_network or self.network
-        return split_views(network(torch.cat(list(views.values())), representation_rows=views["image"].shape[0]), views)
+    def views(self, batch, progress):
+        mixed = batch["csrm_step"].mixed_images
+        return {"image": batch["image"]} if mixed is None else {"image": batch["image"], "mixed": mixed}
+
+    def network_options(self, views):
+        """The representation branch runs on the weak view's rows only (the first view)."""
+        return {"representation_rows": views["image"].shape[0]}
 
     def losses(self, batch, outputs, progress):
         with torch.autocast(batch["image"].device.type, enabled=False):  # losses in float32
             return self._losses(batch, outputs, progress)
 
     def _losses(self, batch, outputs, progress):
-        cfg, step = self.config, self._step
+        cfg, step = self.config, batch["csrm_step"]
         student = outputs["image"]
         size = student["seg_logits"].shape[-2:]
         valid = valid_at(_valid(batch), size)
@@ -316,12 +326,12 @@ class CSRM(Method):
             zero = terms["cls"].new_zeros(())
             return {**terms, "s2c": zero, "unsup": zero, "contrast": zero}
         terms["contrast"] = cfg.contrast_weight * self._contrast_loss(student["representation"], pseudo_labels,
-                                                                      reliable)
+                                                                      reliable, step)
         return terms
 
-    def _contrast_loss(self, representation, pseudo_labels, reliable):
+    def _contrast_loss(self, representation, pseudo_labels, reliable, step: CSRMStep):
         """L_m (Eq. 13): queries from the reliable (low-entropy) pixels."""
-        cfg, step = self.config, self._step
+        cfg = self.config
         size = representation.shape[-2:]
         pseudo_small = resize_labels(pseudo_labels, size)
         queries, positives, classes = select_queries(

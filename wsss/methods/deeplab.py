@@ -185,6 +185,9 @@ class DeepLab(Method):
     inputs = frozenset({"target"})
     network_outputs = frozenset({"features", "seg_logits"})
     validates = "segmentation"
+    # A decade below stage 1's lr: at 5e-2 (the stage-1 demo lr) DeepLab learns only
+    # background even on ground-truth labels (docs/results.md); the stage-2 default is 1e-3.
+    search_space = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
 
     def __init__(self, config: DeepLabConfig, num_classes: int, backbone: BackboneConfig):
         super().__init__(config, num_classes, backbone)

@@ -115,6 +115,14 @@ class FSAE(Addon):
     name = "fsae"
     Config = Config
     inputs = frozenset({"strong"})
+    # Ranges bracket the paper's values (comments) by the spans its ablations explored or a bit more.
+    search_space = {
+        "fsae.kernel": {"type": "categorical", "choices": (1, 3, 5, 7)},  # k = 3
+        "fsae.tau_fae": {"type": "float", "low": 0.8, "high": 0.99},  # 0.95 (Eq. 6)
+        "fsae.tau_sae": {"type": "float", "low": 0.5, "high": 0.95},  # 0.8 (Eq. 7)
+        "fsae.lam": {"type": "float", "low": 0.1, "high": 2.0, "log": True},  # 1 (Eq. 9)
+        "fsae.warmup_epochs": {"type": "int", "low": 0, "high": 3},  # 0 (10 for MCTformer)
+    }
 
     def _active(self, progress: Progress) -> bool:
         return progress.epoch >= self.config.warmup_epochs

@@ -237,6 +237,17 @@ class LNL(Method):
     name = "lnl"
     Config = Config
     network_outputs = frozenset({"features", "cam_logits", "features_expanded", "cam_logits_expanded"})
+    # Ranges bracket the paper's values (comments) by the spans its ablations explored or a bit more.
+    search_space = {
+        # the paper: 0.8, ablation 0.5..0.9 (Table XI); the default 0.3 was chosen on dev
+        "lnl.eta": {"type": "float", "low": 0.2, "high": 0.95},
+        "lnl.lam": {"type": "float", "low": 0.01, "high": 1.0, "log": True},  # 0.1; ablation 0.05..0.2
+        "lnl.gamma": {"type": "float", "low": 0.5, "high": 0.999},  # 0.9 (Eq. 14 bank momentum)
+        "lnl.tau": {"type": "float", "low": 0.05, "high": 1.0, "log": True},  # 0.5 (Eq. 17 temperature)
+        "lnl.num_prototypes": {"type": "int", "low": 50, "high": 1000, "log": True},  # N = 500
+        "lnl.erosion": {"type": "int", "low": 1, "high": 7, "step": 2},  # odd square kernel; 1 = no erosion
+        "lnl.warmup_epochs": {"type": "int", "low": 0, "high": 3},  # 2 of 10
+    }
 
     def __init__(self, config: Config, num_classes: int, backbone: BackboneConfig):
         super().__init__(config, num_classes, backbone)

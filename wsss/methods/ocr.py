@@ -116,6 +116,12 @@ class OCR(Addon):
     name = "ocr"
     Config = OCRConfig
     needs_outputs = frozenset({"seg_logits"})
+    # Ranges bracket the paper's values (comments) by the spans its ablations explored or a bit more.
+    search_space = {
+        "ocr.delta": {"type": "float", "low": 0.0, "high": 4.0},  # Δ = 2 (Eq. 19 margin)
+        "ocr.t": {"type": "float", "low": 0.05, "high": 0.5},  # 0.2 (Eq. 9 IC threshold)
+        "ocr.alpha": {"type": "float", "low": 0.1, "high": 2.0, "log": True},  # 1 (Eq. 4 weight)
+    }
 
     def __init__(self, config: OCRConfig, num_classes: int):
         super().__init__(config, num_classes)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss.io import is_file, public_uri
-from wsss.methods.base import BackboneConfig, method_sections, required_inputs
+from wsss.methods.base import BackboneConfig, method_parts, method_sections, required_inputs
 
 
 class ConfigError(ValueError):
@@ -121,8 +121,9 @@ class TrainConfig:
                               "(written by `wsss pseudo-labels`)")
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check(self.batch_size >= 2 or "csrm" not in sections, "batch_size",
-              "csrm's ClassMix pastes from another image of a worker's batch: must be >= 2")
+        for part in method_parts(self.method):
+            check(self.batch_size >= part.min_batch_size, "batch_size",
+                  f"must be >= {part.min_batch_size} for {part.name} ({part.min_batch_size_reason})")
         check(self.lr > 0, "lr", "must be > 0")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
         check(0 < self.lr_decay_per_epoch <= 1, "lr_decay_per_epoch", "must be in (0, 1]")

@@ -15,6 +15,7 @@ import numpy as np
 
 from wsss.datasets.prepare import prepare
 from wsss.datasets.shards import read_manifest
+from wsss.methods.base import method_parts
 from wsss.platform.config import TrainConfig
 from wsss.platform.metrics import miou
 
@@ -25,10 +26,6 @@ DEMO_SETTINGS = {
     "demo": dict(epochs=4, batch_size=16, crop_size=96, lr=0.05, output_stride=16),
     "test": dict(epochs=2, batch_size=8, crop_size=64, lr=0.05, output_stride=8),
 }
-# At the paper's 10× lr, csrm's decoders would train at 0.5 here, where a DeepLab head learns
-# nothing even from ground truth; 0.2× puts them at 0.01, stage 2's head lr, and gave better
-# CAMs over 3 seeds (docs/results.md).
-DEMO_METHOD_SETTINGS = {"csrm": {"csrm.decoder_lr_mult": 0.2}}
 
 
 def demo_config(method: str, data: str, runs: str, preset: str, epochs: int | None, seed: int = 0,
@@ -39,8 +36,8 @@ def demo_config(method: str, data: str, runs: str, preset: str, epochs: int | No
     config = TrainConfig(method=method, data=data, name=f"demo-{method.replace('+', '-')}-seed{seed}", seed=seed,
                          storage_path=runs, backbone="resnet18", backbone_weights="none", num_workers=1,
                          device="auto", eval_max_images=100, wandb="auto", wandb_group="demo", **settings)
-    method_settings = {key: value for part in method.split("+") for key, value in DEMO_METHOD_SETTINGS.get(part, {}).items()}
-    return config.with_overrides({**method_settings, **(overrides or {})})
+    part_settings = {key: value for part in method_parts(method) for key, value in part.demo_overrides.items()}
+    return config.with_overrides({**part_settings, **(overrides or {})})
 
 
 def all_background_miou(data: str, split: str = "val") -> float:

@@ -2,9 +2,10 @@
 
 A `SearchSpace` is a picklable callable `space(trial) -> {override key: value}`; the keys
 are `TrainConfig.with_overrides` keys (`lr`, `lnl.eta`). Each part of a method (base
-method or add-on) contributes its parameters; every method also sweeps the shared `lr`,
-over its part's range where a part names one (`deeplab`: a decade below stage 1's).
-A composed method (`lnl+fsae`) sweeps the union of its parts' spaces.
+method or add-on) contributes the parameters of its class's `search_space`, plain specs in
+the format of a space file (below); every method also sweeps the shared `lr`, over its
+part's range where a part names one (`deeplab`: a decade below stage 1's). A composed
+method (`lnl+fsae`) sweeps the union of its parts' spaces.
 
 Conditional parameters are define-by-run: a parameter with `above` is sampled after the
 one it names, from a range starting at that value plus one step (CSRM's γ_h > γ_l).
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsss.methods.base import method_sections
+from wsss.methods.base import method_parts, method_sections
 from wsss.platform.config import ConfigError, TrainConfig
 
 
@@ -117,52 +118,7 @@ class Param:
         return [float(self.low), float(high)]
 
 
-def _p(name, type, low=None, high=None, **options) -> Param:
-    return Param(name, type, low, high, **options)
-
-
-SHARED = (_p("lr", "float", 1e-3, 1e-1, log=True),)
-
-# Per part (base method or add-on), keyed by the part's registry name. Ranges bracket the
-# papers' defaults (in comments) by the spans their ablations explored or a bit more.
-PART_SPACES: dict[str, tuple[Param, ...]] = {
-    "cam": (),
-    # STAGE2_DEFAULTS lr 1e-3; at 5e-2 (the stage-1 demo lr) DeepLab learns only background
-    # even on ground-truth labels (docs/results.md)
-    "deeplab": (_p("lr", "float", 1e-4, 1e-2, log=True),),
-    "lnl": (
-        _p("lnl.eta", "float", 0.2, 0.95),  # the paper: 0.8, ablation 0.5..0.9 (Table XI); the default 0.3 was chosen on dev
-        _p("lnl.lam", "float", 0.01, 1.0, log=True),  # 0.1; ablation 0.05..0.2
-        _p("lnl.gamma", "float", 0.5, 0.999),  # 0.9 (Eq. 14 bank momentum)
-        _p("lnl.tau", "float", 0.05, 1.0, log=True),  # 0.5 (Eq. 17 temperature)
-        _p("lnl.num_prototypes", "int", 50, 1000, log=True),  # N = 500
-        _p("lnl.erosion", "int", 1, 7, step=2),  # odd square kernel; 1 = no erosion
-        _p("lnl.warmup_epochs", "int", 0, 3),  # 2 of 10
-    ),
-    "fsae": (
-        _p("fsae.kernel", "categorical", choices=(1, 3, 5, 7)),  # k = 3
-        _p("fsae.tau_fae", "float", 0.8, 0.99),  # 0.95 (Eq. 6)
-        _p("fsae.tau_sae", "float", 0.5, 0.95),  # 0.8 (Eq. 7)
-        _p("fsae.lam", "float", 0.1, 2.0, log=True),  # 1 (Eq. 9)
-        _p("fsae.warmup_epochs", "int", 0, 3),  # 0 (10 for MCTformer)
-    ),
-    "ocr": (
-        _p("ocr.delta", "float", 0.0, 4.0),  # Δ = 2 (Eq. 19 margin)
-        _p("ocr.t", "float", 0.05, 0.5),  # 0.2 (Eq. 9 IC threshold)
-        _p("ocr.alpha", "float", 0.1, 2.0, log=True),  # 1 (Eq. 4 weight)
-    ),
-    "csrm": (
-        _p("csrm.temperature", "float", 0.05, 1.0, log=True),  # τ = 0.5 (Eq. 13)
-        _p("csrm.negatives_per_query", "int", 64, 512, log=True),  # N = 256
-        _p("csrm.queries_per_class", "int", 10, 100, log=True),  # P = 50
-        _p("csrm.fg_threshold", "float", 0.2, 0.6),  # δ_fg = 0.35 (Eq. 6)
-        _p("csrm.bg_threshold", "float", 0.01, 0.15),  # δ_bg = 0.05 (Eq. 6)
-        _p("csrm.rank_low", "int", 1, 5),  # γ_l = 3
-        _p("csrm.rank_high", "int", 2, 10, above="csrm.rank_low"),  # γ_h = 6, above γ_l
-        _p("csrm.warmup_epochs", "float", 0.0, 3.0),  # 1 (authors' code)
-        _p("csrm.decoder_lr_mult", "float", 0.02, 20.0, log=True),  # 10 (paper); 0.2 in the demo (docs/results.md)
-    ),
-}
+SHARED = (Param("lr", "float", 1e-3, 1e-1, log=True),)
 
 
 @dataclass(frozen=True)
@@ -213,14 +169,11 @@ def tunable_keys(method: str) -> set[str]:
 
 
 def default_params(method: str) -> list[Param]:
-    """Shared parameters plus every part's, in sampling order; a part's range of a shared
-    parameter replaces the shared range."""
+    """Shared parameters plus every part's `search_space`, in sampling order; a part's range
+    of a shared parameter replaces the shared range."""
     params = {p.name: p for p in SHARED}
-    for part in method_sections(method):
-        if part not in PART_SPACES:
-            raise SpaceError(f"method part {part!r} has no search space; add one to PART_SPACES in "
-                             f"wsss/tuning/spaces.py (an empty tuple if it has no hyperparameters)")
-        params.update({p.name: p for p in PART_SPACES[part]})
+    for part in method_parts(method):
+        params.update({name: _apply_spec(name, spec, None) for name, spec in part.search_space.items()})
     return list(params.values())
 
 
@@ -235,7 +188,7 @@ def build_space(method: str, user_specs: dict[str, dict] | None = None) -> Searc
     for name in params:
         if name not in known:
             raise SpaceError(f"default search space of {method!r} names {name!r}, which is not a "
-                             f"config key of the method (fix PART_SPACES in wsss/tuning/spaces.py)")
+                             f"config key of the method (fix the search_space of its part)")
     for name, spec in (user_specs or {}).items():
         if name not in known:
             close = sorted(k for k in known if k.split(".")[-1][:3] == name.split(".")[-1][:3])
