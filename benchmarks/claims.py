@@ -198,7 +198,7 @@ def seed_quality(checkpoint: str, data: str, split: str) -> dict:
     """E_s of a trained `lnl` run with its own similarity and η, and which classes its
     prototype bank initialised (a class never seeded has no prototypes to contrast with)."""
     method, _ = load_method(checkpoint)
-    kind, eta = method.config.similarity, method.config.eta
+    kind, eta = method.config.similarity, method.config.seed_threshold
     row = summarise(seed_counts(checkpoint, data, split, kinds=(kind,), etas=(eta,)))[0]
     initialised = method.prototype_bank.initialized.tolist()
     return {f"seed_{key}": row[key] for key in ("bg_coverage", "bg_precision", "fg_coverage", "fg_precision")} | {
@@ -214,7 +214,7 @@ def seed_setting(work: Path) -> dict:
 
     with timed(work, "seeds: study on the start"):
         chosen = cached(work / "seeds.json", study)["chosen"]
-    return {"lnl.similarity": chosen["kind"], "lnl.eta": chosen["eta"]}
+    return {"lnl.similarity": chosen["kind"], "lnl.seed_threshold": chosen["eta"]}
 
 
 # ---- stage 2 -------------------------------------------------------------------------------

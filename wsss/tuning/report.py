@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from wsss.datasets.storage import write_text
-from wsss.platform.config import ConfigError
+from wsss.platform.config import ConfigError, stored_config
 from wsss.tuning.mirror import mirror
 from wsss.tuning.plots import scatter_png, tile_png
 
@@ -134,6 +134,7 @@ def read_run(folder: Path) -> Record:
     else:  # checkpoints from before checkpoint.json recorded the config; mmap: not the weights
         state = load_state(str(checkpoints[-1]), mmap=True)
         config, dataset = state["config"], state["dataset"].get("name", "?")
+    config = stored_config(config)  # a run from before a key was renamed groups with the runs after
     evaluation = _json(folder / "results.json") or {}  # `wsss evaluate --out RUN_DIR`
     return Record(
         method=config["method"], dataset=dataset, seed=config.get("seed", 0),
