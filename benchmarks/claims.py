@@ -55,7 +55,7 @@ START = dict(method="cam", name="start-cam", lr=0.05, epochs=START_EPOCHS, seed=
 STAGE1_LR = 0.01
 METHODS = ("cam", "lnl", "cam+fsae", "lnl+fsae", "csrm", "csrm+ocr")
 # Runs that remove one part of a method, to find which part makes its gain: name → (method, overrides).
-ABLATIONS = {"lnl-no-contrast": ("lnl", {"lnl.lam": 0.0})}
+ABLATIONS = {"lnl-no-contrast": ("lnl", {"lnl.contrast_weight": 0.0})}
 METHOD_SETTINGS = {"lnl": {"lnl.warmup_epochs": 1}, "csrm": {"csrm.decoder_lr_mult": 1.0}}
 EVAL_SCALES = (1.0, 0.5, 1.5)
 STAGE2_METHODS = ("deeplab", "deeplab+ocr")
@@ -219,7 +219,7 @@ def seed_quality(checkpoint: str, data: str, split: str) -> dict:
     """E_s of a trained `lnl` run with its own similarity and η, and which classes its
     prototype bank initialised (a class never seeded has no prototypes to contrast with)."""
     method, _ = load_method(checkpoint)
-    kind, eta = method.config.similarity, method.config.eta
+    kind, eta = method.config.similarity, method.config.seed_threshold
     row = summarise(seed_counts(checkpoint, data, split, kinds=(kind,), etas=(eta,)))[0]
     initialised = method.prototype_bank.initialized.tolist()
     return {f"seed_{key}": row[key] for key in ("bg_coverage", "bg_precision", "fg_coverage", "fg_precision")} | {
@@ -235,7 +235,7 @@ def seed_setting(work: Path) -> dict:
 
     with timed(work, "seeds: study on the start"):
         chosen = cached(work / "seeds.json", study)["chosen"]
-    return {"lnl.similarity": chosen["kind"], "lnl.eta": chosen["eta"]}
+    return {"lnl.similarity": chosen["kind"], "lnl.seed_threshold": chosen["eta"]}
 
 
 # ---- stage 2 -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 from wsss.datasets.base import IGNORE_INDEX
 from wsss.datasets.reading import eval_rows
-from wsss.methods.lnl import SIMILARITY_KINDS, Config, class_maps_with_background, consistency_scores, \
+from wsss.methods.lnl import SIMILARITY_KINDS, LNLConfig, class_maps_with_background, consistency_scores, \
     feature_similarity, seed_labels
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
@@ -42,7 +42,7 @@ def seed_counts(checkpoint: str, data: str, split: str, kinds=SIMILARITY_KINDS, 
     """{(kind, eta): int64 [C, 2] seeds and right seeds per class (0 = background)} and the
     number of cells with a ground truth per class, summed over the split's images."""
     method, state = load_method(checkpoint)
-    erosion = method.config.erosion if isinstance(method.config, Config) else Config().erosion
+    erosion = method.config.erosion if isinstance(method.config, LNLConfig) else LNLConfig().erosion
     classes = len(state["dataset"]["classes"])
     counts = {(kind, eta): np.zeros((classes, 2), np.int64) for kind in kinds for eta in etas}
     cells = np.zeros(classes, np.int64)

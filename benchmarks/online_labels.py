@@ -28,11 +28,11 @@ from wsss.datasets.base import IGNORE_INDEX
 from wsss.datasets.reading import eval_rows
 from wsss.methods.csrm import CSRMConfig
 from wsss.methods.csrm_pseudo import cam_pseudo_label
-from wsss.methods.fsae import class_scores, online_pseudo_labels
-from wsss.methods.lnl import Config as LNLConfig
-from wsss.methods.lnl import class_maps_with_background, consistency_scores, feature_similarity, seed_labels
+from wsss.methods.fsae import FSAEConfig, class_scores, online_pseudo_labels
+from wsss.methods.lnl import LNLConfig, class_maps_with_background, consistency_scores, feature_similarity, seed_labels
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
+from wsss.platform.config import TrainConfig, stored_config
 
 from lnl_seeds import cell_truth  # benchmarks/, beside this script
 
@@ -74,11 +74,9 @@ class Tally:
 
 def measure(checkpoint: str, data: str, split: str, images: int, fg_thresholds: list[float]) -> dict:
     method, state = load_method(checkpoint)
-    sections = state["config"].get("sections", {})
-    lnl = LNLConfig(**sections["lnl"]) if "lnl" in sections else LNLConfig()
-    fsae = sections.get("fsae", {})
-    tau_fae, tau_sae, kernel = fsae.get("tau_fae", 0.95), fsae.get("tau_sae", 0.8), fsae.get("kernel", 3)
-    csrm = CSRMConfig(**sections["csrm"]) if "csrm" in sections else CSRMConfig()
+    sections = TrainConfig.from_dict(stored_config(state["config"])).sections
+    lnl, fsae = sections.get("lnl", LNLConfig()), sections.get("fsae", FSAEConfig())
+    csrm = sections.get("csrm", CSRMConfig())
     teacher = getattr(method, "teacher", None)  # csrm's: its CAMs make the L_s labels
     fg_thresholds = fg_thresholds or [csrm.fg_threshold]
     tallies = {"fscm cosine": Tally(), "fscm softmax": Tally(), "fsae": Tally(),
@@ -96,9 +94,10 @@ def measure(checkpoint: str, data: str, split: str, images: int, fg_thresholds: 
             class_maps = class_maps_with_background(logits, labels)
             for kind in ("cosine", "softmax"):  # FSCM as in training (a whole image: no padding)
                 scores = consistency_scores(feature_similarity(features, kind), class_maps)
-                tallies[f"fscm {kind}"].add(seed_labels(scores, lnl.eta, lnl.erosion), truth)
+                tallies[f"fscm {kind}"].add(seed_labels(scores, lnl.seed_threshold, lnl.erosion), truth)
                 best_scores[kind].append(scores.amax(dim=1).flatten().numpy())  # what η is compared with
-            pseudo, confident = online_pseudo_labels(class_scores(logits, 0.0, labels), tau_fae, tau_sae, kernel)
+            pseudo, confident = online_pseudo_labels(class_scores(logits, 0.0, labels), fsae.fae_threshold,
+                                                     fsae.sae_threshold, fsae.dilation_kernel)
             tallies["fsae"].add(pseudo.masked_fill(~confident, IGNORE_INDEX), truth)
             cams = teacher.cam_logits(image) if teacher is not None else logits
             ids = np.flatnonzero(labels[0].numpy() > 0.5)
@@ -115,7 +114,8 @@ def measure(checkpoint: str, data: str, split: str, images: int, fg_thresholds: 
     for kind, values in best_scores.items():
         report[f"fscm {kind}"]["median_best_score"] = float(np.median(np.concatenate(values)))
     return {"checkpoint": checkpoint, "method": state["config"]["method"], "images": images,
-            "eta": lnl.eta, "erosion": lnl.erosion, "tau_fae": tau_fae, "tau_sae": tau_sae, "kernel": kernel,
+            "seed_threshold": lnl.seed_threshold, "erosion": lnl.erosion, "fae_threshold": fsae.fae_threshold,
+            "sae_threshold": fsae.sae_threshold, "dilation_kernel": fsae.dilation_kernel,
             "labels": report}
 
 

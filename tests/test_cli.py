@@ -21,7 +21,7 @@ def test_prepare_then_bad_train_arguments_are_named(tmp_path, capsys):
 
     assert main(["train", "--method", "cam", "--data", str(out), "epochs=zero"]) == 2
     assert "epochs='zero': expected an integer" in capsys.readouterr().err
-    assert main(["train", "--method", "cam", "--data", str(out), "lnl.eta=0.5"]) == 2
+    assert main(["train", "--method", "cam", "--data", str(out), "lnl.seed_threshold=0.5"]) == 2
     assert "[lnl] is not a part of method 'cam'" in capsys.readouterr().err
     assert main(["train", "--method", "cam", "--data", str(tmp_path / "nothing")]) == 2
     assert "manifest missing" in capsys.readouterr().err
@@ -91,8 +91,9 @@ def test_demo_overrides_reach_every_run():
     from wsss.platform.demo import demo_config
 
     assert demo_config("cam", "d", "r", "demo", None).output_stride == 16
-    config = demo_config("lnl", "d", "r", "demo", 2, seed=1, overrides={"output_stride": "8", "lnl.eta": "0.5"})
-    assert (config.output_stride, config.epochs, config.seed, config.sections["lnl"].eta) == (8, 2, 1, 0.5)
+    config = demo_config("lnl", "d", "r", "demo", 2, seed=1,
+                         overrides={"output_stride": "8", "lnl.seed_threshold": "0.5"})
+    assert (config.output_stride, config.epochs, config.seed, config.sections["lnl"].seed_threshold) == (8, 2, 1, 0.5)
     assert demo_config("csrm+ocr", "d", "r", "demo", None).sections["csrm"].decoder_lr_mult == 0.2
     mine = demo_config("csrm", "d", "r", "demo", None, overrides={"csrm.decoder_lr_mult": "10"})
     assert mine.sections["csrm"].decoder_lr_mult == 10, "the user's override wins"
@@ -198,7 +199,7 @@ def test_a_bug_keeps_its_traceback():
 def test_help_config_lists_every_key_with_its_type_default_and_comment(capsys):
     import dataclasses
 
-    from wsss.methods.lnl import Config as LNLConfig
+    from wsss.methods.lnl import LNLConfig
     from wsss.platform.config import TrainConfig
 
     assert main(["train", "--help-config"]) == 0
@@ -213,18 +214,19 @@ def test_help_config_lists_every_key_with_its_type_default_and_comment(capsys):
     lines = capsys.readouterr().out.splitlines()
     for field in dataclasses.fields(LNLConfig):
         assert any(line.split()[:1] == [f"lnl.{field.name}"] for line in lines), field.name
-    assert any(line.split()[:3] == ["lnl.tau", "float", "0.5"] and "temperature" in line for line in lines)
+    assert any(line.split()[:3] == ["lnl.temperature", "float", "0.5"] and "τ of Eq. 17" in line for line in lines)
     assert main(["train", "--method", "nope", "--help-config"]) == 2
 
 
 def test_print_config_round_trips_through_config(tmp_path, capsys):
     from wsss.platform.config import load_config
 
-    argv = ["--method", "lnl+fsae", "--data", "s3://bucket/voc", "epochs=3", "lnl.eta=0.7", "fsae.kernel=5"]
+    argv = ["--method", "lnl+fsae", "--data", "s3://bucket/voc", "epochs=3", "lnl.seed_threshold=0.7",
+            "fsae.dilation_kernel=5"]
     assert main(["train", *argv, "--print-config"]) == 0
     written = tmp_path / "config.toml"
     written.write_text(capsys.readouterr().out)
-    expected = load_config(None, ["epochs=3", "lnl.eta=0.7", "fsae.kernel=5"], method="lnl+fsae",
+    expected = load_config(None, ["epochs=3", "lnl.seed_threshold=0.7", "fsae.dilation_kernel=5"], method="lnl+fsae",
                            data="s3://bucket/voc")
     assert load_config(str(written)).to_dict() == expected.to_dict()
 

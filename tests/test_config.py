@@ -1,5 +1,6 @@
 """Config: defaults, files, overrides; unknown keys and bad values are named before Ray starts."""
 
+import copy
 import os
 import tomllib
 from pathlib import Path
@@ -7,22 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsss.platform.config import ConfigError, TrainConfig, load_config
+from wsss.methods.base import ADDONS, METHODS, BackboneConfig, build_method
+from wsss.platform.checkpoints import load_method, save_checkpoint
+from wsss.platform.config import RENAMED_KEYS, ConfigError, TrainConfig, load_config, stored_config
 from wsss.platform.loop import set_lr
 from wsss.platform.segmentation import stage2_config
 
 
 def test_overrides_parse_types_and_method_sections(tmp_path):
-    config = load_config(None, ["epochs=3", "lr=0.5", "amp=false", "fsae.kernel=5"], method="cam+fsae")
+    config = load_config(None, ["epochs=3", "lr=0.5", "amp=false", "fsae.dilation_kernel=5"], method="cam+fsae")
     assert (config.epochs, config.lr, config.amp) == (3, 0.5, False)
-    assert config.sections["fsae"].kernel == 5
+    assert config.sections["fsae"].dilation_kernel == 5
 
 
 def test_config_file_then_overrides(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('method = "cam+fsae"\nepochs = 7\n[fsae]\nkernel = 7\n')
+    path.write_text('method = "cam+fsae"\nepochs = 7\n[fsae]\ndilation_kernel = 7\n')
     config = load_config(str(path), ["epochs=2"])
-    assert config.epochs == 2 and config.sections["fsae"].kernel == 7
+    assert config.epochs == 2 and config.sections["fsae"].dilation_kernel == 7
 
 
 def test_defaults_sit_below_the_config_file_and_the_command_line(tmp_path):
@@ -38,7 +41,7 @@ def test_defaults_sit_below_the_config_file_and_the_command_line(tmp_path):
 
 
 def test_round_trip_through_dict():
-    config = load_config(None, ["fsae.kernel=1"], method="cam+fsae")
+    config = load_config(None, ["fsae.dilation_kernel=1"], method="cam+fsae")
     assert TrainConfig.from_dict(config.to_dict()) == config
 
 
@@ -49,8 +52,8 @@ def test_round_trip_through_dict():
     (["lr=fast"], "lr='fast': expected a number"),
     (["amp=maybe"], "amp='maybe': expected true or false"),
     (["fsae.nope=1"], "unknown config key 'fsae.nope'"),
-    (["lnl.eta=0.5"], r"\[lnl\] is not a part of method 'cam\+fsae'"),
-    (["fsae.kernel=4"], "4"),
+    (["lnl.seed_threshold=0.5"], r"\[lnl\] is not a part of method 'cam\+fsae'"),
+    (["fsae.dilation_kernel=4"], "4"),
     (["device=tpu"], "device='tpu'"),
     (["noequals"], "not key=value"),
 ])
@@ -107,9 +110,76 @@ def test_check_inputs_names_missing_start_files_that_a_rebuilt_config_accepts(tm
         config.check_inputs()
 
 
-def test_a_renamed_key_names_its_new_name():
-    with pytest.raises(ConfigError, match="'csrm.init_checkpoint' is now 'init_from'"):
-        TrainConfig(method="csrm", data="x").with_overrides({"csrm.init_checkpoint": "runs/cam"})
+# ---- renamed keys -------------------------------------------------------------------------
+
+# A valid value other than the default for every key that has an old name.
+RENAMED_VALUES = {
+    "init_from": "runs/cam", "csrm.s2c_start_threshold": 0.2, "csrm.s2c_end_threshold": 0.9,
+    "csrm.s2c_threshold": 0.4, "csrm.query_threshold": 0.35, "fsae.fae_threshold": 0.9, "fsae.sae_threshold": 0.7,
+    "fsae.dilation_kernel": 5, "fsae.loss_weight": 0.5, "lnl.seed_threshold": 0.6, "lnl.bank_momentum": 0.8,
+    "lnl.temperature": 0.3, "lnl.contrast_weight": 0.2, "ocr.ic_threshold": 0.3, "ocr.margin": 1.0,
+    "ocr.rectification_weight": 0.5,
+}
+
+
+def method_with(section: str) -> str:
+    """A method spec that has config section `section`."""
+    if section in METHODS:
+        return section
+    base = next(name for name, cls in sorted(METHODS.items()) if ADDONS[section].needs_outputs <= cls.network_outputs
+                and "target" not in cls.inputs)
+    return f"{base}+{section}"
+
+
+def with_old_keys(values: dict) -> dict:
+    """`TrainConfig.to_dict()` as a config from before RENAMED_KEYS were renamed holds it."""
+    values = copy.deepcopy(values)
+    for old, new in RENAMED_KEYS.items():
+        old_section, _, old_name = old.rpartition(".")
+        new_section, _, new_name = new.rpartition(".")
+        holder = values["sections"].get(new_section) if new_section else values
+        if old_section in values["sections"] and holder is not None and new_name in holder:
+            values["sections"][old_section][old_name] = holder.pop(new_name)
+    return values
+
+
+def test_every_renamed_key_has_a_test_value():
+    assert set(RENAMED_VALUES) == set(RENAMED_KEYS.values())
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED_KEYS.items()))
+def test_an_old_key_is_an_error_naming_its_new_key(old, new, tmp_path):
+    section, _, name = old.rpartition(".")
+    config = TrainConfig(method=method_with(section), data="x")
+    message = f"config key '{old}' is now '{new}'"
+    with pytest.raises(ConfigError, match=message):
+        config.with_overrides({old: "1"})
+    path = tmp_path / "run.toml"
+    path.write_text(f'method = "{config.method}"\n[{section}]\n{name} = 1\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("method", ["lnl+fsae", "csrm+ocr"])
+def test_a_config_stored_with_old_keys_loads_under_the_new_ones(method):
+    sections = set(method.split("+"))
+    config = TrainConfig(method=method, data="x").with_overrides(
+        {key: value for key, value in RENAMED_VALUES.items() if key.partition(".")[0] in sections | {"init_from"}})
+    old = with_old_keys(config.to_dict())
+    assert old != config.to_dict()
+    with pytest.raises(ConfigError, match="is now"):
+        TrainConfig.from_dict(old)
+    assert TrainConfig.from_dict(stored_config(old)) == config
+
+
+def test_a_checkpoint_written_with_old_keys_loads(tmp_path):
+    config = TrainConfig(method="lnl+fsae", data="x", backbone="resnet18").with_overrides(
+        {"lnl.seed_threshold": 0.6, "fsae.dilation_kernel": 5})
+    method = build_method(config.method, 3, config.sections, BackboneConfig("resnet18", 16, "none"))
+    save_checkpoint(tmp_path, method, torch.optim.SGD(method.parameters(), lr=0.1), epoch=1, step=2,
+                    config=with_old_keys(config.to_dict()), dataset={"classes": ["background", "a", "b", "c"]})
+    loaded, _ = load_method(str(tmp_path))
+    assert loaded.config.seed_threshold == 0.6 and loaded.addons[0].config.dilation_kernel == 5
 
 
 
@@ -137,18 +207,19 @@ def test_every_preset_loads_and_cites_its_paper(path):
 PAPER_VALUES = {
     "lnl/voc.toml": {"backbone": "resnet50", "output_stride": 16, "crop_size": 512, "batch_size": 32, "epochs": 10,
                      "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "poly", "poly_power": 0.9,
-                     "lnl.warmup_epochs": 2, "lnl.num_prototypes": 500, "lnl.eta": 0.8, "lnl.gamma": 0.9,
-                     "lnl.tau": 0.5, "lnl.lam": 0.1},
+                     "lnl.warmup_epochs": 2, "lnl.num_prototypes": 500, "lnl.seed_threshold": 0.8,
+                     "lnl.bank_momentum": 0.9, "lnl.temperature": 0.5, "lnl.contrast_weight": 0.1},
     "lnl/coco.toml": {"batch_size": 8, "epochs": 10, "lr": 0.01, "lnl.warmup_epochs": 2},
     "csrm/voc.toml": {"epochs": 15, "batch_size": 32, "lr": 0.007, "csrm.decoder_lr_mult": 10.0, "poly_power": 1.0,
                       "weight_decay": 1e-4, "crop_size": 512, "csrm.s2c_ramp": "threshold",
-                      "csrm.s2c_sigma_start": 0.1, "csrm.s2c_sigma_end": 1.0},
+                      "csrm.s2c_start_threshold": 0.1, "csrm.s2c_end_threshold": 1.0},
     "csrm/coco.toml": {"epochs": 15, "lr": 0.004, "csrm.decoder_lr_mult": 10.0, "poly_power": 1.0, "crop_size": 640},
-    "fsae/voc.toml": {"method": "cam+fsae", "batch_size": 16, "lr": 0.05, "epochs": 10, "fsae.lam": 1.0,
-                      "fsae.tau_fae": 0.95, "fsae.tau_sae": 0.8, "fsae.kernel": 3},
+    "fsae/voc.toml": {"method": "cam+fsae", "batch_size": 16, "lr": 0.05, "epochs": 10, "fsae.loss_weight": 1.0,
+                      "fsae.fae_threshold": 0.95, "fsae.sae_threshold": 0.8, "fsae.dilation_kernel": 3},
     "ocr/voc.toml": {"method": "deeplab+ocr", "crop_size": 321, "batch_size": 16, "lr": 1e-3, "epochs": 30,
                      "weight_decay": 5e-4, "momentum": 0.9, "output_stride": 8, "scale_min": 0.7, "scale_max": 1.3,
-                     "lr_schedule": "exponential", "ocr.t": 0.2, "ocr.delta": 2.0, "ocr.alpha": 1.0},
+                     "lr_schedule": "exponential", "ocr.ic_threshold": 0.2, "ocr.margin": 2.0,
+                     "ocr.rectification_weight": 1.0},
 }
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from wsss.methods.base import method_sections
-from wsss.methods.fsae import Config as FSAEConfig
+from wsss.methods.fsae import FSAEConfig
 from wsss.platform.config import ConfigError, TrainConfig, load_config
 
 
@@ -22,7 +22,7 @@ from wsss.platform.config import ConfigError, TrainConfig, load_config
     ("cam_images=-1", "cam_images=-1: must be >= 0"),
     ("epochs=inf", "epochs='inf': expected an integer"),
     ("fsae.background_logit=nan", "fsae.background_logit=nan: must be a finite number"),
-    ("fsae.lam=inf", "fsae.lam=inf: must be a finite number"),
+    ("fsae.loss_weight=inf", "fsae.loss_weight=inf: must be a finite number"),
 ])
 def test_non_finite_and_negative_values_are_refused_naming_the_key(item, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -32,8 +32,8 @@ def test_non_finite_and_negative_values_are_refused_naming_the_key(item, message
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_floats_from_a_config_file_or_a_checkpoints_dict(tmp_path, value):
     values = TrainConfig(method="cam+fsae").to_dict()
-    values["sections"]["fsae"]["tau_fae"] = value
-    with pytest.raises(ConfigError, match="fsae.tau_fae"):
+    values["sections"]["fsae"]["fae_threshold"] = value
+    with pytest.raises(ConfigError, match="fsae.fae_threshold"):
         TrainConfig.from_dict(values)
     path = tmp_path / "run.toml"
     path.write_text(f"lr = {'nan' if value != value else 'inf'}\n")

@@ -175,7 +175,7 @@ S2C_SCHEDULES = {
 
 @pytest.mark.parametrize("ramp", sorted(S2C_SCHEDULES))
 def test_s2c_ramp_sets_weight_and_threshold_by_hand_computation(ramp):
-    method = make_method(s2c_ramp=ramp, s2c_weight=2.0, s2c_sigma=0.5, warmup_epochs=1.0)
+    method = make_method(s2c_ramp=ramp, s2c_weight=2.0, s2c_threshold=0.5, warmup_epochs=1.0)
     for step, weight, sigma in S2C_SCHEDULES[ramp]:
         got = method._s2c_schedule(Progress(epoch=min(step // 10, 9), step=step, steps_per_epoch=10, epochs=10))
         assert got == pytest.approx((weight, sigma)), f"{ramp} at step {step}"
@@ -192,7 +192,7 @@ def test_the_s2c_term_is_the_ramps_weight_times_eq9_at_the_ramps_threshold(ramp,
         return calls[-1][1]
 
     monkeypatch.setattr(csrm_module, "s2c_loss", spy_s2c)
-    method = make_method(s2c_ramp=ramp, s2c_weight=2.0, s2c_sigma=0.5, warmup_epochs=1.0)
+    method = make_method(s2c_ramp=ramp, s2c_weight=2.0, s2c_threshold=0.5, warmup_epochs=1.0)
     method.train()
     step, weight, sigma = S2C_SCHEDULES[ramp][1]
     terms = method.training_step(random_batch(torch.Generator().manual_seed(0)),
@@ -413,7 +413,7 @@ def test_pseudo_labels_from_worker_processes_equal_the_in_process_ones():
 
 def make_method(spec: str = "csrm", **overrides) -> CSRM:
     torch.manual_seed(0)
-    config = CSRMConfig(**{"crf_workers": 0, "query_confidence": 0.0, **overrides})
+    config = CSRMConfig(**{"crf_workers": 0, "query_threshold": 0.0, **overrides})
     method = build_method(spec, K, {"csrm": config}, TINY)
     method.on_dataset(DatasetStats(3, torch.tensor([[1, 1, 0, 1], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)))
     return method

@@ -195,15 +195,15 @@ def test_kernel_five_at_the_image_border():
 def test_invalid_kernel_is_an_error_naming_it(kernel):
     with pytest.raises(ValueError, match=repr(kernel).replace(".", r"\.")):
         online_pseudo_labels(torch.zeros(1, 2, 3, 3), 0.95, 0.8, kernel)
-    with pytest.raises(ValueError, match="kernel"):
-        fsae.Config(kernel=kernel)
+    with pytest.raises(ValueError, match="dilation_kernel"):
+        fsae.FSAEConfig(dilation_kernel=kernel)
 
 
-@pytest.mark.parametrize("field,value", [("tau_fae", 1.5), ("tau_sae", -0.1), ("lam", -1.0),
+@pytest.mark.parametrize("field,value", [("fae_threshold", 1.5), ("sae_threshold", -0.1), ("loss_weight", -1.0),
                                          ("warmup_epochs", -1)])
 def test_bad_config_values_are_errors_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        fsae.Config(**{field: value})
+        fsae.FSAEConfig(**{field: value})
 
 
 def test_pseudo_labels_carry_no_gradient():
@@ -254,7 +254,7 @@ def _progress(epoch=0):
 
 
 def test_addon_losses_use_source_without_gradient_and_exclude_padding():
-    addon = fsae.FSAE(fsae.Config(tau_fae=0.6, tau_sae=0.5), num_classes=3)
+    addon = fsae.FSAE(fsae.FSAEConfig(fae_threshold=0.6, sae_threshold=0.5), num_classes=3)
     generator = torch.Generator().manual_seed(6)
     source = (torch.randn(2, 3, 4, 4, generator=generator) * 4).requires_grad_()
     target = torch.randn(2, 3, 4, 4, generator=generator).requires_grad_()
@@ -283,7 +283,7 @@ def test_addon_losses_use_source_without_gradient_and_exclude_padding():
 
 
 def test_warmup_skips_the_strong_view():
-    addon = fsae.FSAE(fsae.Config(warmup_epochs=1), num_classes=2)
+    addon = fsae.FSAE(fsae.FSAEConfig(warmup_epochs=1), num_classes=2)
     batch = {"image": torch.zeros(1, 3, 8, 8), "strong": torch.ones(1, 3, 8, 8),
              "labels": torch.ones(1, 2), "valid": torch.ones(1, 8, 8, dtype=torch.bool)}
     assert addon.views(batch, _progress(0)) == {}
@@ -295,9 +295,10 @@ def test_warmup_skips_the_strong_view():
 def test_registry_and_config_section():
     assert ADDONS["fsae"] is fsae.FSAE
     assert fsae.FSAE.inputs == frozenset({"strong"})
-    assert method_sections("cam+fsae")["fsae"] is fsae.Config
-    defaults = fsae.Config()
-    assert (defaults.tau_fae, defaults.tau_sae, defaults.kernel, defaults.lam) == (0.95, 0.8, 3, 1.0)
+    assert method_sections("cam+fsae")["fsae"] is fsae.FSAEConfig
+    defaults = fsae.FSAEConfig()
+    assert (defaults.fae_threshold, defaults.sae_threshold, defaults.dilation_kernel, defaults.loss_weight) == \
+        (0.95, 0.8, 3, 1.0)
 
 
 def _random_batch(generator, batch_size=2, size=64, num_classes=3):
@@ -319,7 +320,7 @@ def test_fsae_composes_with_a_base_method_and_trains(base):
     num_classes = 3
     # a low τ_FAE so the untrained network already yields pseudo-labels to learn from
     method = build_method(f"{base}+fsae", num_classes,
-                          configs={"fsae": fsae.Config(tau_fae=0.6, tau_sae=0.4)},
+                          configs={"fsae": fsae.FSAEConfig(fae_threshold=0.6, sae_threshold=0.4)},
                           backbone=BackboneConfig("resnet18", 16, "none"))
     assert "strong" in required_inputs(f"{base}+fsae")
     generator = torch.Generator().manual_seed(7)

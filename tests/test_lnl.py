@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 from wsss.methods.base import BackboneConfig, Progress, build_method
 from wsss.methods.lnl import (
     DFSM,
-    Config,
+    LNLConfig,
     PrototypeBank,
     class_maps_with_background,
     consistency_scores,
@@ -465,11 +465,13 @@ def test_class_maps_background_and_absent_classes_get_no_seeds():
 
 
 def test_config_rejects_bad_values_by_name():
-    for key, value in [("eta", 0.0), ("gamma", 1.5), ("tau", 0), ("erosion", 2), ("similarity", "dot"),
+    for key, value in [("seed_threshold", 0.0), ("bank_momentum", 1.5), ("temperature", 0), ("erosion", 2),
+                       ("contrast_weight", -1), ("similarity", "dot"),
                        ("export", "both"), ("num_prototypes", 0), ("warmup_epochs", -1)]:
         with pytest.raises(ValueError, match=key):
-            Config(**{key: value})
-    assert (Config().similarity, Config().eta) == ("sigmoid", 0.3)  # chosen on a dev split (docs/results.md)
+            LNLConfig(**{key: value})
+    # chosen on a dev split (docs/results.md)
+    assert (LNLConfig().similarity, LNLConfig().seed_threshold) == ("sigmoid", 0.3)
 
 
 @pytest.fixture
@@ -483,7 +485,7 @@ def one_thread():
 
 def tiny_lnl(**overrides):
     torch.manual_seed(0)
-    config = Config(**{"eta": 0.3, "num_prototypes": 8, "warmup_epochs": 1, **overrides})
+    config = LNLConfig(**{"seed_threshold": 0.3, "num_prototypes": 8, "warmup_epochs": 1, **overrides})
     return build_method("lnl", 3, {"lnl": config}, BackboneConfig("resnet18", 16, "none"))
 
 
@@ -523,7 +525,7 @@ def test_lnl_trains_in_a_plain_loop_and_losses_decrease(one_thread):
 def test_only_the_expansion_branchs_classification_loss_trains_dfsm(one_thread):
     """Eq. 19 as written (L_cls + λ·L_con) gives DFSM no gradient: E_e only selects pixels (no
     gradient) and L_con's anchors are F_s features. L_cls(M_e) is its only training signal."""
-    method = tiny_lnl(warmup_epochs=0, eta=0.1, similarity="cosine")  # seeds of two classes: L_con has negatives
+    method = tiny_lnl(warmup_epochs=0, seed_threshold=0.1, similarity="cosine")  # seeds of two classes: L_con has negatives
     batch = fixed_batch()
     method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=2, epochs=1))  # fills the bank
     losses = method.training_step(batch, Progress(epoch=0, step=1, steps_per_epoch=2, epochs=1))
@@ -554,7 +556,7 @@ def test_lnl_exports_and_checkpoints_its_bank(one_thread):
         assert {"features", "cam_logits", "cam_logits_expanded"} <= set(outputs)
         maps = {}
         for export in ("shrink", "expand", "fusion"):
-            method.config = Config(export=export)
+            method.config = LNLConfig(export=export)
             maps[export] = method.cam_maps(batch["image"])
             assert maps[export].shape == (4, 3, 4, 4) and maps[export].min() >= 0
     torch.testing.assert_close(maps["shrink"], torch.relu(outputs["cam_logits"]))

@@ -204,7 +204,7 @@ def test_addon_builds_prior_from_dataset_and_checkpoints_it():
 def test_addon_loss_is_alpha_times_mean_over_valid_pixels_with_or_without_a_pseudo_label():
     """Eq. 19 reads the prediction and the image labels only: pixels whose pseudo-label is 255
     are rectified too (the paper's m_oc is the only mask); padding is not."""
-    method, _ = deeplab_ocr(OCRConfig(t=0.3, delta=1.0, alpha=0.5))
+    method, _ = deeplab_ocr(OCRConfig(ic_threshold=0.3, margin=1.0, rectification_weight=0.5))
     method.eval()  # fixed batch-norm statistics: two forwards give the same logits
     batch = tiny_batch()
     batch["target"][1, :, :24] = 255

@@ -35,11 +35,11 @@ def test_stage2_defaults_sit_below_the_config_file_and_overrides(tmp_path):
     assert (config.backbone, config.output_stride) == ("resnet101", 8), "the papers' DeepLabV2"
     assert stage2_config("data", "labels", variant="v3plus").output_stride == 16
     file = tmp_path / "run.toml"
-    file.write_text('lr = 0.0005\nbatch_size = 4\n[deeplab]\nvariant = "v3plus"\n[ocr]\nalpha = 0.5\n')
+    file.write_text('lr = 0.0005\nbatch_size = 4\n[deeplab]\nvariant = "v3plus"\n[ocr]\nrectification_weight = 0.5\n')
     config = stage2_config("data", "labels", ocr=True, config_file=str(file), overrides=["epochs=3"])
     assert config.method == "deeplab+ocr" and config.lr == 0.0005 and config.batch_size == 4 and config.epochs == 3
     assert config.weight_decay == STAGE2_DEFAULTS["weight_decay"]
-    assert config.sections["deeplab"].variant == "v3plus" and config.sections["ocr"].alpha == 0.5
+    assert config.sections["deeplab"].variant == "v3plus" and config.sections["ocr"].rectification_weight == 0.5
     config = stage2_config("data", "labels", variant="v3plus", overrides=["lr=0.002", "deeplab.variant=v2"])
     assert config.lr == 0.002 and config.sections["deeplab"].variant == "v2"  # overrides win over flags
     with pytest.raises(ConfigError, match="pseudo_labels=URI"):

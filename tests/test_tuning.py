@@ -72,13 +72,15 @@ def test_composed_space_is_the_union_of_its_parts():
 
 def test_paper_parameters_are_swept():
     names = set(build_space("lnl+fsae").names)
-    assert {"lr", "lnl.eta", "lnl.lam", "lnl.gamma", "lnl.tau", "lnl.num_prototypes", "lnl.erosion",
-            "lnl.warmup_epochs", "fsae.kernel", "fsae.tau_fae", "fsae.tau_sae", "fsae.lam"} <= names
+    assert {"lr", "lnl.seed_threshold", "lnl.contrast_weight", "lnl.bank_momentum", "lnl.temperature",
+            "lnl.num_prototypes", "lnl.erosion", "lnl.warmup_epochs", "fsae.dilation_kernel", "fsae.fae_threshold",
+            "fsae.sae_threshold", "fsae.loss_weight"} <= names
     params = {p.name: p for p in build_space("lnl+fsae").params}
-    assert params["lnl.tau"].log and params["fsae.kernel"].choices == (1, 3, 5, 7)
-    assert {"ocr.delta", "ocr.t", "ocr.alpha"} <= set(ADDONS["ocr"].search_space)
+    assert params["lnl.temperature"].log and params["fsae.dilation_kernel"].choices == (1, 3, 5, 7)
+    assert {"ocr.margin", "ocr.ic_threshold", "ocr.rectification_weight"} <= set(ADDONS["ocr"].search_space)
     assert {"csrm.temperature", "csrm.negatives_per_query", "csrm.queries_per_class", "csrm.fg_threshold",
-            "csrm.bg_threshold", "csrm.rank_low", "csrm.rank_high", "csrm.decoder_lr_mult"} <= set(METHODS["csrm"].search_space)
+            "csrm.bg_threshold", "csrm.rank_low", "csrm.rank_high",
+            "csrm.decoder_lr_mult"} <= set(METHODS["csrm"].search_space)
 
 
 def test_erosion_kernels_are_odd():
@@ -102,18 +104,18 @@ def test_csrm_rank_high_exceeds_rank_low():
 
 def test_space_file_narrows_and_replaces(tmp_path):
     toml = tmp_path / "space.toml"
-    toml.write_text('[lnl.eta]\nlow = 0.7\nhigh = 0.9\n\n'
-                    '["fsae.kernel"]\nchoices = [3, 5]\n\n'
+    toml.write_text('[lnl.seed_threshold]\nlow = 0.7\nhigh = 0.9\n\n'
+                    '["fsae.dilation_kernel"]\nchoices = [3, 5]\n\n'
                     '[lr]\ntype = "categorical"\nchoices = [0.01, 0.02]\n\n'
                     '[weight_decay]\ntype = "float"\nlow = 1e-5\nhigh = 1e-3\nlog = true\n')
     specs = load_space_file(toml)
-    assert set(specs) == {"lnl.eta", "fsae.kernel", "lr", "weight_decay"}
+    assert set(specs) == {"lnl.seed_threshold", "fsae.dilation_kernel", "lr", "weight_decay"}
     space = build_space("lnl+fsae", specs)
     params = {p.name: p for p in space.params}
-    assert params["lnl.eta"].type == "float" and not params["lnl.eta"].log  # narrowed, rest kept
+    assert params["lnl.seed_threshold"].type == "float" and not params["lnl.seed_threshold"].log  # narrowed, rest kept
     for draw in sample(space, 40):
-        assert 0.7 <= draw["lnl.eta"] <= 0.9
-        assert draw["fsae.kernel"] in (3, 5)
+        assert 0.7 <= draw["lnl.seed_threshold"] <= 0.9
+        assert draw["fsae.dilation_kernel"] in (3, 5)
         assert draw["lr"] in (0.01, 0.02)
         assert 1e-5 <= draw["weight_decay"] <= 1e-3
         TrainConfig(method="lnl+fsae").with_overrides(draw)
@@ -121,26 +123,27 @@ def test_space_file_narrows_and_replaces(tmp_path):
 
 def test_json_space_file(tmp_path):
     path = tmp_path / "space.json"
-    path.write_text(json.dumps({"fsae.lam": {"low": 0.5, "high": 1.5}}))
-    assert load_space_file(path) == {"fsae.lam": {"low": 0.5, "high": 1.5}}
+    path.write_text(json.dumps({"fsae.loss_weight": {"low": 0.5, "high": 1.5}}))
+    assert load_space_file(path) == {"fsae.loss_weight": {"low": 0.5, "high": 1.5}}
 
 
 @pytest.mark.parametrize("name, spec, message", [
-    ("fsae.lam", {"low": 2.0, "high": 1.0}, "low (2.0) must be < high (1.0)"),
-    ("fsae.lam", {"low": 1.0, "high": 1.0}, "must be < high"),
+    ("fsae.loss_weight", {"low": 2.0, "high": 1.0}, "low (2.0) must be < high (1.0)"),
+    ("fsae.loss_weight", {"low": 1.0, "high": 1.0}, "must be < high"),
     ("lr", {"low": 0.0, "high": 0.1}, "log scale needs low > 0"),
-    ("fsae.tau_sae", {"log": True, "low": -0.5}, "log scale needs low > 0"),
-    ("fsae.kernel", {"choices": []}, "non-empty list of choices"),
+    ("fsae.sae_threshold", {"log": True, "low": -0.5}, "log scale needs low > 0"),
+    ("fsae.dilation_kernel", {"choices": []}, "non-empty list of choices"),
     ("fsae.nonsense", {"type": "float", "low": 0, "high": 1}, "unknown parameter"),
-    ("fsae.lam", {"lo": 0.1}, "unknown field"),
+    ("fsae.loss_weight", {"lo": 0.1}, "unknown field"),
     ("momentum", {"low": 0.5, "high": 0.9}, "needs a type"),
     ("momentum", {"type": "normal", "low": 0.5, "high": 0.9}, "must be one of float, int, categorical"),
     ("epochs", {"type": "int", "low": 1.5, "high": 4}, "must be an integer"),
-    ("fsae.lam", {"low": "a", "high": 1.0}, "must be a finite number"),
-    ("fsae.lam", {"step": 0.1}, "log scale and a step"),
-    ("fsae.kernel", {"type": "categorical", "choices": [3], "low": 1}, "choices only"),
+    ("fsae.loss_weight", {"low": "a", "high": 1.0}, "must be a finite number"),
+    ("fsae.loss_weight", {"step": 0.1}, "log scale and a step"),
+    ("fsae.dilation_kernel", {"type": "categorical", "choices": [3], "low": 1}, "choices only"),
     ("data", {"type": "categorical", "choices": ["a"]}, "unknown parameter"),
-    ("fsae.tau_fae", {"above": "fsae.nowhere"}, "is not a parameter of this space"),
+    ("fsae.fae_threshold", {"above": "fsae.nowhere"}, "is not a parameter of this space"),
+    ("fsae.tau_fae", {"low": 0.9, "high": 0.95}, "is now 'fsae.fae_threshold'"),
 ])
 def test_invalid_space_is_an_error_naming_the_parameter(name, spec, message):
     with pytest.raises(SpaceError, match=re.escape(message)) as error:
@@ -156,17 +159,17 @@ def test_conditional_range_that_can_be_empty_is_an_error():
 
 
 def test_cycle_of_conditionals_is_an_error():
-    specs = {"fsae.lam": {"above": "fsae.tau_fae"}, "fsae.tau_fae": {"above": "fsae.lam"}}
+    specs = {"fsae.loss_weight": {"above": "fsae.fae_threshold"}, "fsae.fae_threshold": {"above": "fsae.loss_weight"}}
     with pytest.raises(SpaceError, match="cycle"):
         build_space("cam+fsae", specs)
 
 
 def test_values_the_method_rejects_fail_before_any_trial():
-    space = build_space("cam+fsae", {"fsae.tau_fae": {"low": 0.9, "high": 1.5}})  # a range is fine...
-    with pytest.raises(SpaceError, match="'fsae.tau_fae'.*not a valid config"):
+    space = build_space("cam+fsae", {"fsae.fae_threshold": {"low": 0.9, "high": 1.5}})  # a range is fine...
+    with pytest.raises(SpaceError, match="'fsae.fae_threshold'.*not a valid config"):
         space.check_against(TrainConfig(method="cam+fsae"))  # ...but τ_FAE > 1 is not a config
-    with pytest.raises(SpaceError, match="'fsae.kernel'"):
-        build_space("cam+fsae", {"fsae.kernel": {"choices": [2, 3]}}).check_against(
+    with pytest.raises(SpaceError, match="'fsae.dilation_kernel'"):
+        build_space("cam+fsae", {"fsae.dilation_kernel": {"choices": [2, 3]}}).check_against(
             TrainConfig(method="cam+fsae"))
 
 
@@ -177,7 +180,7 @@ def test_unknown_method_is_an_error():
 
 @pytest.mark.parametrize("name, text, message", [
     ("space.yaml", "a: 1", "expected a .toml or .json"),
-    ("space.toml", "[lnl.eta\nlow = 1", "not valid TOML"),
+    ("space.toml", "[lnl.seed_threshold\nlow = 1", "not valid TOML"),
     ("space.json", "{", "not valid JSON"),
     ("space.json", "[1, 2]", "expected a table"),
 ])
@@ -217,7 +220,7 @@ def tiny_config(shards: str, storage, method: str = "cam+fsae", **values) -> Tra
     (dict(config=dict(val_split="")), "set val_split"),
     (dict(config=dict(eval_every=2)), "keep eval_every=1"),
     (dict(config=dict(val_split="test")), "test"),
-    (dict(space_specs={"fsae.kernel": {"choices": [2]}}), "'fsae.kernel'"),
+    (dict(space_specs={"fsae.dilation_kernel": {"choices": [2]}}), "'fsae.dilation_kernel'"),
     (dict(resume=True), "no sweep 'bad'"),
 ])
 def test_bad_sweep_settings_fail_before_ray_starts(shards, tmp_path, change, message):
@@ -472,7 +475,7 @@ def test_report_table_over_seeds_from_run_directories(tmp_path):
     # best configuration (lr 0.02, mean 0.32 over 2 seeds) beats the single 0.31 run
     assert "| 32.00 ± 2.83 | 2 | 37.00 |" in cam and "lr=0.02" in cam
     fsae = next(line for line in table if line.startswith("| cam+fsae |"))
-    assert "| 40.00 | 1 | — |" in fsae and "fsae.kernel=3" in fsae
+    assert "| 40.00 | 1 | — |" in fsae and "fsae.dilation_kernel=3" in fsae
     rows = (tmp_path / "out" / "table.csv").read_text().splitlines()
     assert rows[0].startswith("method,dataset,miou_mean,miou_std,seeds") and len(rows) == 3
     curves = sorted(p.name for p in (tmp_path / "out" / "curves").glob("*.png"))

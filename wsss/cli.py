@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="end with the run, its last checkpoint and final metrics as one JSON object (for scripts) "
                         "instead of the summary")
-    _overrides(p, "epochs=10 lnl.eta=0.7")
+    _overrides(p, "epochs=10 lnl.seed_threshold=0.7")
 
     p = _command(commands, "evaluate", _evaluate, "full-protocol CAM evaluation of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or URI")
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf-preset", default="psa", choices=CRF_PRESETS, help="dense-CRF parameters")
     p.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0 = all)")
     p.add_argument("--out", help="directory for results.json and results.md (default: in the run directory)")
-    _overrides(p, "epochs=10 ocr.alpha=0.5")
+    _overrides(p, "epochs=10 ocr.rectification_weight=0.5")
 
     p = _command(commands, "tune", "wsss.tuning.tune:main",
                  "a Ray Tune sweep of a method's hyperparameters (Optuna TPE, ASHA, W&B)")

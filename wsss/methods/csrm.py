@@ -60,13 +60,13 @@ class CSRMConfig:
     crf_workers: int = -1  # CRF processes; -1: this replica's CPU cores − 1; 0: in the training process
     s2c_weight: float = 1.0  # λ_s2c (Eq. 14); the paper gives λ_u = λ_m = 1 and no λ_s2c
     # What ramps over training (docs/deviations.md). "threshold", the paper's text (Sec. 4): σ_s2c
-    # (Eq. 8) rises linearly from s2c_sigma_start to s2c_sigma_end over training, so L_s2c fades
-    # as σ → 1. "weight", the authors' code: σ_s2c stays s2c_sigma and λ_s2c rises linearly from
-    # S2C_WEIGHT_START · s2c_weight to s2c_weight over the epochs after the warm-up.
+    # (Eq. 8) rises linearly from s2c_start_threshold to s2c_end_threshold over training, so L_s2c
+    # fades as σ → 1. "weight", the authors' code: σ_s2c stays s2c_threshold and λ_s2c rises
+    # linearly from S2C_WEIGHT_START · s2c_weight to s2c_weight over the epochs after the warm-up.
     s2c_ramp: str = "threshold"
-    s2c_sigma_start: float = 0.1
-    s2c_sigma_end: float = 1.0
-    s2c_sigma: float = 0.5  # σ_s2c of the "weight" ramp (the authors' code)
+    s2c_start_threshold: float = 0.1  # σ_s2c of Eq. 8 at the start of the "threshold" ramp
+    s2c_end_threshold: float = 1.0  # σ_s2c of Eq. 8 at the end of the "threshold" ramp
+    s2c_threshold: float = 0.5  # σ_s2c of Eq. 8 throughout the "weight" ramp (the authors' code)
     unsup_weight: float = 1.0  # λ_u (Eq. 14)
     unreliable_fraction: float = 0.2  # α₀: L_u drops this share of highest-entropy pixels, falling linearly to 0
     classmix_probability: float = 0.5  # chance that ClassMix pastes into an image of the "mixed" view
@@ -74,7 +74,7 @@ class CSRMConfig:
     queries_per_class: int = 50  # P: queries drawn per class and step
     negatives_per_query: int = 256  # N: bank entries drawn per query
     temperature: float = 0.5  # τ of InfoNCE (Eq. 13)
-    query_confidence: float = 0.3  # teacher probability of its pseudo-label class a query pixel needs (U2PL's; the paper gives none)
+    query_threshold: float = 0.3  # teacher probability of its pseudo-label class a query pixel needs (U2PL's; the paper gives none)
     rank_low: int = 3  # γ_l: a class ranked ≤ γ_l but absent from the image labels makes a hard negative
     rank_high: int = 6  # γ_h: a class ranked in (γ_l, γ_h] makes a hard negative
     bank_size: int = 256  # negatives kept per class (the paper: N)
@@ -101,8 +101,8 @@ class CSRMConfig:
         for key in ("s2c_weight", "unsup_weight", "contrast_weight"):
             check(getattr(self, key) >= 0, key, "must be >= 0")
         check(self.s2c_ramp in S2C_RAMPS, "s2c_ramp", f"must be one of {', '.join(S2C_RAMPS)}")
-        for key in ("s2c_sigma_start", "s2c_sigma_end", "s2c_sigma", "unreliable_fraction", "classmix_probability",
-                    "query_confidence", "ema_max_decay"):
+        for key in ("s2c_start_threshold", "s2c_end_threshold", "s2c_threshold", "unreliable_fraction",
+                    "classmix_probability", "query_threshold", "ema_max_decay"):
             check(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
         for key in ("queries_per_class", "negatives_per_query", "bank_size", "representation_dim", "rank_low"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
@@ -237,11 +237,12 @@ class CSRM(Method):
         """(λ_s2c, σ_s2c) at this step, by `s2c_ramp`."""
         cfg = self.config
         if cfg.s2c_ramp == "threshold":
-            return cfg.s2c_weight, cfg.s2c_sigma_start + (cfg.s2c_sigma_end - cfg.s2c_sigma_start) * progress.fraction
+            start, end = cfg.s2c_start_threshold, cfg.s2c_end_threshold
+            return cfg.s2c_weight, start + (end - start) * progress.fraction
         warmup = self._warmup_steps(progress)
         after_warmup = (progress.step - warmup) / max(1, progress.total_steps - warmup)
         ramp = S2C_WEIGHT_START + (1 - S2C_WEIGHT_START) * min(1.0, max(0.0, after_warmup))
-        return cfg.s2c_weight * ramp, cfg.s2c_sigma
+        return cfg.s2c_weight * ramp, cfg.s2c_threshold
 
     # ---- training ------------------------------------------------------------------
     def before_forward(self, batch, progress):
@@ -336,7 +337,7 @@ class CSRM(Method):
         pseudo_small = resize_labels(pseudo_labels, size)
         queries, positives, classes = select_queries(
             representation, step.teacher_rep, step.teacher_probs, pseudo_small, reliable,
-            cfg.query_confidence, cfg.queries_per_class, step.device_generator)
+            cfg.query_threshold, cfg.queries_per_class, step.device_generator)
         usable = self.negative_bank.count[classes] > 0
         negatives = self.negative_bank.sample(classes[usable], cfg.negatives_per_query, step.device_generator)
         return info_nce(queries[usable], positives[usable], negatives, cfg.temperature)

@@ -25,33 +25,33 @@ from wsss.methods.base import Addon, Progress, register_addon, valid_at
 
 
 @dataclass
-class Config:
-    """FSAE hyperparameters. tau_fae, tau_sae, kernel and lam are the paper's (Sec. 4.1.3), but lam
-    weighs a per-pixel mean where Eq. 9 sums over pixels (docs/deviations.md); background_logit
-    and warmup_epochs are ours."""
+class FSAEConfig:
+    """FSAE hyperparameters. fae_threshold, sae_threshold, dilation_kernel and loss_weight are the
+    paper's (Sec. 4.1.3), but loss_weight weighs a per-pixel mean where Eq. 9 sums over pixels
+    (docs/deviations.md); background_logit and warmup_epochs are ours."""
 
-    tau_fae: float = 0.95  # confidence threshold of the high-confidence mask M (Eq. 6)
-    tau_sae: float = 0.8  # confidence threshold of the dilation ring M_bdry (Eq. 7)
-    kernel: int = 3  # dilation kernel size k, odd; 1 switches SAE off (Eq. 7)
-    lam: float = 1.0  # weight λ of L_FSAE (Eq. 9), over the mean of the B·H·W cells
+    fae_threshold: float = 0.95  # τ_FAE of Eq. 6: confidence of the high-confidence mask M
+    sae_threshold: float = 0.8  # τ_SAE of Eq. 7: confidence of the dilation ring M_bdry
+    dilation_kernel: int = 3  # k of Eq. 7: dilation kernel size, odd; 1 switches SAE off
+    loss_weight: float = 1.0  # λ of Eq. 9: weight of L_FSAE, over the mean of the B·H·W cells
     background_logit: float = 0.0  # fixed background score beside the K CAM logits
     warmup_epochs: int = 0  # epochs without FSAE (the paper uses 10 for MCTformer)
 
     def __post_init__(self):
-        for name in ("tau_fae", "tau_sae"):
+        for name in ("fae_threshold", "sae_threshold"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"fsae.{name} must be in [0, 1], got {value}")
-        check_kernel(self.kernel)
-        if self.lam < 0:
-            raise ValueError(f"fsae.lam must be >= 0, got {self.lam}")
+        check_kernel(self.dilation_kernel)
+        if self.loss_weight < 0:
+            raise ValueError(f"fsae.loss_weight must be >= 0, got {self.loss_weight}")
         if self.warmup_epochs < 0:
             raise ValueError(f"fsae.warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
 
 def check_kernel(kernel) -> None:
     if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"fsae kernel must be an odd integer >= 1, got {kernel!r}")
+        raise ValueError(f"fsae.dilation_kernel must be an odd integer >= 1, got {kernel!r}")
 
 
 def class_scores(cam_logits: torch.Tensor, background_logit: float,
@@ -113,14 +113,14 @@ def fsae_loss(target_scores: torch.Tensor, labels: torch.Tensor, mask: torch.Ten
 @register_addon
 class FSAE(Addon):
     name = "fsae"
-    Config = Config
+    Config = FSAEConfig
     inputs = frozenset({"strong"})
     # Ranges bracket the paper's values (comments) by the spans its ablations explored or a bit more.
     search_space = {
-        "fsae.kernel": {"type": "categorical", "choices": (1, 3, 5, 7)},  # k = 3
-        "fsae.tau_fae": {"type": "float", "low": 0.8, "high": 0.99},  # 0.95 (Eq. 6)
-        "fsae.tau_sae": {"type": "float", "low": 0.5, "high": 0.95},  # 0.8 (Eq. 7)
-        "fsae.lam": {"type": "float", "low": 0.1, "high": 2.0, "log": True},  # 1 (Eq. 9)
+        "fsae.dilation_kernel": {"type": "categorical", "choices": (1, 3, 5, 7)},  # k = 3
+        "fsae.fae_threshold": {"type": "float", "low": 0.8, "high": 0.99},  # τ_FAE = 0.95 (Eq. 6)
+        "fsae.sae_threshold": {"type": "float", "low": 0.5, "high": 0.95},  # τ_SAE = 0.8 (Eq. 7)
+        "fsae.loss_weight": {"type": "float", "low": 0.1, "high": 2.0, "log": True},  # λ = 1 (Eq. 9)
         "fsae.warmup_epochs": {"type": "int", "low": 0, "high": 3},  # 0 (10 for MCTformer)
     }
 
@@ -137,9 +137,10 @@ class FSAE(Addon):
         cfg = self.config
         source_scores = class_scores(source.detach(), cfg.background_logit, batch["labels"])
         valid = valid_at(batch["valid"], tuple(source.shape[2:]))
-        labels, mask = online_pseudo_labels(source_scores, cfg.tau_fae, cfg.tau_sae, cfg.kernel, valid)
+        labels, mask = online_pseudo_labels(source_scores, cfg.fae_threshold, cfg.sae_threshold, cfg.dilation_kernel,
+                                            valid)
         labelled = mask.sum()
         self.note(labelled=labelled / valid.sum().clamp_min(1),
                   labelled_fg=(mask & (labels > 0)).sum() / labelled.clamp_min(1))
         target_scores = class_scores(outputs["strong"]["cam_logits"], cfg.background_logit)
-        return {"fsae": fsae_loss(target_scores, labels, mask, cfg.lam)}
+        return {"fsae": fsae_loss(target_scores, labels, mask, cfg.loss_weight)}

@@ -153,15 +153,16 @@ class LNLNetwork(CAMNetwork):
 
 
 @dataclass(frozen=True)
-class Config:
-    """Hyperparameters of `lnl`. gamma, tau, lam, num_prototypes and warmup_epochs are the
-    paper's (Sec. IV-B-1); `similarity` and `eta` were chosen on a dev split (docs/deviations.md;
-    the paper's Eq. 1 and η 0.8 are `configs/lnl/voc.toml`); the rest are ours."""
+class LNLConfig:
+    """Hyperparameters of `lnl`. bank_momentum, temperature, contrast_weight, num_prototypes and
+    warmup_epochs are the paper's (Sec. IV-B-1); `similarity` and `seed_threshold` were chosen on
+    a dev split (docs/deviations.md; the paper's Eq. 1 and η 0.8 are `configs/lnl/voc.toml`); the
+    rest are ours."""
 
-    eta: float = 0.3  # Eq. 3 confidence threshold η for seeds (the paper: 0.8)
-    gamma: float = 0.9  # Eq. 14 bank momentum γ
-    tau: float = 0.5  # Eq. 17 temperature τ
-    lam: float = 0.1  # Eq. 19 weight λ of the contrastive loss
+    seed_threshold: float = 0.3  # η of Eq. 3: the consistency score a seed needs (the paper: 0.8)
+    bank_momentum: float = 0.9  # γ of Eq. 14
+    temperature: float = 0.5  # τ of Eq. 17
+    contrast_weight: float = 0.1  # λ of Eq. 19: weight of the contrastive loss
     num_prototypes: int = 500  # N prototypes per class in the bank
     erosion: int = 3  # odd erosion window of E_s (1 = none); the paper gives no size
     similarity: str = "sigmoid"  # FSCM similarity: "sigmoid", "cosine" or "softmax" (Eq. 1; see feature_similarity)
@@ -174,10 +175,10 @@ class Config:
 
     def __post_init__(self):
         rules = [
-            ("eta", 0.0 < self.eta <= 1.0, "in (0, 1]"),
-            ("gamma", 0.0 <= self.gamma <= 1.0, "in [0, 1]"),
-            ("tau", self.tau > 0, "> 0"),
-            ("lam", self.lam >= 0, ">= 0"),
+            ("seed_threshold", 0.0 < self.seed_threshold <= 1.0, "in (0, 1]"),
+            ("bank_momentum", 0.0 <= self.bank_momentum <= 1.0, "in [0, 1]"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("contrast_weight", self.contrast_weight >= 0, ">= 0"),
             ("num_prototypes", self.num_prototypes >= 1, ">= 1"),
             ("erosion", self.erosion >= 1 and self.erosion % 2 == 1, "odd and >= 1"),
             ("similarity", self.similarity in SIMILARITY_KINDS, f"one of {SIMILARITY_KINDS}"),
@@ -235,25 +236,25 @@ class LNL(Method):
     """Shrinking + expansion + prototype contrast on the `cam` baseline (Fig. 2, Eq. 19)."""
 
     name = "lnl"
-    Config = Config
+    Config = LNLConfig
     network_outputs = frozenset({"features", "cam_logits", "features_expanded", "cam_logits_expanded"})
     # Ranges bracket the paper's values (comments) by the spans its ablations explored or a bit more.
     search_space = {
         # the paper: 0.8, ablation 0.5..0.9 (Table XI); the default 0.3 was chosen on dev
-        "lnl.eta": {"type": "float", "low": 0.2, "high": 0.95},
-        "lnl.lam": {"type": "float", "low": 0.01, "high": 1.0, "log": True},  # 0.1; ablation 0.05..0.2
-        "lnl.gamma": {"type": "float", "low": 0.5, "high": 0.999},  # 0.9 (Eq. 14 bank momentum)
-        "lnl.tau": {"type": "float", "low": 0.05, "high": 1.0, "log": True},  # 0.5 (Eq. 17 temperature)
+        "lnl.seed_threshold": {"type": "float", "low": 0.2, "high": 0.95},
+        "lnl.contrast_weight": {"type": "float", "low": 0.01, "high": 1.0, "log": True},  # λ = 0.1; ablation 0.05..0.2
+        "lnl.bank_momentum": {"type": "float", "low": 0.5, "high": 0.999},  # γ = 0.9 (Eq. 14)
+        "lnl.temperature": {"type": "float", "low": 0.05, "high": 1.0, "log": True},  # τ = 0.5 (Eq. 17)
         "lnl.num_prototypes": {"type": "int", "low": 50, "high": 1000, "log": True},  # N = 500
         "lnl.erosion": {"type": "int", "low": 1, "high": 7, "step": 2},  # odd square kernel; 1 = no erosion
         "lnl.warmup_epochs": {"type": "int", "low": 0, "high": 3},  # 2 of 10
     }
 
-    def __init__(self, config: Config, num_classes: int, backbone: BackboneConfig):
+    def __init__(self, config: LNLConfig, num_classes: int, backbone: BackboneConfig):
         super().__init__(config, num_classes, backbone)
         self.network = LNLNetwork(num_classes, backbone)
         self.prototype_bank = PrototypeBank(num_classes, config.num_prototypes, self.network.backbone.out_channels,
-                                            config.gamma, config.kmeans_iterations, config.bank_seed)
+                                            config.bank_momentum, config.kmeans_iterations, config.bank_seed)
 
     def losses(self, batch, outputs, progress):
         config = self.config
@@ -265,18 +266,18 @@ class LNL(Method):
         with torch.no_grad():
             valid = valid_at(batch["valid"], features.shape[-2:])
             shrunk = fscm_seeds(features, out["cam_logits"], labels, valid, config.similarity,
-                                config.eta, config.erosion)  # E_s
+                                config.seed_threshold, config.erosion)  # E_s
             expanded = fscm_seeds(out["features_expanded"], out["cam_logits_expanded"], labels, valid,
-                                  config.similarity, config.eta, 1)  # E_e
+                                  config.similarity, config.seed_threshold, 1)  # E_e
             seeded, cells = shrunk != IGNORE_INDEX, valid.sum().clamp_min(1)
             self.note(seeds=seeded.sum() / cells, seeds_fg=(seeded & (shrunk > 0)).sum() / seeded.sum().clamp_min(1),
                       anchors=(expanded != IGNORE_INDEX).sum() / cells)
-        if progress.epoch < config.warmup_epochs or config.lam == 0:
+        if progress.epoch < config.warmup_epochs or config.contrast_weight == 0:
             terms["con"] = features.new_zeros((), dtype=torch.float32)
         else:
             anchors, anchor_labels = labelled_pixels(features, expanded)
-            terms["con"] = config.lam * contrastive_loss(
-                anchors, anchor_labels, self.prototype_bank.prototypes, config.tau,
+            terms["con"] = config.contrast_weight * contrastive_loss(
+                anchors, anchor_labels, self.prototype_bank.prototypes, config.temperature,
                 self.prototype_bank.initialized, config.max_pixels_per_class)
         # The bank is fed from the warm-up's last step on, so that the contrast starts with
         # prototypes whose K-means initialisation clustered features of the network trained

@@ -93,13 +93,13 @@ def rectification_loss(logits: torch.Tensor, image_labels: torch.Tensor, cooc: t
 class OCRConfig:
     """The paper's values (Sec. 4.1; Fig. 5 for Δ and α)."""
 
-    t: float = 0.2  # IC filter threshold of Eq. 9
-    delta: float = 2.0  # margin Δ of Eq. 19
-    alpha: float = 1.0  # weight α of L_rec in Eq. 4
+    ic_threshold: float = 0.2  # t of Eq. 9: the in-candidate group's filter threshold
+    margin: float = 2.0  # Δ of Eq. 19
+    rectification_weight: float = 1.0  # α of Eq. 4: weight of L_rec
 
     def __post_init__(self):
-        if self.alpha < 0:
-            raise ValueError(f"ocr.alpha must be >= 0, got {self.alpha}")
+        if self.rectification_weight < 0:
+            raise ValueError(f"ocr.rectification_weight must be >= 0, got {self.rectification_weight}")
 
 
 @register_addon
@@ -118,9 +118,9 @@ class OCR(Addon):
     needs_outputs = frozenset({"seg_logits"})
     # Ranges bracket the paper's values (comments) by the spans its ablations explored or a bit more.
     search_space = {
-        "ocr.delta": {"type": "float", "low": 0.0, "high": 4.0},  # Δ = 2 (Eq. 19 margin)
-        "ocr.t": {"type": "float", "low": 0.05, "high": 0.5},  # 0.2 (Eq. 9 IC threshold)
-        "ocr.alpha": {"type": "float", "low": 0.1, "high": 2.0, "log": True},  # 1 (Eq. 4 weight)
+        "ocr.margin": {"type": "float", "low": 0.0, "high": 4.0},  # Δ = 2 (Eq. 19)
+        "ocr.ic_threshold": {"type": "float", "low": 0.05, "high": 0.5},  # t = 0.2 (Eq. 9)
+        "ocr.rectification_weight": {"type": "float", "low": 0.1, "high": 2.0, "log": True},  # α = 1 (Eq. 4)
     }
 
     def __init__(self, config: OCRConfig, num_classes: int):
@@ -145,10 +145,10 @@ class OCR(Addon):
                                "before training (or a checkpoint be loaded)")
         logits = outputs["image"]["seg_logits"]
         per_pixel = rectification_loss(logits, candidate_labels(batch["labels"]), self.cooc,
-                                       self.config.t, self.config.delta)
+                                       self.config.ic_threshold, self.config.margin)
         counted = self._counted_pixels(batch, per_pixel.shape[-2:])
         mean = (per_pixel * counted).sum() / counted.sum().clamp(min=1)
-        return {"ocr": self.config.alpha * mean}
+        return {"ocr": self.config.rectification_weight * mean}
 
     @staticmethod
     def _counted_pixels(batch: dict, size: torch.Size) -> torch.Tensor:

@@ -27,7 +27,7 @@ from pyarrow.fs import FileSelector, FileType
 
 from wsss.io import DataError, join, resolve, write_text
 from wsss.methods.base import build_method
-from wsss.platform.config import ConfigError
+from wsss.platform.config import ConfigError, TrainConfig, stored_config
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -256,9 +256,7 @@ def load_method(checkpoint: str, device: torch.device | str = "cpu", method_over
     `method_overrides` ({"lnl.export": "shrink"}) change the method's inference-time
     settings; only `section.key` of the checkpoint's own method sections are accepted."""
     _, state = load_latest(checkpoint)
-    from wsss.platform.config import TrainConfig
-
-    config = TrainConfig.from_dict(state["config"])
+    config = TrainConfig.from_dict(stored_config(state["config"]))
     if method_overrides:
         not_method = [key for key in method_overrides if key.partition(".")[0] not in config.sections
                       or "." not in key]

@@ -26,8 +26,26 @@ class ConfigError(ValueError):
     pass
 
 
-# Keys that were renamed: naming the old one is an error that names the new one.
-RENAMED_KEYS = {"csrm.init_checkpoint": "init_from"}
+# Keys that were renamed, old -> new: naming the old one is an error that names the new one,
+# and a config stored with it (in a checkpoint) loads under the new one (`stored_config`).
+RENAMED_KEYS = {
+    "csrm.init_checkpoint": "init_from",
+    "csrm.s2c_sigma_start": "csrm.s2c_start_threshold",
+    "csrm.s2c_sigma_end": "csrm.s2c_end_threshold",
+    "csrm.s2c_sigma": "csrm.s2c_threshold",
+    "csrm.query_confidence": "csrm.query_threshold",
+    "fsae.tau_fae": "fsae.fae_threshold",
+    "fsae.tau_sae": "fsae.sae_threshold",
+    "fsae.kernel": "fsae.dilation_kernel",
+    "fsae.lam": "fsae.loss_weight",
+    "lnl.eta": "lnl.seed_threshold",
+    "lnl.gamma": "lnl.bank_momentum",
+    "lnl.tau": "lnl.temperature",
+    "lnl.lam": "lnl.contrast_weight",
+    "ocr.t": "ocr.ic_threshold",
+    "ocr.delta": "ocr.margin",
+    "ocr.alpha": "ocr.rectification_weight",
+}
 LR_SCHEDULES = ("poly", "exponential")
 # A run or sweep name is one folder under storage_path (and part of a W&B id).
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -207,6 +225,21 @@ class TrainConfig:
             else:
                 values[key] = value
         return TrainConfig.from_dict(values)
+
+
+def stored_config(values: dict) -> dict:
+    """`TrainConfig.to_dict()` as a checkpoint holds it, with keys renamed since it was
+    written moved to their new names, for `TrainConfig.from_dict`."""
+    values = {**values, "sections": {name: dict(section) for name, section in (values.get("sections") or {}).items()}}
+    for old, new in RENAMED_KEYS.items():
+        old_section, _, old_name = old.rpartition(".")
+        holder = values["sections"].get(old_section) if old_section else values
+        if holder is None or old_name not in holder:
+            continue
+        value = holder.pop(old_name)
+        new_section, _, new_name = new.rpartition(".")
+        (values["sections"].setdefault(new_section, {}) if new_section else values).setdefault(new_name, value)
+    return values
 
 
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None, *,

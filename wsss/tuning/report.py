@@ -36,7 +36,7 @@ from pathlib import Path
 from PIL import Image
 
 from wsss.io import write_text
-from wsss.platform.config import ConfigError
+from wsss.platform.config import ConfigError, stored_config
 from wsss.tuning.mirror import mirror
 from wsss.platform.tracking import OVERLAY_KEY
 from wsss.tuning.plots import curves_png, scatter_png, tile_png
@@ -144,6 +144,7 @@ def read_run(folder: Path) -> Record:
     else:  # checkpoints from before checkpoint.json recorded the config; mmap: not the weights
         state = load_state(str(checkpoints[-1]), mmap=True)
         config, dataset = state["config"], state["dataset"].get("name", "?")
+    config = stored_config(config)  # a run from before a key was renamed groups with the runs after
     evaluation = _json(folder / "results.json") or {}  # `wsss evaluate --out RUN_DIR`
     return Record(
         method=config["method"], dataset=dataset, seed=config.get("seed", 0),

@@ -1,7 +1,7 @@
 """Search spaces: what `wsss tune` samples for each method, as Optuna define-by-run.
 
 A `SearchSpace` is a picklable callable `space(trial) -> {override key: value}`; the keys
-are `TrainConfig.with_overrides` keys (`lr`, `lnl.eta`). Each part of a method (base
+are `TrainConfig.with_overrides` keys (`lr`, `lnl.seed_threshold`). Each part of a method (base
 method or add-on) contributes the parameters of its class's `search_space`, plain specs in
 the format of a space file (below); every method also sweeps the shared `lr`, over its
 part's range where a part names one (`deeplab`: a decade below stage 1's). A composed
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss.methods.base import method_parts, method_sections
-from wsss.platform.config import ConfigError, TrainConfig
+from wsss.platform.config import RENAMED_KEYS, ConfigError, TrainConfig
 
 
 class SpaceError(ConfigError):
@@ -190,6 +190,8 @@ def build_space(method: str, user_specs: dict[str, dict] | None = None) -> Searc
             raise SpaceError(f"default search space of {method!r} names {name!r}, which is not a "
                              f"config key of the method (fix the search_space of its part)")
     for name, spec in (user_specs or {}).items():
+        if name in RENAMED_KEYS:
+            raise SpaceError(f"search space parameter {name!r} is now {RENAMED_KEYS[name]!r}")
         if name not in known:
             close = sorted(k for k in known if k.split(".")[-1][:3] == name.split(".")[-1][:3])
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -261,7 +263,7 @@ def _check_conditionals(params: list[Param]) -> None:
 
 
 def load_space_file(path: str | Path) -> dict[str, dict]:
-    """Parameter -> spec from a TOML or JSON file; nested tables (`[lnl.eta]`) are flattened."""
+    """Parameter -> spec from a TOML or JSON file; nested tables (`[lnl.seed_threshold]`) are flattened."""
     file = Path(path)
     if not file.is_file():
         raise SpaceError(f"--space {path}: no such file")
