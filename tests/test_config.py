@@ -30,11 +30,13 @@ def test_config_file_then_overrides(tmp_path):
 
 def test_defaults_sit_below_the_config_file_and_the_command_line(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('epochs = 7\n[fsae]\nkernel = 7\n')
-    defaults = {"method": "cam+fsae", "epochs": 20, "lr": 0.5, "batch_size": 4, "fsae": {"kernel": 5, "lam": 0.5}}
+    path.write_text('epochs = 7\n[fsae]\ndilation_kernel = 7\n')
+    defaults = {"method": "cam+fsae", "epochs": 20, "lr": 0.5, "batch_size": 4,
+                "fsae": {"dilation_kernel": 5, "loss_weight": 0.5}}
     config = load_config(str(path), ["batch_size=2"], defaults=defaults)
     assert (config.method, config.epochs, config.lr, config.batch_size) == ("cam+fsae", 7, 0.5, 2)
-    assert (config.sections["fsae"].kernel, config.sections["fsae"].lam) == (7, 0.5)  # a file's table merges into them
+    # a file's table merges into them
+    assert (config.sections["fsae"].dilation_kernel, config.sections["fsae"].loss_weight) == (7, 0.5)
     assert load_config(None, defaults=defaults, lr=0.1).lr == 0.1
     with pytest.raises(ConfigError, match="unknown config key 'epoch'"):
         load_config(None, defaults={"epoch": 3})
