@@ -87,7 +87,8 @@ def test_cpu_training_flushes_subnormal_floats_unless_turned_off(caplog):
 
     from wsss.platform.loop import set_flush_denormal
 
-    subnormal = torch.tensor([1e-39])
+    torch.set_flush_denormal(False)  # an earlier training in this process may have left it on
+    subnormal = torch.tensor([1e-39])  # made while not flushing: a flushing thread reads it as 0
     cpu = torch.device("cpu")
     try:
         with caplog.at_level("INFO", logger="wsss.platform.loop"):
