@@ -22,7 +22,7 @@ from pathlib import Path
 from pyarrow import fs as pafs
 
 from wsss.datasets.shards import Manifest
-from wsss.io import join, resolve, write_text
+from wsss.io import join, public_uri, resolve, write_text
 
 RECORDS_FOLDER = ".verified"
 
@@ -38,7 +38,8 @@ def verification_key(manifest: Manifest, split: str) -> str:
         info = listed.get(f"{root}/{entry['path']}")
         # a missing shard gets a key no record has: the read task then names it
         shards.append([entry["path"], info.size if info else None, info.mtime_ns if info else None])
-    content = json.dumps([manifest.location, split, manifest.to_json(), shards], sort_keys=True, default=str)
+    content = json.dumps([public_uri(manifest.location), split, manifest.to_json(), shards], sort_keys=True,
+                         default=str)
     return hashlib.sha256(content.encode()).hexdigest()
 
 
@@ -62,7 +63,7 @@ def remember_verified(manifest: Manifest, split: str) -> str:
     """Write the record of `split` having been read in full without a checksum mismatch;
     returns where: beside the manifest, or the local cache when that folder is read-only."""
     key = verification_key(manifest, split)
-    record = json.dumps({"location": manifest.location, "split": split, "key": key})
+    record = json.dumps({"location": public_uri(manifest.location), "split": split, "key": key})
     beside = join(manifest.location, RECORDS_FOLDER, _record_name(split, key))
     try:
         write_text(beside, record)

@@ -219,7 +219,8 @@ def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchT
             callbacks=list(callbacks)),
         datasets=datasets,
     )
-    write_text(join(run_dir, CONFIG_FILE), to_toml(loop_config["config"]))  # `--config` of it repeats the run
+    # `--config` of it repeats the run; URIs keep no credentials (give them again)
+    write_text(join(run_dir, CONFIG_FILE), to_toml(public_config(loop_config["config"])))
     return trainer
 
 
