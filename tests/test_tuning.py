@@ -460,6 +460,14 @@ def write_run(storage: Path, name: str, mious: list[float], *, full: float | Non
     return run
 
 
+def test_trials_and_integer_parameters_get_whole_number_ticks():
+    from wsss.tuning.plots import integer_ticks
+
+    assert integer_ticks(0.96, 2.04) == [1, 2]
+    assert integer_ticks(0.5, 40.5) == [1, 6, 11, 16, 21, 26, 31, 36]  # at most 8
+    assert integer_ticks(2.9, 3.1) == [3]
+
+
 def test_report_table_over_seeds_from_run_directories(tmp_path):
     from wsss.tuning.report import make_report
 

@@ -34,6 +34,14 @@ def _ticks(low: float, high: float, log: bool, count: int = 5) -> list[float]:
     return [low + (high - low) * i / (count - 1) for i in range(count)]
 
 
+def integer_ticks(low: float, high: float, most: int = 8) -> list[int]:
+    """Whole numbers in [low, high], evenly stepped, at most `most`: trials and integer
+    parameters have no ticks between them."""
+    first, last = math.ceil(low), math.floor(high)
+    step = max(1, math.ceil((last - first + 1) / most))
+    return list(range(first, last + 1, step))
+
+
 def _label(value: float) -> str:
     return f"{value:.3g}"
 
@@ -78,8 +86,12 @@ def scatter_png(path: str | Path, xs: list, ys: list[float], *, title: str, xlab
     for tick in _ticks(y_low, y_high, log=False):
         draw.line([(MARGIN_LEFT, to_y(tick)), (WIDTH - MARGIN_RIGHT, to_y(tick))], fill=GRID)
         draw.text((MARGIN_LEFT - 6, to_y(tick)), _label(tick), fill=AXIS, font=small, anchor="rm")
-    x_ticks = [(i, c) for i, c in enumerate(categories)] if categories else \
-        [(t, _label(t)) for t in _ticks(x_low, x_high, log=log_x)]
+    if categories:
+        x_ticks = list(enumerate(categories))
+    elif not log_x and all(isinstance(x, int) and not isinstance(x, bool) for x in xs):
+        x_ticks = [(t, str(t)) for t in integer_ticks(x_low, x_high)]
+    else:
+        x_ticks = [(t, _label(t)) for t in _ticks(x_low, x_high, log=log_x)]
     for tick, text in x_ticks:
         draw.line([(to_x(tick), HEIGHT - MARGIN_BOTTOM), (to_x(tick), HEIGHT - MARGIN_BOTTOM + 4)], fill=AXIS)
         draw.text((to_x(tick), HEIGHT - MARGIN_BOTTOM + 6), text, fill=AXIS, font=small, anchor="mt")
