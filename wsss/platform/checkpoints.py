@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from pyarrow.fs import FileSelector, FileType
 
-from wsss.io import DataError, join, resolve, write_text
+from wsss.io import DataError, join, public_uri, resolve, write_text
 from wsss.methods.base import build_method
 from wsss.platform.config import ConfigError, TrainConfig, stored_config
 
@@ -125,7 +125,7 @@ def load_latest(location: str) -> tuple[str, dict]:
         except DataError as error:
             if checkpoint == location:
                 raise
-            logger.warning("skipping checkpoint %s: %s", checkpoint, error.problem)
+            logger.warning("skipping checkpoint %s: %s", public_uri(checkpoint), error.problem)
 
 
 def resume_state(chosen: str, run: str) -> dict:
@@ -138,7 +138,7 @@ def resume_state(chosen: str, run: str) -> dict:
         raise
     except DataError as error:
         logger.warning("the checkpoint to resume from does not load (%s); resuming from the newest of %s "
-                       "that does", error, run)
+                       "that does", error, public_uri(run))
     return load_latest(run)[1]
 
 
@@ -157,7 +157,7 @@ def _complete_checkpoints(location: str):
         problem = None if info else f"no {INFO_FILE} (written last: the checkpoint is incomplete)"
         problem = problem or _not_whole(filesystem, f"{path}/{name}/{STATE_FILE}")
         if problem:
-            logger.warning("skipping checkpoint %s: %s", join(location, name), problem)
+            logger.warning("skipping checkpoint %s: %s", public_uri(join(location, name)), problem)
             continue
         yield join(location, name)
     raise FileNotFoundError(f"{location}: neither a checkpoint nor a run directory with complete checkpoints")
