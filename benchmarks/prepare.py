@@ -1,6 +1,6 @@
 """`wsss prepare` in worker processes against one process, side by side, on a VOC-like tree.
 
-    python benchmarks/prepare.py [--images 600] [--workers N] [--rounds 2]
+    python benchmarks/prepare.py [--images 3000] [--workers N] [--rounds 3]
 
 Writes a VOC-format tree (smooth random JPEGs at VOC's 500x375, palette PNG masks, XML
 labels), then prepares it with 1 process and with N (default: one per CPU), interleaved
@@ -59,9 +59,9 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wsss-prepare-bench-"))
     try:
@@ -71,8 +71,9 @@ def main() -> None:
         for round_index in range(args.rounds):
             for workers in (1, args.workers):
                 out = work / f"out-{workers}"
+                shutil.rmtree(out, ignore_errors=True)
                 started = time.perf_counter()
-                prepare("voc", devkit, out, overwrite=True, workers=workers)
+                prepare("voc", devkit, out, workers=workers)
                 rate = args.images / (time.perf_counter() - started)
                 best[workers] = max(best.get(workers, 0.0), rate)
                 outputs[workers] = shard_bytes(out)

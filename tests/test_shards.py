@@ -384,8 +384,13 @@ def test_prepare_in_worker_processes_writes_the_bytes_one_process_writes(tmp_pat
     """Every reader, read in 3 processes over several windows of items, skipping a bad one
     (coco's): the same shard bytes, the same manifest but its time, the same skip log."""
     monkeypatch.setattr(parallel, "ITEMS_PER_TASK", 1)  # windows of 4 items per worker: several per split
-    root = {"voc": lambda: make_voc_tree(tmp_path / "voc").devkit, "coco": lambda: write_coco_tree(tmp_path / "coco"),
-            "cityscapes": lambda: write_cityscapes_tree(tmp_path / "cityscapes") and tmp_path / "cityscapes"}[dataset]()
+    root = tmp_path / dataset
+    if dataset == "voc":
+        root = make_voc_tree(root).devkit
+    elif dataset == "coco":
+        root = write_coco_tree(root)
+    else:
+        write_cityscapes_tree(root)
     serial = prepare(dataset, root, tmp_path / "serial", skip_invalid=True, workers=1)
     spread = prepare(dataset, root, tmp_path / "spread", skip_invalid=True, workers=3)
     files = files_under(tmp_path / "serial")
