@@ -7,7 +7,9 @@ For each similarity of Eq. 1 (`softmax` as written, the clipped `cosine`, the au
 is scored against the ground truth at feature resolution (each cell takes the ground truth at
 its centre): coverage (share of cells that get a seed) and precision (share of seeds that are
 right), for background and foreground seeds and per class. Any checkpoint with features and
-CAM logits works (`cam`, `lnl`, ...). `choose` picks the setting a run should use.
+CAM logits works (`cam`, `lnl`, ...). `choose` picks the setting a run should use. A reference
+row scores the CAMs themselves at the same cells (each cell labelled with the argmax of FSCM's
+input M, background = 1 − max foreground): what seeds would be with no feature similarity.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def seed_counts(checkpoint: str, data: str, split: str, kinds=SIMILARITY_KINDS, 
     erosion = method.config.erosion if isinstance(method.config, LNLConfig) else LNLConfig().erosion
     classes = len(state["dataset"]["classes"])
     counts = {(kind, eta): np.zeros((classes, 2), np.int64) for kind in kinds for eta in etas}
+    reference = np.zeros((classes, 2), np.int64)
     cells = np.zeros(classes, np.int64)
     for index, row in enumerate(eval_rows(data, split)):
         if max_images and index >= max_images:
@@ -54,33 +57,44 @@ def seed_counts(checkpoint: str, data: str, split: str, kinds=SIMILARITY_KINDS, 
         maps = class_maps_with_background(out["cam_logits"], labels)
         truth = cell_truth(np.asarray(row["mask"]), tuple(maps.shape[2:]))
         cells += np.bincount(truth[truth != IGNORE_INDEX], minlength=classes)[:classes]
+        add_seeds(reference, maps.argmax(dim=1)[0].numpy(), truth, classes)
         for kind in kinds:
             scores = consistency_scores(feature_similarity(out["features"], kind), maps)
             for eta in etas:
-                seeds = seed_labels(scores, eta, erosion)[0].numpy()
-                seeded = (seeds != IGNORE_INDEX) & (truth != IGNORE_INDEX)
-                counts[(kind, eta)][:, 0] += np.bincount(seeds[seeded], minlength=classes)[:classes]
-                right = seeded & (seeds == truth)
-                counts[(kind, eta)][:, 1] += np.bincount(seeds[right], minlength=classes)[:classes]
+                add_seeds(counts[(kind, eta)], seed_labels(scores, eta, erosion)[0].numpy(), truth, classes)
     return {"checkpoint": checkpoint, "split": split, "erosion": erosion, "classes": state["dataset"]["classes"],
-            "cells": cells, "counts": counts}
+            "cells": cells, "counts": counts, "reference": reference}
+
+
+def add_seeds(counts: np.ndarray, seeds: np.ndarray, truth: np.ndarray, classes: int) -> None:
+    """Adds seeds and right seeds per class of one image's seed map to counts [C, 2]."""
+    seeded = (seeds != IGNORE_INDEX) & (truth != IGNORE_INDEX)
+    counts[:, 0] += np.bincount(seeds[seeded], minlength=classes)[:classes]
+    right = seeded & (seeds == truth)
+    counts[:, 1] += np.bincount(seeds[right], minlength=classes)[:classes]
 
 
 def summarise(measured: dict) -> list[dict]:
     """One row per (kind, η): coverage and precision of bg and fg seeds, and per class."""
-    cells, rows = measured["cells"], []
+    return [score_seeds(counts, measured, kind, eta) for (kind, eta), counts in measured["counts"].items()]
+
+
+def reference_row(measured: dict) -> dict:
+    """The CAMs' own argmax at the same cells, scored like a seed setting (η None)."""
+    return score_seeds(measured["reference"], measured, "CAM argmax", None)
+
+
+def score_seeds(counts: np.ndarray, measured: dict, kind: str, eta: float | None) -> dict:
+    """Coverage and precision of bg and fg seeds, and per class, from counts [C, 2]."""
+    cells = measured["cells"]
     share = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
-    for (kind, eta), counts in measured["counts"].items():
-        fg = counts[1:].sum(axis=0)
-        rows.append({"kind": kind, "eta": eta,
-                     "bg_coverage": share(counts[0, 0], cells.sum()), "bg_precision": share(counts[0, 1], counts[0, 0]),
-                     "fg_coverage": share(fg[0], cells.sum()), "fg_precision": share(fg[1], fg[0]),
-                     # the share of each class's own cells that are right seeds of it
-                     "class_recall": {name: share(counts[c, 1], cells[c]) for c, name in
-                                      enumerate(measured["classes"])},
-                     "class_precision": {name: share(counts[c, 1], counts[c, 0]) for c, name in
-                                         enumerate(measured["classes"])}})
-    return rows
+    fg = counts[1:].sum(axis=0)
+    return {"kind": kind, "eta": eta,
+            "bg_coverage": share(counts[0, 0], cells.sum()), "bg_precision": share(counts[0, 1], counts[0, 0]),
+            "fg_coverage": share(fg[0], cells.sum()), "fg_precision": share(fg[1], fg[0]),
+            # the share of each class's own cells that are right seeds of it
+            "class_recall": {name: share(counts[c, 1], cells[c]) for c, name in enumerate(measured["classes"])},
+            "class_precision": {name: share(counts[c, 1], counts[c, 0]) for c, name in enumerate(measured["classes"])}}
 
 
 def choose(rows: list[dict]) -> dict:
@@ -99,7 +113,8 @@ def choose(rows: list[dict]) -> dict:
 def table(rows: list[dict]) -> str:
     lines = ["| similarity | η | bg coverage | bg precision | fg coverage | fg precision |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['eta']:.1f} | {r['bg_coverage']:.3f} | {r['bg_precision']:.3f} | "
+        eta = "—" if r["eta"] is None else f"{r['eta']:.1f}"
+        lines.append(f"| {r['kind']} | {eta} | {r['bg_coverage']:.3f} | {r['bg_precision']:.3f} | "
                      f"{r['fg_coverage']:.3f} | {r['fg_precision']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -112,14 +127,16 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args()
-    rows = summarise(seed_counts(args.checkpoint, args.data, args.split, max_images=args.max_images))
-    print(table(rows))
+    measured = seed_counts(args.checkpoint, args.data, args.split, max_images=args.max_images)
+    rows = summarise(measured)
+    print(table(rows + [reference_row(measured)]))
+    print(f"foreground cells: {measured['cells'][1:].sum() / measured['cells'].sum():.3f} of all cells")
     best = choose(rows)
     print(f"chosen: similarity={best['kind']} eta={best['eta']} (fg coverage {best['fg_coverage']:.3f}, "
           f"fg precision {best['fg_precision']:.3f}, bg precision {best['bg_precision']:.3f})")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"rows": rows, "chosen": best}, file, indent=1)
+            json.dump({"rows": rows, "chosen": best, "reference": reference_row(measured)}, file, indent=1)
 
 
 if __name__ == "__main__":
