@@ -43,7 +43,7 @@ from wsss.platform.runtime import ensure_ray
 from wsss.platform.segmentation import evaluate_segmentation, stage2_config
 from wsss.platform.train import fit
 
-from lnl_seeds import choose, seed_counts, summarise, table  # benchmarks/, beside this script
+from lnl_seeds import choose, reference_row, seed_counts, summarise, table  # benchmarks/, beside this script
 
 START_EPOCHS = 8
 COMMON = dict(backbone="resnet18", backbone_weights="none", output_stride=16, crop_size=96, batch_size=16,
@@ -230,8 +230,9 @@ def seed_setting(work: Path) -> dict:
     """FSCM's similarity and η for every `lnl` run, chosen on dev from the start's features
     (benchmarks/lnl_seeds.py)."""
     def study():
-        rows = summarise(seed_counts(start_checkpoint(work), str(work / "shards"), "dev"))
-        return {"rows": rows, "chosen": choose(rows)}
+        measured = seed_counts(start_checkpoint(work), str(work / "shards"), "dev")
+        rows = summarise(measured)
+        return {"rows": rows, "chosen": choose(rows), "reference": reference_row(measured)}
 
     with timed(work, "seeds: study on the start"):
         chosen = cached(work / "seeds.json", study)["chosen"]
@@ -379,7 +380,8 @@ def start_table(work: Path) -> str:
 def seeds_table(work: Path) -> str:
     """E_s on the start by similarity at the η that each similarity does best with, and the choice."""
     study = json.loads((work / "seeds.json").read_text())
-    lines = [table([row for row in study["rows"] if row["eta"] in (0.3, 0.5, 0.8)])]
+    reference = [study["reference"]] if "reference" in study else []  # the CAMs themselves, for comparison
+    lines = [table([row for row in study["rows"] if row["eta"] in (0.3, 0.5, 0.8)] + reference)]
     chosen = study["chosen"]
     lines.append(f"Chosen for every `lnl` run (`lnl_seeds.choose`, over η 0.3–0.9): similarity `{chosen['kind']}`, "
                  f"η {chosen['eta']}: foreground seeds on {100 * chosen['fg_coverage']:.1f}% of the cells, "
