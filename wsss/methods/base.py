@@ -161,9 +161,10 @@ class Method(_Part):
         """[B,K+1,h,w] for methods with a segmentation branch, else None."""
         return None
 
-    def network_options(self, views: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def network_options(self, batch: dict, views: dict[str, torch.Tensor], progress: Progress) -> dict[str, Any]:
         """Keyword arguments of this step's network call, e.g. to run a branch on the first
-        view's rows only (see `split_views`)."""
+        view's rows only (see `split_views`) or to keep a branch's gradient out of the backbone
+        during a warm-up. `batch` holds what `before_forward` added."""
         return {}
 
     def step_seed(self, progress: Progress) -> int:
@@ -186,7 +187,7 @@ class Method(_Part):
             views: dict[str, torch.Tensor] = {}
             for part in parts:
                 views.update(part.views(batch, progress))
-            outputs = self.run_network(views)
+            outputs = self.run_network(views, self.network_options(batch, views, progress))
             losses: dict[str, torch.Tensor] = {}
             for part in parts:
                 for key, value in part.losses(batch, outputs, progress).items():
@@ -210,10 +211,12 @@ class Method(_Part):
         """The last training step's diagnostics of every part (see `note`)."""
         return {key: value for part in (self, *self.addons) for key, value in part.notes.items()}
 
-    def run_network(self, views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """Runs the (possibly DDP-wrapped) network once on the concatenated views."""
+    def run_network(self, views: dict[str, torch.Tensor],
+                    options: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Runs the (possibly DDP-wrapped) network once on the concatenated views, with
+        `options` (see `network_options`) as keyword arguments."""
         network = self._distributed_network or self.network
-        return split_views(network(torch.cat(list(views.values())), **self.network_options(views)), views)
+        return split_views(network(torch.cat(list(views.values())), **(options or {})), views)
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Wrap only the trainable network (e.g. in DDP); state_dict keys stay unchanged."""

@@ -11,7 +11,9 @@ An EMA teacher (a copy of the network, no gradient) supervises:
         segmentation mixed the same way, on its reliable (low-entropy) pixels   (Eqs. 10-12)
   L_m   InfoNCE of reliable pixels' representations against class prototypes and a
         per-class bank of hard negatives from the unreliable ones               (Eq. 13)
-During warm-up the last three terms are 0 and the teacher is a plain copy of the student.
+During warm-up the last three terms are 0 and the teacher is a plain copy of the student;
+with `warmup_decoder_only` the decoders then train on detached backbone features, so only L_c
+moves the backbone until the warm-up ends (ours, docs/deviations.md).
 One student forward per step; the teacher runs in `before_forward`, its CAMs going to the
 CRF workers (`csrm_pseudo`) first, so the CRF works while its decoders run. Randomness is
 seeded by (initial seed, step, rank) (`seeded_steps`), so a resumed run repeats the original
@@ -54,6 +56,10 @@ class CSRMConfig:
 
     # epochs with λ_s2c = λ_u = λ_m = 0 and teacher = student (the authors' code; the paper gives no length)
     warmup_epochs: float = 1.0
+    # During the warm-up the decoders train on detached backbone features: L_s (and any add-on's
+    # loss on their outputs) trains them but not the backbone, which only L_c moves (ours;
+    # docs/deviations.md). False: the paper, every loss reaches the backbone from the start.
+    warmup_decoder_only: bool = False
     fg_threshold: float = 0.35  # δ_fg: CAM above it (after CRF) is foreground (Eq. 6)
     bg_threshold: float = 0.05  # δ_bg: CAM at most it (after CRF) is background; between: 255 (Eq. 6)
     crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.ops.crf); the paper gives no CRF settings
@@ -116,7 +122,9 @@ class CSRMConfig:
 class CSRMNetwork(nn.Module):
     """Backbone + classification, segmentation and representation branches (Eqs. 1, 3, 4):
     {"features", "cam_logits" [B,K,h,w], "seg_logits" [B,K+1,H/4,W/4],
-     "representation" [R,D,H/4,W/4]}, R = `representation_rows` (default B)."""
+     "representation" [R,D,H/4,W/4]}, R = `representation_rows` (default B). With
+    `detach_decoders` the decoders read the backbone's features detached: their outputs train
+    the decoders only."""
 
     def __init__(self, num_classes: int, backbone: BackboneConfig, representation_dim: int):
         super().__init__()
@@ -128,10 +136,12 @@ class CSRMNetwork(nn.Module):
         self.representation_head = nn.Sequential(fuse_layers(), nn.Conv2d(256, representation_dim, 1))
         init_new_layers(self.representation_head)
 
-    def forward(self, images: torch.Tensor, representation_rows: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, representation_rows: int | None = None,
+                detach_decoders: bool = False) -> dict[str, torch.Tensor]:
         features = self.backbone(images)
+        decoder_features = {key: value.detach() for key, value in features.items()} if detach_decoders else features
         return {"features": features["high"], "cam_logits": self.classifier(features["high"]),
-                **self.decode(features, representation_rows)}
+                **self.decode(decoder_features, representation_rows)}
 
     def decode(self, features: dict[str, torch.Tensor], representation_rows: int | None = None):
         """{"seg_logits", "representation"} from the backbone's features; the representation of
@@ -283,9 +293,11 @@ class CSRM(Method):
         mixed = batch["csrm_step"].mixed_images
         return {"image": batch["image"]} if mixed is None else {"image": batch["image"], "mixed": mixed}
 
-    def network_options(self, views):
-        """The representation branch runs on the weak view's rows only (the first view)."""
-        return {"representation_rows": views["image"].shape[0]}
+    def network_options(self, batch, views, progress):
+        """The representation branch runs on the weak view's rows only (the first view); with
+        `warmup_decoder_only`, the decoders read detached features during the warm-up."""
+        return {"representation_rows": views["image"].shape[0],
+                "detach_decoders": self.config.warmup_decoder_only and self._warming_up(progress)}
 
     def losses(self, batch, outputs, progress):
         with torch.autocast(batch["image"].device.type, enabled=False):  # losses in float32
