@@ -61,8 +61,10 @@ def test_the_example_is_configured_and_swept_like_any_method(example):
 
 
 def test_the_example_passes_the_contract_tests(example, tmp_path):
-    from tests.test_method_contract import (test_method_exports_nonnegative_cams_of_every_class,
-                                            test_method_trains_checkpoints_and_resumes_exactly)
+    from tests.test_method_contract import (
+        test_method_exports_nonnegative_cams_of_every_class,
+        test_method_trains_checkpoints_and_resumes_exactly,
+    )
 
     for spec in ("lse", "lse+fsae"):
         (tmp_path / spec).mkdir()

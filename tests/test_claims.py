@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 from claims import claims_table, delta, verdict  # noqa: E402
+
 from lnl_seeds import choose  # noqa: E402
 
 

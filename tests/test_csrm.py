@@ -74,12 +74,12 @@ def test_ema_update_averages_parameters_and_copies_buffers(decay):
     for name, value in teacher.state_dict().items():
         if name in params:  # element by element: decay·teacher + (1 − decay)·student
             old, new = before[name].flatten().tolist(), student_state[name].flatten().tolist()
-            expected = [decay * t + (1 - decay) * s for t, s in zip(old, new)]
+            expected = [decay * t + (1 - decay) * s for t, s in zip(old, new, strict=True)]
             assert value.flatten().tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
         else:
             assert torch.equal(value, student_state[name]), f"buffer {name} must be copied"
     if decay == 0.0:
-        assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters(), strict=True))
 
 
 # ---- Eqs. 10-11: entropy and the reliable mask ---------------------------------------------
@@ -211,10 +211,10 @@ def test_bad_s2c_ramp_is_named():
 
 def reference_info_nce(queries, positives, negatives, tau):
     def cos(a, b):
-        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
     losses = []
-    for q, p, ns in zip(queries.tolist(), positives.tolist(), negatives.tolist()):
+    for q, p, ns in zip(queries.tolist(), positives.tolist(), negatives.tolist(), strict=True):
         positive = math.exp(cos(q, p) / tau)
         negative = sum(math.exp(cos(q, n) / tau) for n in ns)
         losses.append(-math.log(positive / (positive + negative)))
@@ -258,7 +258,7 @@ def test_classmix_pastes_half_of_each_partners_foreground_classes():
     assert masks.flatten(1).any(dim=1).all(), "every image must receive pixels: ClassMix has to mix"
     assert not torch.equal(mixed, images)
     again = classmix(images, labels, torch.Generator().manual_seed(0))
-    assert all(torch.equal(a, b) for a, b in zip(again, (mixed, mixed_labels, masks)))
+    assert all(torch.equal(a, b) for a, b in zip(again, (mixed, mixed_labels, masks), strict=True))
 
 
 def test_classmix_probability_and_mix_like():
@@ -332,7 +332,7 @@ def test_negative_candidates_match_loop_reference():
                     if (rank <= 2 and not image_classes[b, c]) or 2 < rank <= 5:
                         unit = rep[b, :, y, x] / rep[b, :, y, x].norm()
                         expected.append((c, tuple(round(v, 5) for v in unit.tolist())))
-    got = [(c, tuple(round(v, 5) for v in item)) for c, item in zip(classes.tolist(), items.tolist())]
+    got = [(c, tuple(round(v, 5) for v in item)) for c, item in zip(classes.tolist(), items.tolist(), strict=True)]
     assert sorted(got) == sorted(expected)
     few_items, few_classes = negative_candidates(rep, probs, high, image_classes, 2, 5, per_class=1)
     assert few_classes.bincount().max() == 1
@@ -357,7 +357,7 @@ def test_queries_are_confident_low_entropy_pixels_and_positives_their_class_mean
                     candidates.setdefault(c, []).append((b, y, x))
     assert sorted(set(classes.tolist())) == sorted(candidates)
     assert classes.bincount(minlength=4)[sorted(candidates)].tolist() == [7] * len(candidates)
-    for query, positive, c in zip(queries, positives, classes.tolist()):
+    for query, positive, c in zip(queries, positives, classes.tolist(), strict=True):
         pixels = candidates[c]
         assert any(torch.equal(query, student[b, :, y, x]) for b, y, x in pixels)
         mean = torch.stack([teacher[b, :, y, x] for b, y, x in pixels]).mean(dim=0)

@@ -40,7 +40,7 @@ def pixel_vectors(features: torch.Tensor, b: int) -> list[list[float]]:
 
 
 def dot(u, v) -> float:
-    return sum(a * b for a, b in zip(u, v))
+    return sum(a * b for a, b in zip(u, v, strict=True))
 
 
 # ---- Eq. 1: feature similarity -------------------------------------------------------------
@@ -260,8 +260,11 @@ def test_lloyd_matches_loop_reference():
     for _ in range(3):
         groups = [[] for _ in centers]
         for p in data:
-            groups[min(range(len(centers)), key=lambda j: sum((a - b) ** 2 for a, b in zip(p, centers[j])))].append(p)
-        centers = [[sum(col) / len(g) for col in zip(*g)] if g else c for g, c in zip(groups, centers)]
+            nearest = min(range(len(centers)),
+                          key=lambda j: sum((a - b) ** 2 for a, b in zip(p, centers[j], strict=True)))
+            groups[nearest].append(p)
+        centers = [[sum(col) / len(g) for col in zip(*g, strict=True)] if g else c
+                   for g, c in zip(groups, centers, strict=True)]
     torch.testing.assert_close(lloyd(points, start, 3), torch.tensor(centers), atol=1e-5, rtol=1e-5)
 
 
@@ -291,14 +294,15 @@ def reference_bank_update(prototypes, initialized, features, labels, gamma):
             continue
         bank = prototypes[k].tolist()
         received = [[] for _ in bank]
-        for f, label in zip(features.tolist(), labels.tolist()):
+        for f, label in zip(features.tolist(), labels.tolist(), strict=True):
             if label == k:
-                nearest = min(range(len(bank)), key=lambda j: sum((a - b) ** 2 for a, b in zip(f, bank[j])))
+                nearest = min(range(len(bank)),
+                              key=lambda j: sum((a - b) ** 2 for a, b in zip(f, bank[j], strict=True)))
                 received[nearest].append(f)
         for j, group in enumerate(received):
             if group:
-                mean = [sum(col) / len(group) for col in zip(*group)]
-                new[k, j] = torch.tensor([gamma * b + (1 - gamma) * m for b, m in zip(bank[j], mean)])
+                mean = [sum(col) / len(group) for col in zip(*group, strict=True)]
+                new[k, j] = torch.tensor([gamma * b + (1 - gamma) * m for b, m in zip(bank[j], mean, strict=True)])
     return new
 
 

@@ -9,8 +9,16 @@ import math
 import pytest
 import torch
 
-from wsss.methods.base import ADDONS, METHODS, BackboneConfig, DatasetStats, Progress, build_method, \
-    required_inputs, split_views
+from wsss.methods.base import (
+    ADDONS,
+    METHODS,
+    BackboneConfig,
+    DatasetStats,
+    Progress,
+    build_method,
+    required_inputs,
+    split_views,
+)
 from wsss.platform.checkpoints import load_state, restore, save_checkpoint, start_fresh
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.loop import make_optimizer
@@ -71,7 +79,7 @@ def make(spec: str, overrides: dict | None = None):
     return method, make_optimizer(method, config), config
 
 
-def train_steps(method, optimizer, spec, steps, start=0, epochs=2, device=torch.device("cpu")):
+def train_steps(method, optimizer, spec, steps, start=0, epochs=2, device="cpu"):
     generator = torch.Generator().manual_seed(1000 + start)
     history = []
     for step in range(start, start + steps):
@@ -102,11 +110,11 @@ def test_method_trains_checkpoints_and_resumes_exactly(spec, tmp_path):
     resumed, resumed_optimizer, _ = make(spec)
     assert restore(load_state(tmp_path), resumed, resumed_optimizer) == (1, 2)
     replayed = train_steps(resumed, resumed_optimizer, spec, steps=2, start=2)
-    for got, want in zip(replayed, continued):
+    for got, want in zip(replayed, continued, strict=True):
         assert got.keys() == want.keys()
         assert [got[k] for k in want] == pytest.approx([want[k] for k in want], rel=1e-4, abs=1e-5), \
             "resume must reproduce training"
-    for (name, a), (_, b) in zip(method.state_dict().items(), resumed.state_dict().items()):
+    for (name, a), (_, b) in zip(method.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), f"{spec}: state {name} differs after resume"
 
 

@@ -104,7 +104,7 @@ def read_back(manifest, split) -> list[dict]:
 
 def assert_rows_equal_samples(rows: list[dict], samples: list[Sample]):
     assert [row["id"] for row in rows] == [sample.id for sample in samples]
-    for row, sample in zip(rows, samples):
+    for row, sample in zip(rows, samples, strict=True):
         assert row["image"] == sample.image  # byte for byte, never re-encoded
         if sample.mask is None:
             assert row["mask"] is None
@@ -126,7 +126,7 @@ def test_coco_tree_round_trips_with_manifest_and_skips(tmp_path):
         entries = manifest.splits[split]["files"]
         assert [entry["rows"] for entry in entries] == files_expected
         assert manifest.rows(split) == len(samples) == sum(files_expected)
-        for entry, uri in zip(entries, manifest.files(split)):
+        for entry, uri in zip(entries, manifest.files(split), strict=True):
             with open(uri, "rb") as file:
                 data = file.read()
             assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)

@@ -112,4 +112,4 @@ def score_at_threshold(confusions: np.ndarray, threshold: float, thresholds=THRE
     per_class, mean = scores[thresholds.index(threshold)]
     return {"miou": float(mean), "threshold": float(threshold),
             "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class],
-            "miou_by_threshold": {str(t): float(s[1]) for t, s in zip(thresholds, scores)}}
+            "miou_by_threshold": {str(t): float(s[1]) for t, s in zip(thresholds, scores, strict=True)}}

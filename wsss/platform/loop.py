@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -18,12 +18,19 @@ import torch.nn.functional as F
 
 from wsss.datasets.augment import AugmentConfig
 from wsss.methods.base import DatasetStats, Method, Progress, build_method, required_inputs
-from wsss.platform.cams import (THRESHOLDS, best_threshold, image_tensor, normalize_images, normalized_cams,
-                               region_counts, threshold_confusions, threshold_predictions)
+from wsss.platform.cams import (
+    THRESHOLDS,
+    best_threshold,
+    image_tensor,
+    normalize_images,
+    normalized_cams,
+    region_counts,
+    threshold_confusions,
+    threshold_predictions,
+)
 from wsss.platform.checkpoints import start_fresh
 from wsss.platform.config import TrainConfig
-from wsss.platform.metrics import (REGION_COUNTS, confusion_matrix, cooccurrence_confusion, miou,
-                                   region_rates)
+from wsss.platform.metrics import REGION_COUNTS, confusion_matrix, cooccurrence_confusion, miou, region_rates
 
 logger = logging.getLogger(__name__)
 
