@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_method_contract import SIZE, K, check_bfloat16_epoch, compositions, make, train_steps
+from tests.helpers.contract import SIZE, K, check_bfloat16_epoch, compositions, make, train_steps
 from wsss.platform.checkpoints import load_method, load_state, restore, save_checkpoint
 from wsss.platform.loop import evaluate_rows, make_optimizer
 

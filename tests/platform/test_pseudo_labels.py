@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.ray_state import alive_actors, all_cpus_free
+from tests.helpers.ray_state import alive_actors, all_cpus_free
 from wsss.cli import build_parser
 from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import decode_mask, read_manifest, verify_checksums

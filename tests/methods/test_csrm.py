@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from tests.helpers import ROOT
 from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method, valid_at
 from wsss.methods.csrm import CSRM, CSRMConfig
 from wsss.methods.csrm_bank import NegativeBank
@@ -678,7 +678,7 @@ def test_bad_configuration_and_missing_raw_are_named():
 def test_the_ground_truth_upper_bound_script_runs_an_epoch(shards, tmp_path):
     """benchmarks/csrm_oracle.py (docs/results.md): one epoch with the ground truth as L_s's
     labels. In its own process: the script patches `csrm` and the plain loop's pipeline."""
-    script = Path(__file__).parents[1] / "benchmarks" / "csrm_oracle.py"
+    script = ROOT / "benchmarks" / "csrm_oracle.py"
     result = subprocess.run([sys.executable, str(script), "--data", shards, "--labels", "ground-truth", "--epochs", "1"],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,7 +8,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import scipy.io
-from voc_tree import (
+
+from tests.helpers.voc_tree import (
     DETECTION_ONLY,
     NO_XML,
     TRAIN_AUG,
@@ -20,7 +21,6 @@ from voc_tree import (
     write_palette_png,
     write_sbd_mat,
 )
-
 from wsss.datasets.base import build_reader
 from wsss.datasets.voc import VOC_CLASSES, VOCReader
 from wsss.io import DataError

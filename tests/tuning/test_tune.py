@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tests.helpers.runs import tiny_sweep_config, write_run
 from wsss.methods.base import ADDONS, METHODS, method_parts, required_inputs
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.tuning.spaces import SHARED, SpaceError, build_space, load_space_file, tunable_keys
@@ -206,13 +207,6 @@ def test_space_is_picklable_for_tune_checkpoints():
 
 # ---- sweeps on a real local Ray ------------------------------------------------------
 
-def tiny_config(shards: str, storage, method: str = "cam+fsae", **values) -> TrainConfig:
-    settings = dict(method=method, data=shards, storage_path=str(storage), epochs=1, batch_size=8,
-                    crop_size=64, backbone="resnet18", backbone_weights="none", eval_max_images=4,
-                    wandb="offline")
-    return TrainConfig(**{**settings, **values})
-
-
 @pytest.mark.parametrize("change, message", [
     (dict(trials=0), "--trials 0: must be >= 1"),
     (dict(scheduler="hyperband"), "--scheduler 'hyperband': must be asha or none"),
@@ -229,7 +223,7 @@ def test_bad_sweep_settings_fail_before_ray_starts(shards, tmp_path, change, mes
     from wsss.io import DataError
     from wsss.tuning.tune import run_sweep
 
-    config = tiny_config(shards, tmp_path, **change.pop("config", {}))
+    config = tiny_sweep_config(shards, tmp_path, **change.pop("config", {}))
     was_running = ray.is_initialized()
     with pytest.raises((SpaceError, ConfigError, DataError), match=re.escape(message)):
         run_sweep(config, **{"trials": 2, "name": "bad", **change})
@@ -242,7 +236,7 @@ def test_existing_sweep_name_needs_resume(shards, tmp_path):
 
     write_json(str(tmp_path / "taken" / "sweep.json"), {"name": "taken"})
     with pytest.raises(ConfigError, match="already exists.*--resume"):
-        run_sweep(tiny_config(shards, tmp_path), trials=2, name="taken")
+        run_sweep(tiny_sweep_config(shards, tmp_path), trials=2, name="taken")
 
 
 def test_resume_needs_tune_state(shards, tmp_path):
@@ -251,7 +245,7 @@ def test_resume_needs_tune_state(shards, tmp_path):
 
     write_json(str(tmp_path / "early" / "sweep.json"), {"name": "early"})  # killed before Tune started
     with pytest.raises(ConfigError, match="no Tune experiment state"):
-        run_sweep(tiny_config(shards, tmp_path), trials=2, name="early", resume=True)
+        run_sweep(tiny_sweep_config(shards, tmp_path), trials=2, name="early", resume=True)
 
 
 def test_cli_requires_method_data_trials_unless_resuming(shards, tmp_path):
@@ -278,7 +272,7 @@ def tiny_sweep(ray_local, shards, tmp_path_factory):
     from wsss.tuning.tune import run_sweep
 
     storage = tmp_path_factory.mktemp("sweeps")
-    summary = run_sweep(tiny_config(shards, storage), trials=2, name="tiny", seed=3)
+    summary = run_sweep(tiny_sweep_config(shards, storage), trials=2, name="tiny", seed=3)
     return summary, storage / "tiny"
 
 
@@ -439,27 +433,6 @@ def test_killed_driver_resumes_and_finishes_the_requested_trials(ray_local, shar
 
 # ---- report from run directories -----------------------------------------------------
 
-def write_run(storage: Path, name: str, mious: list[float], *, full: float | None = None, **values) -> Path:
-    """A run directory as `wsss train` leaves it: one checkpoint per epoch (a stand-in module)."""
-    import torch
-
-    from wsss.platform.checkpoints import save_checkpoint
-
-    config = TrainConfig(**{"method": "cam", **values}).to_dict()
-    module = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
-    run = storage / name
-    for epoch, miou in enumerate(mious, start=1):
-        folder = run / f"checkpoint_2026-01-01_00-00-0{epoch}"
-        folder.mkdir(parents=True)
-        save_checkpoint(folder, module, optimizer, epoch=epoch, step=epoch, config=config,
-                        dataset={"name": "synthetic", "classes": ["background", "a"]},
-                        metrics={"epoch": epoch, "miou": miou, "threshold": 0.3})
-    if full is not None:
-        (run / "results.json").write_text(json.dumps({"miou": full}))
-    return run
-
-
 def test_trials_and_integer_parameters_get_whole_number_ticks():
     from wsss.tuning.plots import integer_ticks
 
@@ -536,7 +509,7 @@ def test_a_diverged_trial_is_marked_diverged_scores_0_and_is_never_the_best(ray_
 
     # TPE's seeded start samples lr 1e30 (NaN loss in its first epoch), then 0.02
     space = {"lr": {"type": "categorical", "choices": [0.02, 1e30]}}
-    summary = run_sweep(tiny_config(shards, tmp_path, method="cam"), trials=2, space_specs=space, seed=0,
+    summary = run_sweep(tiny_sweep_config(shards, tmp_path, method="cam"), trials=2, space_specs=space, seed=0,
                         name="nan", concurrency=1, evaluate_best=False)
     assert summary["finished"] == 1 and summary["errored"] == 0 and len(summary["diverged"]) == 1
     (diverged_id, note), = summary["diverged"].items()

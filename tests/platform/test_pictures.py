@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import wandb_records
+from tests.helpers import wandb_records
 from wsss.platform.pictures import (
     IGNORE_COLOUR,
     cam_panel,
