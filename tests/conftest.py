@@ -22,6 +22,18 @@ def _wandb_dir(tmp_path_factory):
     os.environ["WANDB_DIR"] = str(tmp_path_factory.mktemp("wandb"))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny convolutions on a shared 2-core machine: a second intra-op thread only spins
+    against other processes (10× slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray (2 CPUs) shared by every test that needs it; started like the CLI
@@ -65,6 +77,18 @@ def shards(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("synthetic")
     prepare("synthetic", str(root / "tree"), str(root / "shards"), preset="test")
     return str(root / "shards")
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(ray_local, shards, tmp_path_factory):
+    """A real 2-trial sweep of `cam+fsae` on the session's Ray: (its summary, its folder).
+    Read-only: tests/tuning/test_tune.py checks it, tests/tuning/test_report.py reports it."""
+    from tests.helpers.runs import tiny_sweep_config
+    from wsss.tuning.tune import run_sweep
+
+    storage = tmp_path_factory.mktemp("sweeps")
+    summary = run_sweep(tiny_sweep_config(shards, storage), trials=2, name="tiny", seed=3)
+    return summary, storage / "tiny"
 
 
 @pytest.fixture(scope="module")

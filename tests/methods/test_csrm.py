@@ -1,5 +1,7 @@
-"""`csrm`: each equation against a loop-based reference written from the paper, ClassMix that
-really mixes, the FIFO bank, CRF pseudo-labels, checkpoints, two DDP replicas, and training."""
+"""The `csrm` method (`wsss/methods/csrm.py`): the σ_s2c ramps, one training step's terms and
+forwards, its representation branch, checkpoints, two DDP replicas, starting from a `cam`
+run, its settings, and the ground-truth upper-bound script. Its parts have their own files:
+test_csrm_{teacher,losses,bank,contrast,pseudo}.py."""
 
 from __future__ import annotations
 
@@ -11,23 +13,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from tests.helpers import ROOT
 from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method, valid_at
 from wsss.methods.csrm import CSRM, CSRMConfig
-from wsss.methods.csrm_bank import NegativeBank
 from wsss.methods.csrm_contrast import negative_candidates, select_queries
-from wsss.methods.csrm_losses import classmix, info_nce, mix_like, reliable_mask, resize_labels, s2c_loss
-from wsss.methods.csrm_pseudo import CRFPseudoLabeler, cam_pseudo_label
-from wsss.methods.csrm_teacher import ema_decay, ema_update
+from wsss.methods.csrm_losses import reliable_mask, s2c_loss
 from wsss.platform.checkpoints import load_method, save_checkpoint, start_fresh
 from wsss.platform.config import ConfigError, TrainConfig
 
@@ -35,134 +32,46 @@ K = 3
 SIZE = 64
 TINY = BackboneConfig("resnet18", 16, "none")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny convolutions on a shared 2-core machine: a second thread only spins (10× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-# ---- EMA teacher ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("warmup", [0, 5])
-def test_ema_decay_copies_during_warmup_then_follows_the_formula(warmup):
-    for step in range(60):
-        expected = 0.0 if step < warmup else min(1.0 - 1.0 / (1.0 + step - warmup), 0.99)
-        assert ema_decay(step, warmup) == pytest.approx(expected, abs=1e-12)
-    assert ema_decay(warmup, warmup) == 0.0  # first step after warm-up: still a copy
-    assert ema_decay(warmup + 1, warmup) == pytest.approx(0.5)
-    assert ema_decay(10_000, warmup, max_decay=0.9) == pytest.approx(0.9)
+def make_method(spec: str = "csrm", **overrides) -> CSRM:
+    torch.manual_seed(0)
+    config = CSRMConfig(**{"crf_workers": 0, "query_threshold": 0.0, **overrides})
+    method = build_method(spec, K, {"csrm": config}, TINY)
+    method.on_dataset(DatasetStats(3, torch.tensor([[1, 1, 0, 1], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)))
+    return method
 
 
-def small_network(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
-    net(torch.randn(2, 3, 5, 5))  # train mode: moves the BatchNorm statistics
-    return net
+def random_batch(generator: torch.Generator, batch: int = 2) -> dict:
+    labels = (torch.rand(batch, K, generator=generator) < 0.5).float()
+    labels[torch.arange(batch), torch.arange(batch) % K] = 1.0
+    valid = torch.ones(batch, SIZE, SIZE, dtype=torch.bool)
+    valid[:, :, -8:] = False
+    return {"image": torch.randn(batch, 3, SIZE, SIZE, generator=generator), "labels": labels, "valid": valid,
+            "raw": torch.randint(0, 256, (batch, SIZE, SIZE, 3), generator=generator, dtype=torch.uint8)}
 
 
-@pytest.mark.parametrize("decay", [0.0, 0.3, 0.99])
-def test_ema_update_averages_parameters_and_copies_buffers(decay):
-    teacher, student = small_network(0), small_network(1)
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    ema_update(teacher, student, decay)
-    params = dict(teacher.named_parameters())
-    student_state = student.state_dict()
-    for name, value in teacher.state_dict().items():
-        if name in params:  # element by element: decay·teacher + (1 − decay)·student
-            old, new = before[name].flatten().tolist(), student_state[name].flatten().tolist()
-            expected = [decay * t + (1 - decay) * s for t, s in zip(old, new, strict=True)]
-            assert value.flatten().tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
-        else:
-            assert torch.equal(value, student_state[name]), f"buffer {name} must be copied"
-    if decay == 0.0:
-        assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters(), strict=True))
+def train(method: CSRM, steps: int, steps_per_epoch: int = 1, epochs: int = 3, seed: int = 0,
+          lr: float = 1e-4) -> list[dict]:
+    optimizer = torch.optim.SGD(method.param_groups(lr), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    method.train()
+    for step in range(steps):
+        progress = Progress(epoch=step // steps_per_epoch, step=step, steps_per_epoch=steps_per_epoch,
+                            epochs=epochs)
+        terms = method.training_step(random_batch(generator), progress)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.after_step(progress)
+        history.append({k: float(v.detach()) for k, v in terms.items()})
+    return history
 
 
-# ---- Eqs. 10-11: entropy and the reliable mask ---------------------------------------------
-
-def reference_quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def reference_reliable(probs: torch.Tensor, keep: float, valid: torch.Tensor):
-    batch, classes, height, width = probs.shape
-    entropy = {}
-    for b in range(batch):
-        for y in range(height):
-            for x in range(width):
-                if valid[b, y, x]:
-                    ps = [float(probs[b, c, y, x]) for c in range(classes)]
-                    entropy[b, y, x] = -sum(p * math.log(p) for p in ps if p > 0)  # 0·log 0 = 0
-    threshold = reference_quantile(list(entropy.values()), keep) if entropy else None
-    return entropy, threshold
-
-
-@pytest.mark.parametrize("keep", [0.0, 0.3, 0.8, 1.0])
-def test_reliable_mask_matches_loop_reference(keep):
-    generator = torch.Generator().manual_seed(3)
-    probs = torch.softmax(3 * torch.randn(2, 4, 5, 6, generator=generator), dim=1)
-    probs[0, :, 0, :] = torch.tensor([1.0, 0.0, 0.0, 0.0])[:, None]  # exact zeros: 0·log 0
-    probs[1, :, 1, 1] = torch.tensor([0.5, 0.5, 0.0, 0.0])
-    valid = torch.rand(2, 5, 6, generator=generator) > 0.3
-    mask = reliable_mask(probs, keep, valid)
-    entropy, threshold = reference_reliable(probs, keep, valid)
-    assert mask.dtype == torch.bool and mask.shape == valid.shape
-    assert not mask[~valid].any()
-    for (b, y, x), h in entropy.items():
-        if abs(h - threshold) > 1e-5:  # exactly at the threshold: float32 vs float64
-            assert bool(mask[b, y, x]) == (h <= threshold), (b, y, x, h, threshold)
-    if keep == 1.0:
-        assert torch.equal(mask, valid)
-
-
-def test_reliable_mask_edge_cases():
-    probs = torch.zeros(1, 3, 2, 2)
-    probs[:, 0] = 1.0  # one-hot everywhere: entropy 0, not NaN
-    assert reliable_mask(probs, 0.5).all()
-    assert not reliable_mask(probs, 0.5, torch.zeros(1, 2, 2, dtype=torch.bool)).any()
-    with pytest.raises(ValueError, match="keep_fraction"):
-        reliable_mask(probs, 1.5)
-
-
-# ---- Eqs. 8-9: activation consistency --------------------------------------------------------
-
-def reference_s2c(cams, bg, teacher, sigma):
-    batch, classes, height, width = cams.shape
-    total, count = 0.0, 0
-    for b in range(batch):
-        for y in range(height):
-            for x in range(width):
-                t = [float(teacher[b, c, y, x]) for c in range(classes + 1)]
-                if max(t) <= sigma:
-                    continue
-                star = t.index(max(t))
-                logits = [float(bg[b, 0, y, x])] + [float(cams[b, c, y, x]) for c in range(classes)]
-                log_q = logits[star] - math.log(sum(math.exp(v) for v in logits))
-                total -= log_q
-                count += 1
-    return total / count
-
-
-def test_s2c_loss_matches_loop_reference_and_leaves_the_background_alone():
-    generator = torch.Generator().manual_seed(4)
-    cams = torch.randn(2, 3, 4, 5, generator=generator, requires_grad=True)
-    bg = torch.randn(2, 1, 4, 5, generator=generator, requires_grad=True)
-    teacher = torch.softmax(2 * torch.randn(2, 4, 4, 5, generator=generator), dim=1)
-    loss = s2c_loss(cams, bg, teacher, 0.4)
-    assert loss.item() == pytest.approx(reference_s2c(cams.detach(), bg.detach(), teacher, 0.4), rel=1e-5)
-    loss.backward()
-    assert bg.grad is None, "the background logit is a constant in Eq. 9"
-    assert cams.grad.abs().sum() > 0
-    nobody = s2c_loss(cams, bg, teacher, 1.0)  # σ = 1: no pixel is confident enough
-    assert nobody.item() == 0.0 and nobody.requires_grad
-
+# ---- the σ_s2c ramps ------------------------------------------------------------------------------
 
 # σ_s2c ramp: 10 epochs of 10 steps, the first epoch warm-up. "threshold" (the paper's text,
 # Sec. 4): σ rises 0.1 -> 1 over training, λ_s2c fixed. "weight" (the authors' code): σ fixed,
@@ -207,245 +116,7 @@ def test_bad_s2c_ramp_is_named():
         CSRMConfig(s2c_ramp="sigma")
 
 
-# ---- Eq. 13: InfoNCE --------------------------------------------------------------------------
-
-def reference_info_nce(queries, positives, negatives, tau):
-    def cos(a, b):
-        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
-
-    losses = []
-    for q, p, ns in zip(queries.tolist(), positives.tolist(), negatives.tolist(), strict=True):
-        positive = math.exp(cos(q, p) / tau)
-        negative = sum(math.exp(cos(q, n) / tau) for n in ns)
-        losses.append(-math.log(positive / (positive + negative)))
-    return sum(losses) / len(losses)
-
-
-def test_info_nce_matches_loop_reference():
-    generator = torch.Generator().manual_seed(5)
-    queries = torch.randn(6, 4, generator=generator, requires_grad=True)
-    positives = torch.randn(6, 4, generator=generator)
-    negatives = torch.randn(6, 7, 4, generator=generator)
-    loss = info_nce(queries, positives, negatives, 0.5)
-    assert loss.item() == pytest.approx(reference_info_nce(queries.detach(), positives, negatives, 0.5), rel=1e-5)
-    loss.backward()
-    assert queries.grad.abs().sum() > 0
-    assert info_nce(queries[:0], positives[:0], negatives[:0], 0.5).item() == 0.0
-
-
-# ---- ClassMix ----------------------------------------------------------------------------------
-
-def blocky_labels(batch: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Label maps of 4×4 blocks of classes 0..5, with some ignore (255) blocks."""
-    blocks = torch.randint(0, 7, (batch, size // 4, size // 4), generator=generator)
-    blocks[blocks == 6] = 255
-    return blocks.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
-
-
-def test_classmix_pastes_half_of_each_partners_foreground_classes():
-    generator = torch.Generator().manual_seed(6)
-    images = torch.randn(4, 3, 16, 16, generator=generator)
-    labels = blocky_labels(4, 16, generator)
-    mixed, mixed_labels, masks = classmix(images, labels, torch.Generator().manual_seed(0))
-    for i in range(4):
-        partner = (i + 1) % 4
-        foreground = set(labels[partner].unique().tolist()) - {0, 255}
-        pasted = set(labels[partner][masks[i]].unique().tolist())
-        assert pasted <= foreground and len(pasted) == math.ceil(len(foreground) / 2), (i, foreground, pasted)
-        assert torch.equal(masks[i], torch.isin(labels[partner], torch.tensor(sorted(pasted))))
-        assert torch.equal(mixed_labels[i], torch.where(masks[i], labels[partner], labels[i]))
-        assert torch.equal(mixed[i], torch.where(masks[i], images[partner], images[i]))
-    assert masks.flatten(1).any(dim=1).all(), "every image must receive pixels: ClassMix has to mix"
-    assert not torch.equal(mixed, images)
-    again = classmix(images, labels, torch.Generator().manual_seed(0))
-    assert all(torch.equal(a, b) for a, b in zip(again, (mixed, mixed_labels, masks), strict=True))
-
-
-def test_classmix_probability_and_mix_like():
-    generator = torch.Generator().manual_seed(7)
-    images = torch.randn(3, 3, 16, 16, generator=generator)
-    labels = blocky_labels(3, 16, generator)
-    mixed, mixed_labels, masks = classmix(images, labels, generator, probability=0.0)
-    assert not masks.any() and torch.equal(mixed, images) and torch.equal(mixed_labels, labels)
-    _, _, masks = classmix(images, labels, generator)
-    probs = torch.rand(3, 5, 4, 4, generator=generator)  # a quarter of the resolution
-    small_masks = masks[:, 2::4, 2::4]  # each 4×4 cell's centre
-    expected = torch.where(small_masks[:, None], probs.roll(-1, 0), probs)
-    assert torch.equal(mix_like(probs, masks), expected)
-
-
-@pytest.mark.parametrize("size", [320, 321])
-def test_teacher_targets_mix_where_the_image_mixes_at_any_crop_size(size):
-    """The teacher's quarter-resolution labels go up to the crop for ClassMix and its masks
-    come back down to mix the teacher's targets: the round trip must not shift them."""
-    generator = torch.Generator().manual_seed(3)
-    small = (size + 3) // 4
-    labels = torch.randint(0, 4, (2, small, small), generator=generator)
-    masks = resize_labels(labels, (size, size)) == 2
-    targets = torch.rand(2, 4, small, small, generator=generator)
-    expected = torch.where((labels == 2)[:, None], targets.roll(-1, 0), targets)
-    assert torch.equal(mix_like(targets, masks), expected)
-
-
-# ---- the FIFO bank -------------------------------------------------------------------------------
-
-def test_negative_bank_is_a_fixed_size_fifo_per_class():
-    bank = NegativeBank(num_rows=3, size=4, dim=2)
-    pushed = {0: [], 1: [], 2: []}
-    counter = 0
-    for classes in ([0, 1, 0], [1, 1, 1, 1, 1, 1, 0], [], [0, 0, 0, 1]):
-        items = []
-        for c in classes:
-            counter += 1
-            items.append([float(counter), float(c)])
-            pushed[c].append([float(counter), float(c)])
-        bank.push(torch.tensor(items).reshape(-1, 2), torch.tensor(classes, dtype=torch.long))
-        for c in range(3):
-            expected = pushed[c][-4:]  # the newest `size`, oldest first
-            assert bank.ordered(c).tolist() == expected
-            assert int(bank.count[c]) == len(expected)
-    drawn = bank.sample(torch.tensor([0, 1, 1]), 50, torch.Generator().manual_seed(0))
-    assert drawn.shape == (3, 50, 2)
-    assert set(map(tuple, drawn[0].tolist())) <= set(map(tuple, pushed[0][-4:]))
-    assert set(map(tuple, drawn[1].tolist())) <= set(map(tuple, pushed[1][-4:]))
-    with pytest.raises(ValueError, match="no entries"):
-        bank.sample(torch.tensor([2]), 3)
-
-
-# ---- Sec. 3.2.5: which pixels are contrasted ----------------------------------------------------
-
-def test_negative_candidates_match_loop_reference():
-    generator = torch.Generator().manual_seed(8)
-    probs = torch.softmax(2 * torch.randn(2, 8, 3, 4, generator=generator), dim=1)
-    rep = torch.randn(2, 5, 3, 4, generator=generator)
-    high = torch.rand(2, 3, 4, generator=generator) > 0.4
-    image_classes = torch.tensor([[1, 1, 0, 0, 1, 0, 0, 0], [1, 0, 1, 1, 0, 0, 1, 1]], dtype=torch.bool)
-    items, classes = negative_candidates(rep, probs, high, image_classes, 2, 5, per_class=10_000)
-    expected = []
-    for b in range(2):
-        for y in range(3):
-            for x in range(4):
-                if not high[b, y, x]:
-                    continue
-                for c in range(8):
-                    rank = 1 + sum(float(probs[b, o, y, x]) > float(probs[b, c, y, x]) for o in range(8))
-                    if (rank <= 2 and not image_classes[b, c]) or 2 < rank <= 5:
-                        unit = rep[b, :, y, x] / rep[b, :, y, x].norm()
-                        expected.append((c, tuple(round(v, 5) for v in unit.tolist())))
-    got = [(c, tuple(round(v, 5) for v in item)) for c, item in zip(classes.tolist(), items.tolist(), strict=True)]
-    assert sorted(got) == sorted(expected)
-    few_items, few_classes = negative_candidates(rep, probs, high, image_classes, 2, 5, per_class=1)
-    assert few_classes.bincount().max() == 1
-
-
-def test_queries_are_confident_low_entropy_pixels_and_positives_their_class_mean():
-    generator = torch.Generator().manual_seed(9)
-    probs = torch.softmax(2 * torch.randn(2, 4, 3, 3, generator=generator), dim=1)
-    student = torch.randn(2, 6, 3, 3, generator=generator)
-    teacher = torch.randn(2, 6, 3, 3, generator=generator)
-    pseudo = torch.randint(0, 4, (2, 3, 3), generator=generator)
-    pseudo[0, 0] = 255
-    low = torch.rand(2, 3, 3, generator=generator) > 0.3
-    queries, positives, classes = select_queries(student, teacher, probs, pseudo, low, 0.2, 7,
-                                                 torch.Generator().manual_seed(0))
-    candidates = {}
-    for b in range(2):
-        for y in range(3):
-            for x in range(3):
-                c = int(pseudo[b, y, x])
-                if c != 255 and low[b, y, x] and probs[b, c, y, x] > 0.2:
-                    candidates.setdefault(c, []).append((b, y, x))
-    assert sorted(set(classes.tolist())) == sorted(candidates)
-    assert classes.bincount(minlength=4)[sorted(candidates)].tolist() == [7] * len(candidates)
-    for query, positive, c in zip(queries, positives, classes.tolist(), strict=True):
-        pixels = candidates[c]
-        assert any(torch.equal(query, student[b, :, y, x]) for b, y, x in pixels)
-        mean = torch.stack([teacher[b, :, y, x] for b, y, x in pixels]).mean(dim=0)
-        torch.testing.assert_close(positive, mean)
-
-
-# ---- Eqs. 2 and 6: CRF pseudo-labels ---------------------------------------------------------------
-
-def square_scene(size: int = 32):
-    """A bright square (CAM 1), a mid-grey ring around it (CAM 0.2), dark elsewhere (CAM 0)."""
-    rng = np.random.default_rng(0)
-    region = np.zeros((size, size), np.int64)
-    region[4:28, 4:28] = 1
-    region[10:22, 10:22] = 2
-    colours = np.array([30, 120, 230])
-    image = (colours[region][..., None] + rng.integers(-5, 6, (size, size, 3))).clip(0, 255).astype(np.uint8)
-    cam = np.array([0.0, 0.2, 1.0], np.float32)[region] * 3.0  # logits; ψ divides by the max
-    return image, cam[None], region
-
-
-def test_pseudo_label_is_class_where_confident_background_where_cold_and_uncertain_between():
-    image, cams, region = square_scene()
-    valid = np.ones(region.shape, bool)
-    valid[:, -2:] = False
-    labels = cam_pseudo_label(image, cams, np.array([3]), valid, 0.35, 0.05)
-    inside = np.zeros_like(valid)
-    inside[2:-2, 2:-4] = True  # away from region borders and padding
-    for value, expected in ((2, 3), (1, 255), (0, 0)):
-        core = (region == value) & inside
-        assert (labels[core] == expected).mean() > 0.95, (value, np.unique(labels[core], return_counts=True))
-    assert (labels[:, -2:] == 255).all(), "padding is never labelled"
-    none = cam_pseudo_label(image, cams[:0], np.array([], np.int64), valid, 0.35, 0.05)
-    assert (none[valid] == 0).all()
-
-
-def test_pseudo_labels_from_worker_processes_equal_the_in_process_ones():
-    image, cams, _ = square_scene()
-    raw = torch.from_numpy(np.stack([image, image[::-1].copy()]))
-    cam_logits = torch.zeros(2, K, 32, 32)
-    cam_logits[0, 1] = torch.from_numpy(cams[0])
-    cam_logits[1, 2] = torch.from_numpy(cams[0]).flip(0)
-    labels = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    valid = torch.ones(2, 32, 32, dtype=torch.bool)
-    in_process = CRFPseudoLabeler(0, 0.35, 0.05).submit(raw, cam_logits, labels, valid).result("cpu")
-    pooled_labeler = CRFPseudoLabeler(1, 0.35, 0.05)
-    pooled = pooled_labeler.submit(raw, cam_logits, labels, valid).result("cpu")
-    assert torch.equal(pooled, in_process)
-    assert set(in_process[0].unique().tolist()) == {0, 2, 255} and 3 in in_process[1].unique().tolist()
-    assert pooled_labeler.wait_seconds > 0
-
-
-# ---- the method ------------------------------------------------------------------------------------
-
-def make_method(spec: str = "csrm", **overrides) -> CSRM:
-    torch.manual_seed(0)
-    config = CSRMConfig(**{"crf_workers": 0, "query_threshold": 0.0, **overrides})
-    method = build_method(spec, K, {"csrm": config}, TINY)
-    method.on_dataset(DatasetStats(3, torch.tensor([[1, 1, 0, 1], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)))
-    return method
-
-
-def random_batch(generator: torch.Generator, batch: int = 2) -> dict:
-    labels = (torch.rand(batch, K, generator=generator) < 0.5).float()
-    labels[torch.arange(batch), torch.arange(batch) % K] = 1.0
-    valid = torch.ones(batch, SIZE, SIZE, dtype=torch.bool)
-    valid[:, :, -8:] = False
-    return {"image": torch.randn(batch, 3, SIZE, SIZE, generator=generator), "labels": labels, "valid": valid,
-            "raw": torch.randint(0, 256, (batch, SIZE, SIZE, 3), generator=generator, dtype=torch.uint8)}
-
-
-def train(method: CSRM, steps: int, steps_per_epoch: int = 1, epochs: int = 3, seed: int = 0,
-          lr: float = 1e-4) -> list[dict]:
-    optimizer = torch.optim.SGD(method.param_groups(lr), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    history = []
-    method.train()
-    for step in range(steps):
-        progress = Progress(epoch=step // steps_per_epoch, step=step, steps_per_epoch=steps_per_epoch,
-                            epochs=epochs)
-        terms = method.training_step(random_batch(generator), progress)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        method.after_step(progress)
-        history.append({k: float(v.detach()) for k, v in terms.items()})
-    return history
-
+# ---- training steps ----------------------------------------------------------------------------------
 
 def test_trains_in_a_plain_loop_with_every_term_after_warmup():
     method = make_method()

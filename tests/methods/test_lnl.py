@@ -478,15 +478,6 @@ def test_config_rejects_bad_values_by_name():
     assert (LNLConfig().similarity, LNLConfig().seed_threshold) == ("sigmoid", 0.3)
 
 
-@pytest.fixture
-def one_thread():
-    """The tests share a 2-core machine: intra-op threads only spin against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_lnl(**overrides):
     torch.manual_seed(0)
     config = LNLConfig(**{"seed_threshold": 0.3, "num_prototypes": 8, "warmup_epochs": 1, **overrides})
@@ -501,7 +492,7 @@ def fixed_batch():
             "labels": torch.tensor([[1.0, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1]])}
 
 
-def test_lnl_trains_in_a_plain_loop_and_losses_decrease(one_thread):
+def test_lnl_trains_in_a_plain_loop_and_losses_decrease(one_torch_thread):
     method = tiny_lnl()
     batch = fixed_batch()
     optimizer = torch.optim.SGD([{"params": g["params"], "lr": 0.01 * g["lr_mult"]}
@@ -526,7 +517,7 @@ def test_lnl_trains_in_a_plain_loop_and_losses_decrease(one_thread):
     assert totals[-1] < totals[0] and totals[2] < totals[0]
 
 
-def test_only_the_expansion_branchs_classification_loss_trains_dfsm(one_thread):
+def test_only_the_expansion_branchs_classification_loss_trains_dfsm(one_torch_thread):
     """Eq. 19 as written (L_cls + λ·L_con) gives DFSM no gradient: E_e only selects pixels (no
     gradient) and L_con's anchors are F_s features. L_cls(M_e) is its only training signal."""
     method = tiny_lnl(warmup_epochs=0, seed_threshold=0.1, similarity="cosine")  # seeds of two classes: L_con has negatives
@@ -541,7 +532,7 @@ def test_only_the_expansion_branchs_classification_loss_trains_dfsm(one_thread):
     assert all(g is not None and g.any() for g in grads)
 
 
-def test_lnl_exports_and_checkpoints_its_bank(one_thread):
+def test_lnl_exports_and_checkpoints_its_bank(one_torch_thread):
     method = tiny_lnl(warmup_epochs=0)
     batch = fixed_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # seeds and bank stay float32
