@@ -34,6 +34,7 @@ from wsss.platform.cams import (
     score_at_threshold,
     threshold_confusions,
     threshold_predictions,
+    writable_tensor,
 )
 from wsss.platform.checkpoints import CHECKPOINT_CHOICES, load_method
 from wsss.platform.data import eval_dataset
@@ -68,11 +69,11 @@ class CAMScorer:
             image = batch["image"][row]
             labels = torch.tensor(np.asarray(batch["labels"][row]), dtype=torch.float32)  # a copy: read-only batches
             cams = normalized_cams(self.method, image_tensor(image, self.device), labels, self.scales, self.flip)
-            gt = torch.as_tensor(np.asarray(batch["mask"][row]), dtype=torch.int64)
+            gt = writable_tensor(batch["mask"][row], np.int64)
             if self.crf_threshold is None:
                 out.append(threshold_confusions(cams, gt, self.num_classes).cpu().numpy().ravel())
                 if "region" in batch:
-                    region = torch.as_tensor(np.asarray(batch["region"][row]))
+                    region = writable_tensor(batch["region"][row])
                     regions.append(region_counts(threshold_predictions(cams), gt, region).cpu().numpy().ravel())
             else:
                 prediction = crf_prediction(np.asarray(image, np.uint8), cams.cpu().numpy(), labels.numpy(),
