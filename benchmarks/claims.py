@@ -268,7 +268,7 @@ def run_stage2(work: Path, rows: list[dict], seeds: int, epochs: int) -> list[di
             with timed(work, f"stage2: {method}"):
                 checkpoint = trained(work / "runs" / name, epochs) or fit(config).checkpoint.path
                 seg = cached(work / "runs" / name / "results.json",
-                             lambda: evaluate_segmentation(checkpoint, data, split="val"))
+                             lambda checkpoint=checkpoint: evaluate_segmentation(checkpoint, data, split="val"))
             out.append({"method": method, "seed": seed, "source": source, "miou": seg["miou"],
                         "cooccurrence_confusion": seg.get("cooccurrence_confusion"),
                         "oc_pixel_rate": seg["oc_pixel_rate"], "oc_image_rate": seg["oc_image_rate"]})

@@ -22,8 +22,14 @@ import torch
 
 from wsss.datasets.base import IGNORE_INDEX
 from wsss.datasets.reading import eval_rows
-from wsss.methods.lnl import SIMILARITY_KINDS, LNLConfig, class_maps_with_background, consistency_scores, \
-    feature_similarity, seed_labels
+from wsss.methods.lnl import (
+    SIMILARITY_KINDS,
+    LNLConfig,
+    class_maps_with_background,
+    consistency_scores,
+    feature_similarity,
+    seed_labels,
+)
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
 

@@ -37,7 +37,6 @@ from wsss.platform.config import TrainConfig, stored_config
 from lnl_seeds import cell_truth  # benchmarks/, beside this script
 
 
-
 def cell_labels(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """Ground truth [h,w] at the centres of an h×w grid over the mask."""
     return torch.from_numpy(cell_truth(mask, size).astype(np.int64))

@@ -79,7 +79,7 @@ def main() -> None:
     stats = DatasetStats(num_images=200, image_labels=image_labels)
     runs = {spec: build(spec, args, stats) for spec in ("deeplab", "deeplab+ocr")}
     times: dict[str, list[tuple[float, float]]] = {spec: [] for spec in runs}
-    for spec, (method, optimizer) in runs.items():
+    for method, optimizer in runs.values():
         for index in range(2):
             step(method, optimizer, batch, index)  # warm-up: allocator, kernels
     for round_index in range(args.rounds):

@@ -24,8 +24,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 from wsss.datasets.prepare import prepare  # noqa: E402
 from wsss.platform.config import TrainConfig  # noqa: E402
-from wsss.platform.train import fit  # noqa: E402
 from wsss.platform.runtime import ensure_ray  # noqa: E402
+from wsss.platform.train import fit  # noqa: E402
 from wsss.tuning.tune import run_sweep  # noqa: E402
 
 

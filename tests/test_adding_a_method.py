@@ -9,16 +9,20 @@ import math
 import pkgutil
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
 import wsss.methods
+from tests.helpers import ROOT
+from tests.helpers.contract import (
+    check_exports_nonnegative_cams_of_every_class,
+    check_trains_checkpoints_and_resumes_exactly,
+)
 from wsss.methods.base import ADDONS, METHODS, Addon, Method
 from wsss.platform.config import ConfigError, load_config
 from wsss.tuning.spaces import build_space
 
-DOC = Path(__file__).parents[1] / "docs" / "adding_a_method.md"
+DOC = ROOT / "docs" / "adding_a_method.md"
 
 
 @pytest.fixture
@@ -61,13 +65,10 @@ def test_the_example_is_configured_and_swept_like_any_method(example):
 
 
 def test_the_example_passes_the_contract_tests(example, tmp_path):
-    from tests.test_method_contract import (test_method_exports_nonnegative_cams_of_every_class,
-                                            test_method_trains_checkpoints_and_resumes_exactly)
-
     for spec in ("lse", "lse+fsae"):
         (tmp_path / spec).mkdir()
-        test_method_trains_checkpoints_and_resumes_exactly(spec, tmp_path / spec)
-        test_method_exports_nonnegative_cams_of_every_class(spec)
+        check_trains_checkpoints_and_resumes_exactly(spec, tmp_path / spec)
+        check_exports_nonnegative_cams_of_every_class(spec)
 
 
 def test_the_example_trains_in_the_plain_loop(example, shards):

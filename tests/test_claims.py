@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from tests.helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from claims import claims_table, delta, verdict  # noqa: E402
+
 from lnl_seeds import choose  # noqa: E402
 
 

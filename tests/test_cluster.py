@@ -17,10 +17,11 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from tests.helpers import ROOT
 from wsss.platform.runtime import free_port
 from wsss.tuning.tune import HEAD_DRIVER_RESOURCE
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+CLUSTER_YAML = ROOT / "cluster.yaml"
 DEPLOY = CLUSTER_YAML.parent / "deploy" / "aws"
 
 

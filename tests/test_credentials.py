@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from tests.test_s3 import s3, s3_env  # noqa: F401  (fixtures)
 from wsss.io import DataError, is_redacted, public_uri
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.tracking import Tracker, public_config, run_id
@@ -79,13 +78,13 @@ def test_wandb_run_config_keeps_no_credentials_and_its_id_is_unique_per_storage_
 def test_sweep_files_keep_no_database_password(ray_local, shards, tmp_path, capsys):
     """The study storage URL with a password reaches Optuna, not sweep.json or the output;
     --resume asks for it again instead of using the redacted one."""
-    from tests.test_tuning import tiny_config
+    from tests.helpers.runs import tiny_sweep_config
     from wsss.cli import main
     from wsss.tuning.tune import run_sweep
 
     storage = f"postgresql://optuna:{SECRET}@127.0.0.1:9/optuna"  # port 9: nothing listens
     with pytest.raises(Exception) as raised:  # no driver or no server: Optuna fails to open it
-        run_sweep(tiny_config(shards, tmp_path), trials=1, name="pg", study_storage=storage)
+        run_sweep(tiny_sweep_config(shards, tmp_path), trials=1, name="pg", study_storage=storage)
     saved = (tmp_path / "pg" / "sweep.json").read_text()
     assert SECRET not in saved and "postgresql://***@127.0.0.1:9/optuna" in saved
     assert not (tmp_path / "pg" / "owner.json").exists(), "the sweep's lease is released"
@@ -107,7 +106,7 @@ def test_a_run_on_a_credentialed_s3_uri_writes_the_uri_nowhere_with_its_credenti
 
     import torch
 
-    from tests.test_s3 import BUCKET, wsss
+    from tests.helpers.s3 import BUCKET, wsss
     from wsss.cli import main
 
     secret_uri = f"s3://AKIAFAKE:{SECRET}@{BUCKET}/cred"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import ROOT
 
 
 @pytest.mark.slow
@@ -30,7 +31,7 @@ def test_demo_trains_evaluates_and_continues_where_it_stopped(ray_local, tmp_pat
 def test_the_demos_runs_train_in_the_plain_loop_where_ray_is_not_installed(shards, tmp_path):
     """benchmarks/gpu_train.py as a GPU machine without Ray, W&B or Optuna runs it
     (benchmarks/gpu_check.sh): the demo's config, trained and validated in the plain loop."""
-    script = Path(__file__).parents[1] / "benchmarks" / "gpu_train.py"
+    script = ROOT / "benchmarks" / "gpu_train.py"
     argv = [str(script), "--data", shards, "--methods", "cam", "--epochs", "1", "--loader-workers", "0"]
     code = ("import runpy, sys\n"
             "for name in ('ray', 'wandb', 'optuna'):\n"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_method_contract import K, SIZE, check_bfloat16_epoch, compositions, make, train_steps
+from tests.helpers.contract import SIZE, K, check_bfloat16_epoch, compositions, make, train_steps
 from wsss.platform.checkpoints import load_method, load_state, restore, save_checkpoint
 from wsss.platform.loop import evaluate_rows, make_optimizer
 
@@ -55,7 +55,7 @@ def test_method_resumes_exactly_on_the_gpu(spec, overrides, tmp_path):
     assert restore(load_state(tmp_path), resumed, resumed_optimizer) == (1, 2)
     assert tensors_off_the_gpu(resumed) == []
     replayed = train_steps(resumed, resumed_optimizer, spec, steps=2, start=2, device=GPU)
-    for got, want in zip(replayed, continued):
+    for got, want in zip(replayed, continued, strict=True):
         assert [got[k] for k in want] == pytest.approx([want[k] for k in want], rel=1e-3, abs=1e-4), \
             "resume must reproduce training (up to the GPU's non-deterministic atomics)"
 

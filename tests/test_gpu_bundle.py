@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-GPU = Path(__file__).parents[1] / "benchmarks" / "gpu"
+from tests.helpers import ROOT
+
+GPU = ROOT / "benchmarks" / "gpu"
 
 
 def load(name: str):

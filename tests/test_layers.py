@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).parents[1] / "wsss"
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "wsss"
 LAYERS = ("io", "ops", "datasets", "methods", "platform", "tuning", "cli")
 
 

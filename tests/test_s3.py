@@ -12,67 +12,20 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import ray
 import torch
 from pyarrow import fs as pafs
 
+from tests.helpers.s3 import BUCKET, wsss
 from wsss.cli import main
 from wsss.methods.base import BackboneConfig, build_method
 from wsss.platform.checkpoints import latest_checkpoint, start_fresh
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.pseudo_labels import checkpoint_threshold
-from wsss.platform.runtime import free_port
 
-BUCKET = "wsss-test"
 MISSING = "s3://no-such-bucket"
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on 127.0.0.1 with one empty bucket, for this module; yields the
-    environment (endpoint, dummy credentials) a process needs to reach it."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # else one log line per request
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    try:
-        pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing", secret_key="testing",
-                          region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
-        yield env
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3(s3_env, monkeypatch):
-    """The bucket's filesystem, seen through the same environment as the CLI's; in-process
-    CLI calls in the test see it too."""
-    for key, value in s3_env.items():
-        monkeypatch.setenv(key, value)
-    return pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
-
-
-def wsss(args: list[str], s3_env: dict, cwd) -> dict | None:
-    """Run `wsss ARGS` in a fresh process, which starts a local Ray of its own (never joins
-    one); returns the JSON object it printed last, if any."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env |= s3_env | {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    done = subprocess.run([sys.executable, "-m", "wsss", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=400)
-    assert done.returncode == 0, f"wsss {args[0]} failed ({done.returncode}):\n{done.stderr[-6000:]}"
-    printed = re.search(r"^{", done.stdout, re.MULTILINE)
-    return json.loads(done.stdout[printed.start():]) if printed else None
 
 
 def checkpoint_dirs(filesystem: pafs.FileSystem, run_path: str) -> list[str]:
@@ -254,7 +207,7 @@ def write_sweep(folder, mious: list[float]) -> None:
 def test_report_reads_sweeps_and_runs_straight_from_s3(s3, tmp_path):
     """The same tables as from local copies, runs named by their URI, and no weights
     downloaded except for a run whose checkpoint.json predates the recorded config."""
-    from tests.test_tuning import write_run
+    from tests.helpers.runs import write_run
     from wsss.tuning.report import collect, make_report
 
     local = tmp_path / "local"

@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -74,7 +74,7 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig strong_ops={self.strong_ops}, blur_sigma={self.blur_sigma}: "
                              "need strong_ops >= 0 and 0 <= low <= high")
 
-    def for_labels(self, joined: bool) -> "AugmentConfig":
+    def for_labels(self, joined: bool) -> AugmentConfig:
         """This config with the `target` view exactly when pseudo-label shards are joined."""
         if "target" in self.views and not joined:
             raise ValueError("AugmentConfig.views has 'target' but no pseudo-label shards (label_uri) were given")
@@ -147,7 +147,7 @@ class Geometry:
     offset: tuple[int, int]
 
     @staticmethod
-    def sample(width: int, height: int, config: AugmentConfig, rng: np.random.Generator) -> "Geometry":
+    def sample(width: int, height: int, config: AugmentConfig, rng: np.random.Generator) -> Geometry:
         scale = rng.uniform(*config.scale_range)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         flip = bool(rng.uniform() < config.flip_prob)

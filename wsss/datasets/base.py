@@ -7,8 +7,9 @@ decoded to class-index arrays so that every reader hands the shard writer the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 

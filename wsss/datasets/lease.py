@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pyarrow import fs as pafs
 
@@ -60,7 +60,7 @@ class Lease:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -90,7 +90,7 @@ def acquire(folder: str, what: str) -> Lease:
     fs.create_dir(path, recursive=True)
     file = f"{path}/{OWNER_FILE}"
     record = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
-              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "started": datetime.now(UTC).isoformat(timespec="seconds"),
               "heartbeat": time.time(), "token": uuid.uuid4().hex}
     local = isinstance(fs, pafs.LocalFileSystem)
     for _ in range(2):  # the second try follows taking over a stale lease

@@ -8,7 +8,7 @@ geometry, so a pseudo-label made on one view supervises the other pixel for pixe
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps

@@ -8,7 +8,7 @@ module keeps each new worker from spending seconds importing it.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +51,9 @@ def read_shard(uri: str, columns: Sequence[str], label_uri: str | None = None, *
         raise DataError(label_uri, f"pseudo-label shard unreadable: {error}") from None
     if len(labels) != len(table) or not labels.column("id").equals(table.column("id")):
         ids, label_ids = table.column("id").to_pylist(), labels.column("id").to_pylist()
-        where = next((i for i, (a, b) in enumerate(zip(ids, label_ids)) if a != b), min(len(ids), len(label_ids)))
+        # the lengths may differ: that is one of the mismatches reported
+        where = next((i for i, (a, b) in enumerate(zip(ids, label_ids, strict=False)) if a != b),
+                     min(len(ids), len(label_ids)))
         found = label_ids[where] if where < len(label_ids) else "end of file"
         expected = ids[where] if where < len(ids) else "end of file"
         raise DataError(label_uri, f"pseudo-labels do not match the image shard {uri} row for row: "
@@ -77,7 +79,8 @@ def _checked_source(uri: str, sha256: str | None) -> tuple:
 def to_numpy(table: pa.Table) -> NumpyBatch:
     """Arrow columns as numpy, in the form Ray Data's numpy batches take: strings and
     bytes as object arrays, list columns as object arrays of arrays."""
-    return {name: column.to_numpy(zero_copy_only=False) for name, column in zip(table.column_names, table.columns)}
+    return {name: column.to_numpy(zero_copy_only=False)
+            for name, column in zip(table.column_names, table.columns, strict=True)}
 
 
 def iter_shard_batches(files: Sequence[str], columns: Sequence[str], batch_size: int, *,

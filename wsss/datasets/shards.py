@@ -28,7 +28,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -260,7 +260,7 @@ class DatasetPublisher:
         self._replacing = False  # set once the old manifest is deleted: any manifest after that is ours
         self.published = False
 
-    def __enter__(self) -> "DatasetPublisher":
+    def __enter__(self) -> DatasetPublisher:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -342,7 +342,7 @@ def write_shards(reader: DatasetReader, out_uri: str, splits: Iterable[str] | No
             location=publisher.location, dataset=info.name, classes=list(info.classes),
             palette=[list(rgb) for rgb in info.palette], ignore_index=info.ignore_index, splits=entries,
             skipped=_skip_summary(reader), source=dict(source or {}),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            created=datetime.now(UTC).isoformat(timespec="seconds"))
         publisher.publish(manifest)
     return manifest
 
@@ -370,9 +370,9 @@ def _stage_split(fs: pafs.FileSystem, staging: str, split: str, rows: Iterator[d
         half = (len(table) + 1) // 2
         names.append(f"{split}/part-00001.parquet")
         counts = [_write_parquet(fs, f"{staging}/{name}", part.to_pylist(), rows_per_group, schema)
-                  for name, part in zip(names, (table.slice(0, half), table.slice(half)))]
+                  for name, part in zip(names, (table.slice(0, half), table.slice(half)), strict=True)]
     files = []
-    for name, count in zip(names, counts):
+    for name, count in zip(names, counts, strict=True):
         digest, size = _sha256(fs, f"{staging}/{name}")
         files.append({"path": name, "rows": count, "sha256": digest, "bytes": size})
     return {"rows": sum(counts), "files": files}

@@ -93,7 +93,7 @@ def read_state_dict(location: str) -> dict:
 def _dilate_basic_blocks(net: nn.Module, dilate: list[bool]) -> None:
     """torchvision refuses dilation for BasicBlock; replace strides by dilation by hand."""
     dilation = 1
-    for layer, use in zip((net.layer2, net.layer3, net.layer4), dilate):
+    for layer, use in zip((net.layer2, net.layer3, net.layer4), dilate, strict=True):
         if not use:
             continue
         dilation *= 2

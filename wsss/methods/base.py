@@ -26,8 +26,9 @@ these types on the device by `wsss.platform.loop.model_inputs`):
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -271,7 +272,8 @@ def split_views(out: dict[str, torch.Tensor], views: dict[str, torch.Tensor]) ->
         elif value.shape[0] == sizes[0]:
             split[key] = [value]
         else:
-            raise ValueError(f"network output {key!r} has {value.shape[0]} rows; views {dict(zip(views, sizes))}")
+            raise ValueError(f"network output {key!r} has {value.shape[0]} rows; "
+                             f"views {dict(zip(views, sizes, strict=True))}")
     return {name: {key: parts[i] for key, parts in split.items() if i < len(parts)}
             for i, name in enumerate(views)}
 
@@ -311,7 +313,7 @@ def parse_method(spec: str) -> tuple[type[Method], list[type[Addon]]]:
 
     base, *addons = spec.split("+")
     if base not in METHODS:
-        hint = " (an add-on: compose it as cam+%s)" % base if base in ADDONS else ""
+        hint = f" (an add-on: compose it as cam+{base})" if base in ADDONS else ""
         raise ValueError(f"method {spec!r}: unknown base method {base!r}{hint}; "
                          f"known: {', '.join(sorted(METHODS))}")
     for name in addons:

@@ -36,14 +36,12 @@ from wsss.methods.base import BackboneConfig, Method, Progress, register_method,
 from wsss.methods.cam import classification_loss
 from wsss.methods.csrm_bank import NegativeBank
 from wsss.methods.csrm_contrast import negative_candidates, select_queries
-from wsss.methods.csrm_losses import (classmix, info_nce, mix_like, reliable_mask, resize_labels,
-                                      s2c_loss)
+from wsss.methods.csrm_losses import classmix, info_nce, mix_like, reliable_mask, resize_labels, s2c_loss
 from wsss.methods.csrm_pseudo import CRFPseudoLabeler
 from wsss.methods.csrm_teacher import broadcast_buffers, ema_decay, ema_update
 from wsss.methods.deeplab import DeepLabV3PlusHead, fuse_layers, init_new_layers, segmentation_loss
 from wsss.methods.ocr import candidate_labels
 from wsss.ops.crf import PRESETS
-
 
 S2C_RAMPS = ("threshold", "weight")
 S2C_WEIGHT_START = 0.1  # the "weight" ramp's first λ_s2c, as a share of s2c_weight (the authors' code)

@@ -87,7 +87,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 class PendingPseudoLabels:
     """A batch's pseudo-labels being computed; `result` waits for them."""
 
-    def __init__(self, labeler: "CRFPseudoLabeler", parts: list[Future | np.ndarray]):
+    def __init__(self, labeler: CRFPseudoLabeler, parts: list[Future | np.ndarray]):
         self._labeler = labeler
         self._parts = parts
 

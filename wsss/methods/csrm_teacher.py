@@ -29,7 +29,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     if teacher_params:
         torch._foreach_mul_(teacher_params, decay)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - decay)
-    for target, source in zip(teacher_buffers, student_buffers):
+    for target, source in zip(teacher_buffers, student_buffers, strict=True):
         target.copy_(source)
 
 
@@ -49,4 +49,4 @@ def broadcast_buffers(module: nn.Module, source_rank: int = 0) -> None:
         flat = torch.cat([b.reshape(-1) for b in buffers])
         dist.broadcast(flat, source_rank)
         torch._foreach_copy_(buffers, [part.view_as(b) for part, b in
-                                       zip(flat.split([b.numel() for b in buffers]), buffers)])
+                                       zip(flat.split([b.numel() for b in buffers]), buffers, strict=True)])

@@ -94,8 +94,8 @@ def gather_from_replicas(features: torch.Tensor, labels: torch.Tensor) -> tuple[
     gathered_labels = [torch.empty_like(padded_labels) for _ in range(world)]
     dist.all_gather(gathered_features, padded_features)
     dist.all_gather(gathered_labels, padded_labels)
-    return (torch.cat([f[:c] for f, c in zip(gathered_features, counts)]),
-            torch.cat([lab[:c] for lab, c in zip(gathered_labels, counts)]))
+    return (torch.cat([f[:c] for f, c in zip(gathered_features, counts, strict=True)]),
+            torch.cat([lab[:c] for lab, c in zip(gathered_labels, counts, strict=True)]))
 
 
 def _check_labels(labels: torch.Tensor, num_rows: int) -> None:

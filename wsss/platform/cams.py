@@ -26,6 +26,14 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - _MEAN.to(images.device)) / _STD.to(images.device)
 
 
+def writable_tensor(array, dtype=None) -> torch.Tensor:
+    """A CPU tensor of `array` as `dtype`. Ray hands arrays over read-only (rows, and what a
+    worker gets through the object store) and torch warns on sharing read-only memory, so
+    such an array is copied: once, with the dtype conversion where there is one."""
+    array = np.asarray(array, dtype=dtype)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def image_tensor(image_hwc: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 [H,W,3] -> ImageNet-normalised float [1,3,H,W] on device."""
     return normalize_images(torch.from_numpy(np.array(image_hwc, dtype=np.uint8)).to(device).permute(2, 0, 1)[None])
@@ -112,4 +120,4 @@ def score_at_threshold(confusions: np.ndarray, threshold: float, thresholds=THRE
     per_class, mean = scores[thresholds.index(threshold)]
     return {"miou": float(mean), "threshold": float(threshold),
             "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class],
-            "miou_by_threshold": {str(t): float(s[1]) for t, s in zip(thresholds, scores)}}
+            "miou_by_threshold": {str(t): float(s[1]) for t, s in zip(thresholds, scores, strict=True)}}

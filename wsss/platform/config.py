@@ -195,7 +195,7 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         values = dict(values)
         raw_sections = values.pop("sections", {}) or {}
         method = values.get("method", cls.method)
@@ -211,7 +211,7 @@ class TrainConfig:
         run = _coerce_fields(cls, values, prefix="")
         return cls(**run, sections=sections)
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "TrainConfig":
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
         """New config with `key` / `section.key` overrides applied (strings are parsed)."""
         values = self.to_dict()
         if "method" in overrides and overrides["method"] != self.method:

@@ -22,14 +22,30 @@ from wsss.datasets.reading import eval_rows
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.verification import remember_verified
 from wsss.io import canonical, check_bucket, join, public_uri, write_text
-from wsss.platform.cams import (FULL_SCALES, THRESHOLDS, best_threshold, check_threshold, image_tensor,
-                               normalized_cams, region_counts, score_at_threshold, threshold_confusions,
-                               threshold_predictions)
-from wsss.platform.checkpoints import CHECKPOINT_CHOICES, load_method
 from wsss.ops.crf import dense_crf
+from wsss.platform.cams import (
+    FULL_SCALES,
+    THRESHOLDS,
+    best_threshold,
+    check_threshold,
+    image_tensor,
+    normalized_cams,
+    region_counts,
+    score_at_threshold,
+    threshold_confusions,
+    threshold_predictions,
+    writable_tensor,
+)
+from wsss.platform.checkpoints import CHECKPOINT_CHOICES, load_method
 from wsss.platform.data import eval_dataset
-from wsss.platform.metrics import confusion_matrix, cooccurrence_confusion, cooccurring_pairs, \
-    foreground_error_rates, miou, region_rates
+from wsss.platform.metrics import (
+    confusion_matrix,
+    cooccurrence_confusion,
+    cooccurring_pairs,
+    foreground_error_rates,
+    miou,
+    region_rates,
+)
 from wsss.platform.pictures import cam_panel, picture_name, save_png
 from wsss.platform.runtime import ensure_ray, job_batches
 from wsss.platform.tracking import log_evaluation, run_id
@@ -53,11 +69,11 @@ class CAMScorer:
             image = batch["image"][row]
             labels = torch.tensor(np.asarray(batch["labels"][row]), dtype=torch.float32)  # a copy: read-only batches
             cams = normalized_cams(self.method, image_tensor(image, self.device), labels, self.scales, self.flip)
-            gt = torch.as_tensor(np.asarray(batch["mask"][row]), dtype=torch.int64)
+            gt = writable_tensor(batch["mask"][row], np.int64)
             if self.crf_threshold is None:
                 out.append(threshold_confusions(cams, gt, self.num_classes).cpu().numpy().ravel())
                 if "region" in batch:
-                    region = torch.as_tensor(np.asarray(batch["region"][row]))
+                    region = writable_tensor(batch["region"][row])
                     regions.append(region_counts(threshold_predictions(cams), gt, region).cpu().numpy().ravel())
             else:
                 prediction = crf_prediction(np.asarray(image, np.uint8), cams.cpu().numpy(), labels.numpy(),

@@ -9,7 +9,7 @@ under its own folder, listed by a manifest in the shard format (`wsss.datasets.s
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,7 +41,7 @@ class LabelShardWriter:
         self.expected = images.splits[split]["files"]
         self.staged: dict[int, dict] = {}
 
-    def __enter__(self) -> "LabelShardWriter":
+    def __enter__(self) -> LabelShardWriter:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -74,7 +74,7 @@ class LabelShardWriter:
             palette=[list(c) for c in images.palette], ignore_index=IGNORE_INDEX,
             splits={self.split: {"rows": sum(f["rows"] for f in files), "files": files}},
             skipped={"count": 0, "by_problem": {}, "items": []}, source=source,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            created=datetime.now(UTC).isoformat(timespec="seconds"))
         self.publisher.publish(manifest)
         return manifest
 

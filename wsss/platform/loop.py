@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -18,12 +18,20 @@ import torch.nn.functional as F
 
 from wsss.datasets.augment import AugmentConfig
 from wsss.methods.base import DatasetStats, Method, Progress, build_method, required_inputs
-from wsss.platform.cams import (THRESHOLDS, best_threshold, image_tensor, normalize_images, normalized_cams,
-                               region_counts, threshold_confusions, threshold_predictions)
+from wsss.platform.cams import (
+    THRESHOLDS,
+    best_threshold,
+    image_tensor,
+    normalize_images,
+    normalized_cams,
+    region_counts,
+    threshold_confusions,
+    threshold_predictions,
+    writable_tensor,
+)
 from wsss.platform.checkpoints import start_fresh
 from wsss.platform.config import TrainConfig
-from wsss.platform.metrics import (REGION_COUNTS, confusion_matrix, cooccurrence_confusion, miou,
-                                   region_rates)
+from wsss.platform.metrics import REGION_COUNTS, confusion_matrix, cooccurrence_confusion, miou, region_rates
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +49,7 @@ def set_up(config: TrainConfig, *, num_classes: int, image_labels: np.ndarray, d
     set_flush_denormal(config, device)
     torch.manual_seed(config.seed)
     method = build_method(config.method, num_classes, config.sections, config.backbone_config)
-    labels = torch.as_tensor(np.asarray(image_labels, dtype=bool))
+    labels = writable_tensor(image_labels, bool)
     method.on_dataset(DatasetStats(num_images=len(labels), image_labels=labels))
     method.to(device)  # after on_dataset: it may create buffers (e.g. the ocr co-occurrence prior)
     if fresh:
@@ -229,7 +237,7 @@ def evaluate_rows(method: Method, rows: Iterable[dict], *, num_classes: int, dev
         if max_images and index >= max_images:
             break
         image = image_tensor(row["image"], device)
-        gt = torch.as_tensor(np.asarray(row["mask"]), dtype=torch.int64, device=device)
+        gt = writable_tensor(row["mask"], np.int64).to(device)
         overlay = {"id": str(row["id"]), "image": np.asarray(row["image"]), "ground_truth": np.asarray(row["mask"])}
         if with_cams:
             labels = torch.tensor(np.asarray(row["labels"]), dtype=torch.float32)  # a copy: Ray rows are read-only
@@ -237,7 +245,7 @@ def evaluate_rows(method: Method, rows: Iterable[dict], *, num_classes: int, dev
             cam_total += threshold_confusions(cams, gt, classes)
             if "region" in row:
                 has_regions = True
-                region_total += region_counts(threshold_predictions(cams), gt, torch.as_tensor(np.asarray(row["region"])))
+                region_total += region_counts(threshold_predictions(cams), gt, writable_tensor(row["region"]))
             overlay["cams"] = cams.cpu()
             overlay["labels"] = labels.numpy()
         logits = method.segmentation_logits(image)

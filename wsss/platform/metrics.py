@@ -137,7 +137,7 @@ def region_rates(counts) -> dict[str, float]:
     summed `REGION_COUNTS`: `part_recall` and `body_recall`, the share of objects'
     discriminative-part / body pixels predicted as their class, and `context_fpr`, the share
     of context pixels (labelled background) predicted as an object. NaN without such pixels."""
-    counts = dict(zip(REGION_COUNTS, np.asarray(counts, dtype=np.float64)))
+    counts = dict(zip(REGION_COUNTS, np.asarray(counts, dtype=np.float64), strict=True))
 
     def share(hits: str, pixels: str) -> float:
         return float(counts[hits] / counts[pixels]) if counts[pixels] > 0 else float("nan")

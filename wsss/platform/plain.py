@@ -16,6 +16,7 @@ from wsss.platform.config import TrainConfig
 from wsss.platform.loop import augment_config, epoch_metrics, evaluate_rows, set_up, train_epoch, validates_after
 from wsss.platform.metrics import cooccurring_pairs
 
+
 def train_plain(config: TrainConfig, *, loader_workers: int = 0, device: str | None = None,
                 log=lambda values, step: None, on_epoch=lambda metrics: None) -> tuple[Method, list[dict]]:
     """Train `config` in this process; returns the method and each epoch's metrics, also

@@ -132,7 +132,7 @@ class CAMStage:
         self.num_classes, self.scales, self.flip, self.mode = num_classes, tuple(scales), flip, mode
 
     def __call__(self, batch: dict):
-        for file_index, uri in zip(batch["file"], batch["uri"]):
+        for file_index, uri in zip(batch["file"], batch["uri"], strict=True):
             table = read_shard(str(uri), IMAGE_COLUMNS)
             first_row = 0
             for chunk in table.to_batches(max_chunksize=ROWS_PER_CALL):
@@ -240,10 +240,11 @@ def generate_pseudo_labels(checkpoint: str, data: str, out: str, *, split: str =
     with LabelShardWriter(out, images, split, overwrite) as writer:
         for batch in job_batches(_label_job(checkpoint, files, images.num_classes, settings, gpus, cam_actors,
                                             crf_actors), batch_size=None, batch_format="numpy"):
-            for file_index, row, sample_id, png in zip(batch["file"], batch["row"], batch["id"], batch["mask"]):
+            for file_index, row, sample_id, png in zip(batch["file"], batch["row"], batch["id"], batch["mask"],
+                                                       strict=True):
                 complete = assembler.add(int(file_index), int(row), (str(sample_id), png))
                 if complete:
-                    ids, masks = zip(*complete)
+                    ids, masks = zip(*complete, strict=True)
                     writer.write(int(file_index), list(ids), list(masks))
             confusion += batch["confusion"][batch["has_mask"]].sum(axis=0)
             with_mask += int(batch["has_mask"].sum())
@@ -282,7 +283,7 @@ def ground_truth_labels(data: str, out: str, *, split: str = "train", overwrite:
         for index, uri in enumerate(images.files(split)):
             table = read_shard(uri, ["id", "mask"])
             ids, masks = table.column("id").to_pylist(), table.column("mask").to_pylist()
-            missing = next((sample_id for sample_id, mask in zip(ids, masks) if mask is None), None)
+            missing = next((sample_id for sample_id, mask in zip(ids, masks, strict=True) if mask is None), None)
             if missing is not None:
                 raise DataError(uri, f"image {missing!r} has no mask: --mode {GROUND_TRUTH} needs one for every "
                                      f"image of split {split!r}")
@@ -299,7 +300,8 @@ def write_pseudo_label_pictures(data: str, labels: str, split: str, show_dir: st
     images, written_labels = read_manifest(data), read_manifest(labels)
     mode = written_labels.source.get("mode")
     written = []
-    for image_file, label_file in zip(images.files(split), pseudo_label_files(images, written_labels, split)):
+    label_files = pseudo_label_files(images, written_labels, split)
+    for image_file, label_file in zip(images.files(split), label_files, strict=True):
         table = read_shard(image_file, ["id", "image", "height", "width", "mask"], label_uri=label_file)
         for row in table.slice(0, count - len(written)).to_pylist():
             sample_id = str(row["id"])

@@ -69,7 +69,7 @@ class _KillActorsOnFailure(ExecutionCallback):
     """Remembers every actor of a job's pools while it runs; kills them if it fails.
 
     Reads the pools' private fields (Ray Data 2.60): Ray Data has no public hook that
-    names a job's actors. tests/test_runtime.py fails if a Ray upgrade breaks this.
+    names a job's actors. tests/platform/test_runtime.py fails if a Ray upgrade breaks this.
     """
 
     def __init__(self):

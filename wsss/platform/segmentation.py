@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from wsss.datasets.reading import pseudo_label_files
 from wsss.datasets.shards import read_manifest
 from wsss.io import DataError, join, public_uri, write_text
+from wsss.ops.crf import PRESETS, dense_crf
 from wsss.platform.cams import image_tensor
 from wsss.platform.checkpoints import load_method
 from wsss.platform.config import ConfigError, TrainConfig, load_config, parse_overrides
-from wsss.ops.crf import PRESETS, dense_crf
 from wsss.platform.data import eval_dataset
 from wsss.platform.evaluate import cooccurrence_scores
 from wsss.platform.metrics import confusion_matrix, foreground_error_rates, miou, out_of_candidate_counts
@@ -93,7 +93,7 @@ class SegmentationScorer:
 
     def __call__(self, batch: dict) -> dict:
         out = {"confusion": [], "oc": [], "confusion_crf": [], "oc_crf": []}
-        for image, mask, labels in zip(batch["image"], batch["mask"], batch["labels"]):
+        for image, mask, labels in zip(batch["image"], batch["mask"], batch["labels"], strict=True):
             probs = segmentation_probs(self.method, image_tensor(image, self.device), self.scales, self.flip)
             candidates = np.concatenate([[True], np.asarray(labels) > 0.5])[None]
             predictions = {"": probs.argmax(dim=0).cpu().numpy()}
@@ -111,7 +111,7 @@ class SegmentationScorer:
 def _scores(confusion: np.ndarray, oc: np.ndarray) -> dict:
     per_class, mean = miou(confusion)
     fpr, fnr = foreground_error_rates(confusion)
-    counts = dict(zip(OC_KEYS, oc.tolist()))
+    counts = dict(zip(OC_KEYS, oc.tolist(), strict=True))
     return {"miou": mean, "per_class_iou": [None if np.isnan(v) else float(v) for v in per_class],
             "fg_fpr": fpr, "fg_fnr": fnr,
             "oc_image_rate": counts["oc_images"] / max(1, counts["images"]),

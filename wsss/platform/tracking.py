@@ -172,7 +172,7 @@ def log_evaluation(results: dict, *, project: str, name: str, run_id: str, direc
 
         crf = results.get("crf") or {}
         rows = [[cls, iou, (crf.get("per_class_iou") or [None] * len(results["classes"]))[i]]
-                for i, (cls, iou) in enumerate(zip(results["classes"], results["per_class_iou"]))]
+                for i, (cls, iou) in enumerate(zip(results["classes"], results["per_class_iou"], strict=True))]
         summary = {f"evaluation/{key}": results[key] for key in
                    ("miou", "threshold", "fg_fpr", "fg_fnr", "split", "checkpoint", "epoch", "part_recall",
                     "body_recall", "context_fpr", "cooccurrence_confusion") if key in results}

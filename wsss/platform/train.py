@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import ray
@@ -33,8 +33,16 @@ from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.config_text import to_toml
 from wsss.platform.console import epoch_line, seconds_left
 from wsss.platform.data import eval_dataset, ingest_options, quiet_console, train_dataset
-from wsss.platform.loop import (NonFiniteLossError, augment_config, epoch_metrics, evaluate_rows, overlay_predictions,
-                                set_up, train_epoch, validates_after)
+from wsss.platform.loop import (
+    NonFiniteLossError,
+    augment_config,
+    epoch_metrics,
+    evaluate_rows,
+    overlay_predictions,
+    set_up,
+    train_epoch,
+    validates_after,
+)
 from wsss.platform.metrics import cooccurring_pairs
 from wsss.platform.tracking import Tracker, public_config, run_id
 
@@ -108,7 +116,7 @@ def train_worker(loop_config: dict) -> None:
             tracker.log_cam_overlays(overlay_predictions(validation.overlays, metrics.get("threshold")),
                                      dataset["classes"], dataset["palette"], step)
 
-        def save(directory: str) -> None:
+        def save(directory: str, epoch: int = epoch, step: int = step, metrics: dict = metrics) -> None:
             save_checkpoint(directory, method, optimizer, epoch=epoch + 1, step=step,
                             config=public_config(config.to_dict()), dataset=dataset, metrics=metrics)
             if config.wandb_checkpoints:
@@ -235,7 +243,7 @@ def check_start(config: TrainConfig, run_dir: str | None = None) -> None:
 
 
 def run_name(config: TrainConfig) -> str:
-    return config.name or f"{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return config.name or f"{config.method.replace('+', '-')}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 def fit(config: TrainConfig) -> ray.train.Result:

@@ -99,12 +99,12 @@ def scatter_png(path: str | Path, xs: list, ys: list[float], *, title: str, xlab
                (WIDTH - MARGIN_RIGHT, HEIGHT - MARGIN_BOTTOM)], fill=AXIS, width=1)
     if step_line:
         points = []
-        for x, y in zip(positions, step_line):
+        for x, y in zip(positions, step_line, strict=True):
             if points:
                 points.append((to_x(x), points[-1][1]))
             points.append((to_x(x), to_y(y)))
         draw.line(points, fill=LINE, width=2)
-    for x, y in zip(positions, ys):
+    for x, y in zip(positions, ys, strict=True):
         cx, cy = to_x(x), to_y(y)
         draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=POINT)
     draw.text((WIDTH / 2, 10), title, fill=AXIS, font=font, anchor="mt")
@@ -171,7 +171,7 @@ def _line_panel(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float
     legend_x = left + 8
     for index, (label, (points, values)) in enumerate(series.items()):
         colour = SERIES[index % len(SERIES)]
-        line = [point(float(x), float(y)) for x, y in zip(points, values)]
+        line = [point(float(x), float(y)) for x, y in zip(points, values, strict=True)]
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
         for cx, cy in line:
@@ -192,7 +192,7 @@ def tile_png(path: str | Path, images: list[str | Path], *, title: str, width: i
     sheet = Image.new("RGB", (columns * width, 30 + sum(heights)), "white")
     ImageDraw.Draw(sheet).text((8, 8), title, fill=AXIS, font=_font(14))
     top = 30
-    for row, height in zip(rows, heights):
+    for row, height in zip(rows, heights, strict=True):
         for column, im in enumerate(row):
             sheet.paste(im, (column * width, top))
         top += height

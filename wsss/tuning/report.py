@@ -37,8 +37,8 @@ from PIL import Image
 
 from wsss.io import write_text
 from wsss.platform.config import ConfigError, stored_config
-from wsss.tuning.mirror import mirror
 from wsss.platform.tracking import OVERLAY_KEY
+from wsss.tuning.mirror import mirror
 from wsss.tuning.plots import curves_png, scatter_png, tile_png
 
 OBJECTIVE = "miou"
@@ -301,7 +301,7 @@ def write_study_html(sweeps: dict[str, list[Record]], out: Path, scratch: Path) 
     from optuna import visualization
 
     plots = dict(zip(STUDY_PLOTS, (visualization.plot_optimization_history, visualization.plot_param_importances,
-                                   visualization.plot_slice, visualization.plot_contour)))
+                                   visualization.plot_slice, visualization.plot_contour), strict=True))
     written, notes = [], []
     for name, trials in sorted(sweeps.items()):
         storage = study_storage(trials[0].folders[0].parent, scratch / name)

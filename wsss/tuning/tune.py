@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import ray
 from ray import tune
@@ -32,8 +32,18 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from wsss.datasets.lease import acquire
 from wsss.datasets.shards import read_manifest
-from wsss.io import (canonical, delete_file, is_redacted, is_uri, join, public_uri, read_json, read_text, resolve,
-                     write_json)
+from wsss.io import (
+    canonical,
+    delete_file,
+    is_redacted,
+    is_uri,
+    join,
+    public_uri,
+    read_json,
+    read_text,
+    resolve,
+    write_json,
+)
 from wsss.platform.config import ConfigError, TrainConfig, check_name, load_config, parse_overrides
 from wsss.platform.runtime import ensure_ray
 from wsss.platform.tracking import public_config, resolve_mode
@@ -60,7 +70,7 @@ def run_sweep(config: TrainConfig, *, trials: int, space_specs: dict | None = No
     method's default space (see `wsss.tuning.spaces`). Everything is validated, and the
     settings written to sweep.json, before Ray starts any trial.
     """
-    name = name or f"tune-{config.method.replace('+', '-')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    name = name or f"tune-{config.method.replace('+', '-')}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     sweep_dir = join(config.storage_path, name)  # absolute path or URI
     settings = {"name": name, "trials": trials, "space": space_specs or {}, "scheduler": scheduler,
                 "concurrency": concurrency, "seed": seed,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.cityscapes_tree import HEIGHT, WIDTH, write_cityscapes_tree
+from tests.helpers.cityscapes_tree import HEIGHT, WIDTH, write_cityscapes_tree
 from wsss.datasets.base import build_reader
 from wsss.io import DataError
 

@@ -4,11 +4,15 @@ reports both. No Ray: the same code runs on Ray Train workers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import ROOT
 from wsss.methods.base import BackboneConfig, build_method
 from wsss.platform.cams import image_tensor
 from wsss.platform.loop import EpochStats, epoch_metrics, evaluate_rows, overlay_predictions
@@ -88,3 +92,40 @@ def test_csrm_reports_its_cams_as_the_objective_and_its_segmentation_branch_besi
     assert metrics["seg_miou"] == pytest.approx(reference_miou(validation.segmentation))
     assert "threshold" in metrics and metrics["miou"] != metrics["seg_miou"]
     assert "cams" in validation.overlays[0]  # W&B shows its CAMs at the chosen threshold
+
+
+def test_read_only_rows_and_labels_are_read_without_a_torch_warning():
+    """Ray hands rows (and the labels a worker gets) over read-only; torch warns once per
+    process when a tensor would share such memory, so this runs in a process of its own."""
+    script = """
+import warnings
+
+import numpy as np
+import torch
+
+from wsss.methods.base import BackboneConfig, build_method
+from wsss.platform.config import TrainConfig
+from wsss.platform.loop import evaluate_rows, set_up
+
+
+def read_only(array):
+    array.setflags(write=False)
+    return array
+
+
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    config = TrainConfig(method="cam", data="unused", backbone="resnet18", backbone_weights="none")
+    set_up(config, num_classes=3, image_labels=read_only(np.ones((4, 4), bool)), device=torch.device("cpu"))
+    row = {"id": "r", "image": read_only(np.zeros((32, 32, 3), np.uint8)),
+           "mask": read_only(np.zeros((32, 32), np.uint8)), "region": read_only(np.zeros((32, 32), np.uint8)),
+           "labels": read_only(np.array([1, 0, 1], np.float32))}
+    torch.manual_seed(0)
+    evaluate_rows(build_method("cam", 3, backbone=BackboneConfig("resnet18", 16, "none")), [row], num_classes=3,
+                  device=torch.device("cpu"))
+print([str(w.message) for w in caught if "not writable" in str(w.message)])
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import ROOT
 from wsss.methods.base import ADDONS, METHODS, BackboneConfig, build_method
 from wsss.platform.checkpoints import load_method, save_checkpoint
 from wsss.platform.config import RENAMED_KEYS, ConfigError, TrainConfig, load_config, stored_config
@@ -188,7 +189,7 @@ def test_a_checkpoint_written_with_old_keys_loads(tmp_path):
 
 # ---- paper presets (configs/) ------------------------------------------------------------
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 PRESETS = sorted(CONFIGS.glob("*/*.toml"))
 
 

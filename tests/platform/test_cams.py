@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from wsss.methods.base import BackboneConfig, build_method
-from wsss.platform.cams import THRESHOLDS, best_threshold, normalized_cams, threshold_confusions
+from wsss.platform.cams import THRESHOLDS, best_threshold, normalized_cams, threshold_confusions, writable_tensor
 from wsss.platform.metrics import confusion_matrix, miou
 
 
@@ -37,3 +37,18 @@ def test_normalized_cams_are_in_unit_range_and_zero_for_absent_classes():
     assert cams.shape == (3, 40, 56)
     assert cams[1].abs().max() == 0
     assert 0 <= cams.min() and cams.max() <= 1 + 1e-6
+
+
+def test_writable_tensor_copies_a_read_only_array_and_shares_a_writable_one():
+    read_only = np.arange(6, dtype=np.uint8)
+    read_only.setflags(write=False)  # as Ray hands rows over
+    copied = writable_tensor(read_only)
+    copied[0] = 9
+    assert read_only[0] == 0 and copied.dtype == torch.uint8
+    assert writable_tensor(read_only, np.int64).tolist() == list(range(6))
+    assert writable_tensor(read_only, np.int64).dtype == torch.int64
+    writable = np.arange(6, dtype=np.int64)
+    shared = writable_tensor(writable, np.int64)
+    shared[0] = 9
+    assert writable[0] == 9, "a writable array of the dtype asked for is not copied"
+

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.ray_state import alive_actors, all_cpus_free
+from tests.helpers.ray_state import alive_actors, all_cpus_free
 from wsss.cli import build_parser
 from wsss.datasets.reading import pseudo_label_files, read_shard
 from wsss.datasets.shards import decode_mask, read_manifest, verify_checksums
@@ -162,7 +162,7 @@ def test_writer_publishes_a_mirror_that_the_training_join_accepts(shards, tmp_pa
         writer.publish({"kind": "test"})
     labels = read_manifest(str(out))
     assert labels.rows("train") == images.rows("train") and labels.source == {"kind": "test"}
-    for image_uri, label_uri in zip(images.files("train"), pseudo_label_files(images, labels, "train")):
+    for image_uri, label_uri in zip(images.files("train"), pseudo_label_files(images, labels, "train"), strict=True):
         joined = read_shard(image_uri, ["id", "mask"], label_uri)
         assert joined.column("target").equals(joined.column("mask"))
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # staging removed
@@ -225,7 +225,7 @@ def test_ground_truth_mode_writes_the_masks_as_label_shards(shards, tmp_path, ca
     images, labels = read_manifest(shards), read_manifest(str(out))
     assert f"wrote the {images.rows('train')} ground-truth masks" in capsys.readouterr().out
     assert labels.source["mode"] == "ground-truth" and labels.source["split"] == "train"
-    for image_uri, label_uri in zip(images.files("train"), pseudo_label_files(images, labels, "train")):
+    for image_uri, label_uri in zip(images.files("train"), pseudo_label_files(images, labels, "train"), strict=True):
         joined = read_shard(image_uri, ["id", "mask"], label_uri)  # the join training does
         assert joined.column("target").equals(joined.column("mask"))
 
@@ -324,7 +324,7 @@ def test_segmentation_mode_labels_csrm_images_with_its_segmentation_branch(ray_l
     images = read_manifest(shards)
     image_table = read_shard(images.files("train")[0], ["id", "image", "height", "width", "labels"]).to_pylist()
     label_table = read_shard(pseudo_label_files(images, read_manifest(str(out)), "train")[0], ["id", "mask"])
-    for row, mask in zip(image_table[:4], label_table.column("mask").to_pylist()):
+    for row, mask in zip(image_table[:4], label_table.column("mask").to_pylist()[:4], strict=True):
         image = np.asarray(decode_image(row["image"], row["id"], row["height"], row["width"]))
         probs = segmentation_probs(method, image_tensor(image, torch.device("cpu")), (1.0, 0.5)).numpy()
         classes = [0, *row["labels"]]
@@ -340,14 +340,14 @@ def test_job_writes_label_shards_mirroring_the_image_shards(ray_local, shards, c
     images, labels = read_manifest(shards), read_manifest(str(out))
     assert [f["path"] for f in labels.splits["train"]["files"]] == [f["path"] for f in images.splits["train"]["files"]]
     assert len(images.files("train")) >= 2, "the test needs several files to check the mirror"
-    for image_uri, label_uri in zip(images.files("train"), pseudo_label_files(images, labels, "train")):
+    for image_uri, label_uri in zip(images.files("train"), pseudo_label_files(images, labels, "train"), strict=True):
         image_table = read_shard(image_uri, ["id", "height", "width", "labels"])
         label_table = read_shard(label_uri, ["id", "mask"])
         assert label_table.column("id").to_pylist() == image_table.column("id").to_pylist()
         for mask, height, width, present in zip(label_table.column("mask").to_pylist(),
                                                 image_table.column("height").to_pylist(),
                                                 image_table.column("width").to_pylist(),
-                                                image_table.column("labels").to_pylist()):
+                                                image_table.column("labels").to_pylist(), strict=True):
             values = set(np.unique(decode_mask(mask)).tolist())
             assert decode_mask(mask).shape == (height, width)
             assert values <= {0, *present} | ({255} if mode == "irn" else set())

@@ -12,17 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from wsss.platform.config import ConfigError, TrainConfig, load_config
+from tests.helpers.runs import tiny_run_config
+from wsss.platform.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
-
-
-def tiny(shards, tmp_path, **overrides) -> TrainConfig:
-    values = dict(method="cam", data=shards, name="run", storage_path=str(tmp_path / "runs"), epochs=2,
-                  batch_size=8, crop_size=64, backbone="resnet18", output_stride=16, backbone_weights="none",
-                  lr=0.02, eval_max_images=8, wandb="offline", log_every=1)
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def test_train_evaluate_resume_and_stop_on_divergence(ray_local, shards, tmp_path):
@@ -30,10 +23,10 @@ def test_train_evaluate_resume_and_stop_on_divergence(ray_local, shards, tmp_pat
     from wsss.platform.loop import NonFiniteLossError
     from wsss.platform.train import fit
 
-    result = fit(tiny(shards, tmp_path))
+    result = fit(tiny_run_config(shards, tmp_path))
     assert result.metrics["epoch"] == 2 and result.metrics["resumed_from_epoch"] == 0
     written = load_config(str(tmp_path / "runs" / "run" / "config.toml"))  # the resolved config, beside checkpoints
-    assert written.to_dict() == tiny(shards, tmp_path).to_dict()
+    assert written.to_dict() == tiny_run_config(shards, tmp_path).to_dict()
     assert 0 <= result.metrics["miou"] <= 1 and result.metrics["images_per_s"] > 0
     assert 0 < result.metrics["input_wait_s"] < result.metrics["epoch_time_s"]
     info = json.loads((Path(result.checkpoint.path) / "checkpoint.json").read_text())
@@ -53,28 +46,28 @@ def test_train_evaluate_resume_and_stop_on_divergence(ray_local, shards, tmp_pat
     with pytest.raises(ValueError, match="threshold=0.33: must be one of the swept thresholds"):
         evaluate_checkpoint(result.checkpoint.path, shards, threshold=0.33)
 
-    resumed = fit(tiny(shards, tmp_path, epochs=3))  # same name + storage_path: continues
+    resumed = fit(tiny_run_config(shards, tmp_path, epochs=3))  # same name + storage_path: continues
     assert resumed.metrics["epoch"] == 3 and resumed.metrics["resumed_from_epoch"] == 2
     with pytest.raises(ConfigError, match="output_stride=8: run .* was trained with output_stride=16"):
-        fit(tiny(shards, tmp_path, epochs=4, output_stride=8))  # another model: refused, not loaded
+        fit(tiny_run_config(shards, tmp_path, epochs=4, output_stride=8))  # another model: refused, not loaded
 
     offline_runs = list((tmp_path / "runs" / "run").rglob("offline-run-*"))
     assert offline_runs, "a W&B offline run is written beside the checkpoints"
 
     # Diverging after resuming (lr 1e30) stops the run and names the last good checkpoint.
     with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 4.*last good checkpoint: .*checkpoint_"):
-        fit(tiny(shards, tmp_path, epochs=5, lr=1e30))
+        fit(tiny_run_config(shards, tmp_path, epochs=5, lr=1e30))
 
 
 def test_a_resume_checkpoint_damaged_after_upload_falls_back_to_the_newest_that_loads(ray_local, shards, tmp_path):
     """Ray Train hands back the checkpoint it registered last, whatever its file holds now."""
     from wsss.platform.train import fit
 
-    fit(tiny(shards, tmp_path, epochs=2))
+    fit(tiny_run_config(shards, tmp_path, epochs=2))
     run = tmp_path / "runs" / "run"
     newest = max(run.glob("checkpoint_*/state.pt"), key=lambda p: json.loads((p.parent / "checkpoint.json").read_text())["epoch"])
     newest.write_bytes(newest.read_bytes()[:1000])
-    resumed = fit(tiny(shards, tmp_path, epochs=3))
+    resumed = fit(tiny_run_config(shards, tmp_path, epochs=3))
     assert resumed.metrics["resumed_from_epoch"] == 1 and resumed.metrics["epoch"] == 3
 
 
@@ -87,7 +80,7 @@ def test_a_run_keeps_its_newest_and_best_checkpoints(ray_local, shards, tmp_path
     from wsss.platform.train import fit
 
     local_copies = set(Path(tempfile.gettempdir()).glob("wsss-checkpoint-*"))  # earlier tests' killed workers leave theirs
-    result = fit(tiny(shards, tmp_path, epochs=3, eval_every=2, keep_checkpoints=1))
+    result = fit(tiny_run_config(shards, tmp_path, epochs=3, eval_every=2, keep_checkpoints=1))
     run = tmp_path / "runs" / "run"
     kept = {json.loads(p.read_text())["epoch"]: json.loads(p.read_text())["metrics"]
             for p in run.glob("checkpoint_*/checkpoint.json")}
@@ -103,7 +96,7 @@ def test_a_run_keeps_its_newest_and_best_checkpoints(ray_local, shards, tmp_path
     results = evaluate_checkpoint(str(run), shards, scales=(1.0,), flip=False, max_images=2)
     assert results["checkpoint"] == best and results["epoch"] == best_epoch
 
-    resumed = fit(tiny(shards, tmp_path, epochs=4, eval_every=2, keep_checkpoints=1))
+    resumed = fit(tiny_run_config(shards, tmp_path, epochs=4, eval_every=2, keep_checkpoints=1))
     assert resumed.metrics["resumed_from_epoch"] == 3 and resumed.metrics["epoch"] == 4
 
     # the run read every training shard, checked by its read tasks: later runs skip the check
@@ -118,7 +111,8 @@ def test_the_ray_worker_and_the_plain_loop_validate_on_the_same_epochs(ray_local
     from wsss.platform.plain import train_plain
     from wsss.platform.train import fit
 
-    config = tiny(shards, tmp_path, name="schedule", epochs=3, eval_every=2, keep_checkpoints=0, wandb="disabled")
+    config = tiny_run_config(shards, tmp_path, name="schedule", epochs=3, eval_every=2, keep_checkpoints=0,
+                             wandb="disabled")
     fit(config)
     infos = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "schedule").glob("checkpoint_*/checkpoint.json")]
     assert sorted(info["epoch"] for info in infos) == [1, 2, 3]
@@ -138,7 +132,7 @@ def test_the_same_seed_repeats_a_run(ray_local, tmp_path):
     data = str(tmp_path / "shards")
     write_shards(build_reader("synthetic", str(tmp_path / "tree"), preset="test"), data,
                  rows_per_file=4, rows_per_group=4)  # 10 train files: 10 read tasks
-    losses = [fit(tiny(data, tmp_path, name=name, epochs=1, eval_every=0, wandb="disabled")).metrics["loss"]
+    losses = [fit(tiny_run_config(data, tmp_path, name=name, epochs=1, eval_every=0, wandb="disabled")).metrics["loss"]
               for name in ("first", "second")]
     assert losses[0] == losses[1]
 
@@ -150,8 +144,8 @@ def test_killed_worker_is_survived_from_the_last_checkpoint(ray_local, shards, t
 
     # keep_checkpoints=0: the wait below counts checkpoints on disk; sync upload: a checkpoint on
     # disk is then one the controller has registered (async uploads register later)
-    config = tiny(shards, tmp_path, epochs=6, max_failures=1, eval_every=0, batch_size=2, keep_checkpoints=0,
-                  checkpoint_upload="sync")
+    config = tiny_run_config(shards, tmp_path, epochs=6, max_failures=1, eval_every=0, batch_size=2,
+                             keep_checkpoints=0, checkpoint_upload="sync")
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=fit(config)), daemon=True)
     thread.start()
@@ -191,8 +185,9 @@ def test_csrm_starts_from_a_cam_run_and_resumes_after_that_run_is_gone(ray_local
     (cam_run / "checkpoint_000001").mkdir(parents=True)
     torch.save({"method": cam.state_dict()}, cam_run / "checkpoint_000001" / "state.pt")
     (cam_run / "checkpoint_000001" / "checkpoint.json").write_text("{}")  # written last: complete
-    config = tiny(shards, tmp_path, method="csrm", name="csrm", epochs=1, batch_size=4, lr=1e-9, eval_every=0,
-                  wandb="disabled", init_from=str(cam_run)).with_overrides({"csrm.crf_workers": 0})
+    config = tiny_run_config(shards, tmp_path, method="csrm", name="csrm", epochs=1, batch_size=4, lr=1e-9,
+                             eval_every=0, wandb="disabled", init_from=str(cam_run)).with_overrides(
+        {"csrm.crf_workers": 0})
     state = load_state(fit(config).checkpoint.path)["method"]
     for name, start in cam.network.named_parameters():  # lr 1e-9: still the start after an epoch
         for copy in ("network", "teacher"):

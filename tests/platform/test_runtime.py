@@ -6,7 +6,7 @@ import traceback
 
 import pytest
 
-from tests.ray_state import alive_actors, all_cpus_free
+from tests.helpers.ray_state import alive_actors, all_cpus_free
 from wsss.platform.runtime import job_batches
 
 

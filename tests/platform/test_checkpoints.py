@@ -15,8 +15,15 @@ import torch
 from wsss.io import DataError
 from wsss.methods.base import BackboneConfig, build_method
 from wsss.platform import checkpoints
-from wsss.platform.checkpoints import (INFO_FILE, STATE_FILE, UnsafeCheckpointError, latest_checkpoint, load_method,
-                                       resume_state, save_checkpoint)
+from wsss.platform.checkpoints import (
+    INFO_FILE,
+    STATE_FILE,
+    UnsafeCheckpointError,
+    latest_checkpoint,
+    load_method,
+    resume_state,
+    save_checkpoint,
+)
 from wsss.platform.config import TrainConfig
 
 

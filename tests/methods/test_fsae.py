@@ -16,8 +16,8 @@ from wsss.methods.base import (
     build_method,
     method_sections,
     required_inputs,
+    valid_at,
 )
-from wsss.methods.base import valid_at
 from wsss.methods.fsae import class_scores, fsae_loss, online_pseudo_labels
 
 # ---- slow references, written from the paper's equations ---------------------------

@@ -40,7 +40,7 @@ def pixel_vectors(features: torch.Tensor, b: int) -> list[list[float]]:
 
 
 def dot(u, v) -> float:
-    return sum(a * b for a, b in zip(u, v))
+    return sum(a * b for a, b in zip(u, v, strict=True))
 
 
 # ---- Eq. 1: feature similarity -------------------------------------------------------------
@@ -260,8 +260,11 @@ def test_lloyd_matches_loop_reference():
     for _ in range(3):
         groups = [[] for _ in centers]
         for p in data:
-            groups[min(range(len(centers)), key=lambda j: sum((a - b) ** 2 for a, b in zip(p, centers[j])))].append(p)
-        centers = [[sum(col) / len(g) for col in zip(*g)] if g else c for g, c in zip(groups, centers)]
+            nearest = min(range(len(centers)),
+                          key=lambda j: sum((a - b) ** 2 for a, b in zip(p, centers[j], strict=True)))
+            groups[nearest].append(p)
+        centers = [[sum(col) / len(g) for col in zip(*g, strict=True)] if g else c
+                   for g, c in zip(groups, centers, strict=True)]
     torch.testing.assert_close(lloyd(points, start, 3), torch.tensor(centers), atol=1e-5, rtol=1e-5)
 
 
@@ -291,14 +294,15 @@ def reference_bank_update(prototypes, initialized, features, labels, gamma):
             continue
         bank = prototypes[k].tolist()
         received = [[] for _ in bank]
-        for f, label in zip(features.tolist(), labels.tolist()):
+        for f, label in zip(features.tolist(), labels.tolist(), strict=True):
             if label == k:
-                nearest = min(range(len(bank)), key=lambda j: sum((a - b) ** 2 for a, b in zip(f, bank[j])))
+                nearest = min(range(len(bank)),
+                              key=lambda j: sum((a - b) ** 2 for a, b in zip(f, bank[j], strict=True)))
                 received[nearest].append(f)
         for j, group in enumerate(received):
             if group:
-                mean = [sum(col) / len(group) for col in zip(*group)]
-                new[k, j] = torch.tensor([gamma * b + (1 - gamma) * m for b, m in zip(bank[j], mean)])
+                mean = [sum(col) / len(group) for col in zip(*group, strict=True)]
+                new[k, j] = torch.tensor([gamma * b + (1 - gamma) * m for b, m in zip(bank[j], mean, strict=True)])
     return new
 
 
@@ -474,15 +478,6 @@ def test_config_rejects_bad_values_by_name():
     assert (LNLConfig().similarity, LNLConfig().seed_threshold) == ("sigmoid", 0.3)
 
 
-@pytest.fixture
-def one_thread():
-    """The tests share a 2-core machine: intra-op threads only spin against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_lnl(**overrides):
     torch.manual_seed(0)
     config = LNLConfig(**{"seed_threshold": 0.3, "num_prototypes": 8, "warmup_epochs": 1, **overrides})
@@ -497,7 +492,7 @@ def fixed_batch():
             "labels": torch.tensor([[1.0, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1]])}
 
 
-def test_lnl_trains_in_a_plain_loop_and_losses_decrease(one_thread):
+def test_lnl_trains_in_a_plain_loop_and_losses_decrease(one_torch_thread):
     method = tiny_lnl()
     batch = fixed_batch()
     optimizer = torch.optim.SGD([{"params": g["params"], "lr": 0.01 * g["lr_mult"]}
@@ -522,7 +517,7 @@ def test_lnl_trains_in_a_plain_loop_and_losses_decrease(one_thread):
     assert totals[-1] < totals[0] and totals[2] < totals[0]
 
 
-def test_only_the_expansion_branchs_classification_loss_trains_dfsm(one_thread):
+def test_only_the_expansion_branchs_classification_loss_trains_dfsm(one_torch_thread):
     """Eq. 19 as written (L_cls + λ·L_con) gives DFSM no gradient: E_e only selects pixels (no
     gradient) and L_con's anchors are F_s features. L_cls(M_e) is its only training signal."""
     method = tiny_lnl(warmup_epochs=0, seed_threshold=0.1, similarity="cosine")  # seeds of two classes: L_con has negatives
@@ -537,7 +532,7 @@ def test_only_the_expansion_branchs_classification_loss_trains_dfsm(one_thread):
     assert all(g is not None and g.any() for g in grads)
 
 
-def test_lnl_exports_and_checkpoints_its_bank(one_thread):
+def test_lnl_exports_and_checkpoints_its_bank(one_torch_thread):
     method = tiny_lnl(warmup_epochs=0)
     batch = fixed_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # seeds and bank stay float32

@@ -10,10 +10,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.cityscapes_tree import write_cityscapes_tree
-from tests.coco_tree import write_coco_tree
-from tests.voc_tree import make_voc_tree
+from tests.helpers.cityscapes_tree import write_cityscapes_tree
+from tests.helpers.coco_tree import write_coco_tree
+from tests.helpers.readers import ListReader, blocked_writer, files_under, png_bytes, tiny_reader, tiny_sample
+from tests.helpers.voc_tree import make_voc_tree
 from wsss.datasets import parallel
 from wsss.datasets.base import DatasetInfo, Sample, build_reader
 from wsss.datasets.prepare import prepare
@@ -37,63 +35,6 @@ from wsss.datasets.shards import (
 from wsss.io import DataError, join, resolve
 
 
-def png_bytes(seed: int, size=(12, 16)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def tiny_sample(i: int, with_mask: bool = True) -> Sample:
-    mask = np.random.default_rng(i).choice(np.array([0, 1, 2, 255], dtype=np.uint8), size=(12, 16))
-    return Sample(id=f"img{i:03d}", image=png_bytes(i), mask=mask if with_mask else None,
-                  labels=(1, 2), height=12, width=16)
-
-
-class ListReader:
-    """A DatasetReader over fixed samples that can fail after `fail_after` samples of a split."""
-
-    def __init__(self, samples: dict[str, list[Sample]], fail_split: str | None = None, fail_after: int = 0,
-                 error: BaseException | None = None):
-        self.info = DatasetInfo("tiny", ("background", "a", "b"), ((0, 0, 0), (255, 0, 0), (0, 255, 0)))
-        self.by_split, self.fail_split, self.fail_after, self.error = samples, fail_split, fail_after, error
-
-    def splits(self):
-        return list(self.by_split)
-
-    def samples(self, split):
-        for i, sample in enumerate(self.by_split[split]):
-            if split == self.fail_split and i == self.fail_after:
-                raise self.error
-            yield sample
-
-
-def tiny_reader(**failure) -> ListReader:
-    return ListReader({"train": [tiny_sample(i) for i in range(5)],
-                       "val": [tiny_sample(10 + i, with_mask=i != 1) for i in range(3)]}, **failure)
-
-
-class BlockingReader(ListReader):
-    """`tiny_reader`'s samples, except that after `block_after` of a split it touches the
-    file `ready` and blocks: a writer to kill mid-write."""
-
-    def __init__(self, ready: str, block_after: int):
-        super().__init__(tiny_reader().by_split)
-        self.ready, self.block_after = Path(ready), block_after
-
-    def samples(self, split):
-        for i, sample in enumerate(super().samples(split)):
-            if i == self.block_after:
-                self.ready.touch()
-                time.sleep(600)
-            yield sample
-
-
-def files_under(path) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(folder, name), path)
-                  for folder, _, names in os.walk(path) for name in names)
-
-
 def read_back(manifest, split) -> list[dict]:
     rows = []
     for uri in manifest.files(split):
@@ -104,7 +45,7 @@ def read_back(manifest, split) -> list[dict]:
 
 def assert_rows_equal_samples(rows: list[dict], samples: list[Sample]):
     assert [row["id"] for row in rows] == [sample.id for sample in samples]
-    for row, sample in zip(rows, samples):
+    for row, sample in zip(rows, samples, strict=True):
         assert row["image"] == sample.image  # byte for byte, never re-encoded
         if sample.mask is None:
             assert row["mask"] is None
@@ -126,7 +67,7 @@ def test_coco_tree_round_trips_with_manifest_and_skips(tmp_path):
         entries = manifest.splits[split]["files"]
         assert [entry["rows"] for entry in entries] == files_expected
         assert manifest.rows(split) == len(samples) == sum(files_expected)
-        for entry, uri in zip(entries, manifest.files(split)):
+        for entry, uri in zip(entries, manifest.files(split), strict=True):
             with open(uri, "rb") as file:
                 data = file.read()
             assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)
@@ -222,10 +163,7 @@ def test_failed_prepare_into_an_existing_folder_leaves_its_files_alone(tmp_path)
 
 def test_a_killed_writer_leaves_staging_that_the_next_write_sweeps(tmp_path):
     out, ready = tmp_path / "out", tmp_path / "ready"
-    script = ("import sys; from tests.test_shards import BlockingReader, write_shards; "
-              "write_shards(BlockingReader(sys.argv[2], block_after=3), sys.argv[1], rows_per_file=2, rows_per_group=1)")
-    writer = subprocess.Popen([sys.executable, "-c", script, str(out), str(ready)], cwd=Path(__file__).parents[1],
-                              stderr=subprocess.PIPE, text=True)
+    writer = blocked_writer(out, ready)
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():

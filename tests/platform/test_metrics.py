@@ -16,9 +16,9 @@ from wsss.platform.metrics import (
     cooccurring_pairs,
     foreground_error_rates,
     miou,
-    region_rates,
     out_of_candidate_counts,
     out_of_candidate_rate,
+    region_rates,
 )
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_s3 import BUCKET, s3, s3_env  # noqa: F401  (fixtures)
-from tests.test_shards import files_under, tiny_reader
+from tests.helpers import ROOT
+from tests.helpers.readers import blocked_writer, files_under, tiny_reader
+from tests.helpers.s3 import BUCKET
 from wsss.datasets import lease
 from wsss.datasets.lease import OWNER_FILE, FolderInUseError, acquire
 from wsss.datasets.shards import write_shards
 
-ROOT = Path(__file__).parents[1]
 SECRET = "SeCrEt-9f2"
 
 
@@ -134,10 +134,7 @@ def test_the_heartbeat_refreshes_the_lease_and_notices_a_takeover(tmp_path, monk
 
 def test_a_second_shard_writer_into_one_folder_is_refused_and_touches_nothing(tmp_path):
     out, ready = tmp_path / "out", tmp_path / "ready"
-    script = ("import sys; from tests.test_shards import BlockingReader, write_shards; "
-              "write_shards(BlockingReader(sys.argv[2], block_after=3), sys.argv[1], rows_per_file=2, rows_per_group=1)")
-    writer = subprocess.Popen([sys.executable, "-c", script, str(out), str(ready)], cwd=ROOT,
-                              stderr=subprocess.PIPE, text=True)
+    writer = blocked_writer(out, ready)
     try:
         wait_for(ready, writer)
         before = files_under(out)
@@ -166,7 +163,7 @@ def test_cli_prepare_into_a_folder_in_use_is_a_clear_error(tmp_path, capsys):
 def test_a_sweep_whose_name_is_in_use_is_refused_before_ray_starts(shards, tmp_path):
     import ray
 
-    from tests.test_tuning import tiny_config
+    from tests.helpers.runs import tiny_sweep_config
     from wsss.tuning.tune import run_sweep
 
     storage = tmp_path / "sweeps"
@@ -174,7 +171,7 @@ def test_a_sweep_whose_name_is_in_use_is_refused_before_ray_starts(shards, tmp_p
     ray_was_running = ray.is_initialized()  # other tests' Ray may be up; this refusal starts none
     try:
         with pytest.raises(FolderInUseError, match="sweep is in use by"):
-            run_sweep(tiny_config(shards, storage), trials=1, name="sweep")
+            run_sweep(tiny_sweep_config(shards, storage), trials=1, name="sweep")
     finally:
         stop(holder)
     assert not (storage / "sweep" / "sweep.json").exists() and ray.is_initialized() == ray_was_running
@@ -182,14 +179,14 @@ def test_a_sweep_whose_name_is_in_use_is_refused_before_ray_starts(shards, tmp_p
 
 @pytest.mark.slow
 def test_a_second_train_of_one_name_is_refused_before_it_writes(ray_local, shards, tmp_path):
-    from tests.test_train import tiny
+    from tests.helpers.runs import tiny_run_config
     from wsss.platform.train import fit
 
     run = tmp_path / "runs" / "run"
     holder = hold_lease(run, tmp_path / "ready")
     try:
         with pytest.raises(FolderInUseError, match=f"{run} is in use by wsss train"):
-            fit(tiny(shards, tmp_path))
+            fit(tiny_run_config(shards, tmp_path))
     finally:
         stop(holder)
     assert os.listdir(run) == [OWNER_FILE], "nothing written beside the other run's lease"

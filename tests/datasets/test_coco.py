@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.coco_tree import (
+from tests.helpers.coco_tree import (
     ANNOTATIONS,
     HEIGHT,
     WIDTH,

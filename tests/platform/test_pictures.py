@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -11,9 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import wandb_records
-from wsss.platform.pictures import (IGNORE_COLOUR, cam_panel, colorize, jet, label_overlay, picture_name,
-                                    prediction_panel, save_png)
+from tests.helpers import wandb_records
+from wsss.platform.pictures import (
+    IGNORE_COLOUR,
+    cam_panel,
+    colorize,
+    jet,
+    label_overlay,
+    picture_name,
+    prediction_panel,
+    save_png,
+)
 
 PALETTE = [(0, 0, 0), (128, 0, 0), (0, 128, 0)]
 CLASSES = ["background", "boat", "horse"]
@@ -151,7 +160,7 @@ def test_evaluate_shows_cams_and_goes_into_the_run_s_wandb_summary(trained_run, 
                  "--max-images", "4", "--out", str(tmp_path / "eval"), "--show-dir", str(show),
                  "--show-images", "3"]) == 0
     assert "3 pictures" in capsys.readouterr().out
-    rows = [row for _, row in zip(range(3), eval_rows(shards, "val"))]
+    rows = list(itertools.islice(eval_rows(shards, "val"), 3))
     assert sorted(p.name for p in show.iterdir()) == sorted(f"{row['id']}.png" for row in rows)
     for row in rows:
         tiles = 3 + int(row["labels"].sum())  # image | ground truth | a CAM per class | prediction
@@ -179,7 +188,7 @@ def test_pseudo_labels_show_dir_shows_image_truth_and_label(shards, tmp_path, ca
     assert main(["pseudo-labels", "--mode", "ground-truth", "--data", shards, "--split", "val",
                  "--out", str(tmp_path / "labels"), "--show-dir", str(show), "--show-images", "2"]) == 0
     assert "2 pictures" in capsys.readouterr().out
-    first = [row["id"] for _, row in zip(range(2), eval_rows(shards, "val"))]
+    first = [row["id"] for row in itertools.islice(eval_rows(shards, "val"), 2)]
     assert sorted(p.name for p in show.iterdir()) == sorted(f"{sample_id}.png" for sample_id in first)
     for sample_id in first:  # image | ground truth | pseudo-label
         assert Image.open(show / f"{sample_id}.png").width == tile_row_width(3)
