@@ -9,10 +9,11 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
+from wsss.platform.config import TrainConfig
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from claims import claims_table, delta, verdict  # noqa: E402
+from claims import ABLATIONS, claims_table, delta, verdict  # noqa: E402
 
 from lnl_seeds import choose  # noqa: E402
 
@@ -66,3 +67,23 @@ def test_an_ablation_and_an_export_are_compared_with_the_same_method():
     assert "| `lnl-no-contrast` 31.00 ± 0.00 | `lnl` 34.00 ± 0.00 | +3.00 ± 0.00 | 3 |" in line
     line = next(line for line in table.splitlines() if line.startswith("| DFSM's expansion M_e raises mIoU"))
     assert "| `lnl` shrink_miou 34.00 ± 0.00 | `lnl` 31.00 ± 1.00 | -3.00 ± 1.00 | 3 | does not |" in line
+
+
+def test_the_claims_ablation_is_csrm_with_the_option_and_is_compared_with_csrm_and_cam():
+    method, overrides = ABLATIONS["csrm-decoder-warmup"]
+    config = TrainConfig(method=method, data="shards").with_overrides(overrides)
+    assert config.sections["csrm"].warmup_decoder_only is True
+    rows = [{"method": name, "seed": seed, "miou": miou, "seg_miou": seg}
+            for seed in range(3) for name, miou, seg in
+            (("cam", 0.30, None), ("csrm", 0.20, 0.15), ("csrm-decoder-warmup", 0.295, 0.31))]
+    lines = claims_table(rows, []).splitlines()
+
+    def line(claim: str) -> str:
+        return next(text for text in lines if text.startswith(f"| {claim} |"))
+
+    assert "| `csrm` 20.00 ± 0.00 | `csrm-decoder-warmup` 29.50 ± 0.00 | +9.50 ± 0.00 | 3 | holds |" in line(
+        "CSRM's CAMs gain when the warm-up trains only the decoders")
+    assert "| `cam` 30.00 ± 0.00 | `csrm-decoder-warmup` 29.50 ± 0.00 | -0.50 ± 0.00 | 3 | holds |" in line(
+        "CSRM's CAMs kept when the warm-up trains only the decoders")
+    assert "| `csrm-decoder-warmup` miou 29.50 ± 0.00 | `csrm-decoder-warmup` 31.00 ± 0.00 | +1.50 ± 0.00 |" in line(
+        "CSRM's segmentation branch beats its own CAMs (decoder-only warm-up)")

@@ -4,34 +4,19 @@ decoders' losses reach the backbone as in the paper. In one forward pass per ste
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from wsss.methods.base import BackboneConfig, Progress, build_method
 from wsss.methods.cam import classification_loss
 from wsss.methods.csrm import CSRM, CSRMConfig
-from wsss.platform.config import TrainConfig
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-
-from claims import ABLATIONS, claims_table  # noqa: E402
 
 K = 3
 SIZE = 64
 STEPS_PER_EPOCH = 2  # warmup_epochs = 1: steps 0 and 1 warm up, step 2 trains every term
 WARMUP_STEP, AFTER_WARMUP_STEP = 1, 2
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny convolutions on a shared 2-core machine: a second thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_method(decoder_only: bool) -> CSRM:
@@ -128,23 +113,3 @@ def test_the_network_detaches_the_decoders_only_in_the_warmup_with_the_option(de
     asked = {step: method.network_options({}, views, progress(step))["detach_decoders"]
              for step in (0, WARMUP_STEP, AFTER_WARMUP_STEP, 5)}
     assert asked == {0: decoder_only, WARMUP_STEP: decoder_only, AFTER_WARMUP_STEP: False, 5: False}
-
-
-def test_the_claims_ablation_is_csrm_with_the_option_and_is_compared_with_csrm_and_cam():
-    method, overrides = ABLATIONS["csrm-decoder-warmup"]
-    config = TrainConfig(method=method, data="shards").with_overrides(overrides)
-    assert config.sections["csrm"].warmup_decoder_only is True
-    rows = [{"method": name, "seed": seed, "miou": miou, "seg_miou": seg}
-            for seed in range(3) for name, miou, seg in
-            (("cam", 0.30, None), ("csrm", 0.20, 0.15), ("csrm-decoder-warmup", 0.295, 0.31))]
-    lines = claims_table(rows, []).splitlines()
-
-    def line(claim: str) -> str:
-        return next(text for text in lines if text.startswith(f"| {claim} |"))
-
-    assert "| `csrm` 20.00 ± 0.00 | `csrm-decoder-warmup` 29.50 ± 0.00 | +9.50 ± 0.00 | 3 | holds |" in line(
-        "CSRM's CAMs gain when the warm-up trains only the decoders")
-    assert "| `cam` 30.00 ± 0.00 | `csrm-decoder-warmup` 29.50 ± 0.00 | -0.50 ± 0.00 | 3 | holds |" in line(
-        "CSRM's CAMs kept when the warm-up trains only the decoders")
-    assert "| `csrm-decoder-warmup` miou 29.50 ± 0.00 | `csrm-decoder-warmup` 31.00 ± 0.00 | +1.50 ± 0.00 |" in line(
-        "CSRM's segmentation branch beats its own CAMs (decoder-only warm-up)")
