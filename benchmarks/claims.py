@@ -57,7 +57,9 @@ METHODS = ("cam", "lnl", "cam+fsae", "lnl+fsae", "csrm", "csrm+ocr")
 # Runs that remove one part of a method, to find which part makes its gain: name → (method, overrides).
 # `csrm-decoder-warmup` keeps L_s out of the backbone in the warm-up (docs/deviations.md).
 ABLATIONS = {"lnl-no-contrast": ("lnl", {"lnl.contrast_weight": 0.0}),
-             "csrm-decoder-warmup": ("csrm", {"csrm.warmup_decoder_only": True})}
+             "csrm-decoder-warmup": ("csrm", {"csrm.warmup_decoder_only": True}),
+             "csrm-decoder-warmup-no-contrast": ("csrm", {"csrm.warmup_decoder_only": True,
+                                                          "csrm.contrast_weight": 0.0})}
 METHOD_SETTINGS = {"lnl": {"lnl.warmup_epochs": 1}, "csrm": {"csrm.decoder_lr_mult": 1.0}}
 EVAL_SCALES = (1.0, 0.5, 1.5)
 STAGE2_METHODS = ("deeplab", "deeplab+ocr")
@@ -318,6 +320,10 @@ CLAIMS = [
      ("cam", "miou"), 0),
     ("CSRM's segmentation branch beats its own CAMs (decoder-only warm-up)", 1, "csrm-decoder-warmup", "seg_miou",
      ("csrm-decoder-warmup", "miou"), +1),
+    ("CSRM's contrast L_m improves its CAMs (decoder-only warm-up, λ_m 1 against 0)", 1, "csrm-decoder-warmup",
+     "miou", ("csrm-decoder-warmup-no-contrast", "miou"), +1),
+    ("CSRM's contrast L_m improves its segmentation branch (decoder-only warm-up)", 1, "csrm-decoder-warmup",
+     "seg_miou", ("csrm-decoder-warmup-no-contrast", "seg_miou"), +1),
     ("OCR lowers co-occurrence confusion (CSRM's CAMs)", 1, "csrm+ocr", "cooccurrence_confusion",
      ("csrm", "cooccurrence_confusion"), -1),
     ("OCR lowers co-occurrence confusion at stage 2", 2, "deeplab+ocr", "cooccurrence_confusion",

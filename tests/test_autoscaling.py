@@ -33,10 +33,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import ROOT
 from wsss.platform.runtime import free_port
 from wsss.tuning.tune import HEAD_DRIVER_RESOURCE
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+CLUSTER_YAML = ROOT / "cluster.yaml"
 MARKER = "WSSS_TEST_AUTOSCALING_CLUSTER"  # env var every process of the test's cluster inherits
 FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider's name for its head (FAKE_HEAD_NODE_TYPE)
 IDLE_TIMEOUT_S = 6
