@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT
-from wsss.platform.runtime import free_port
+from wsss.platform.runtime import free_ports
 from wsss.tuning.tune import HEAD_DRIVER_RESOURCE
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -170,7 +170,7 @@ def autoscaling_head(tmp_path):
 
     cluster = yaml.safe_load(CLUSTER_YAML.read_text())
     temp_dir = tempfile.mkdtemp(prefix="rayas", dir="/tmp")
-    port, dashboard_port, agent, client = (free_port() for _ in range(4))
+    port, dashboard_port, agent, client = free_ports(4)
     gcs_address = f"{ray.util.get_node_ip_address()}:{port}"  # what `ray start` advertises
     config = fake_cluster_config(cluster, gcs_address)
     config_path = tmp_path / "autoscaling.yaml"

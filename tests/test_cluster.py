@@ -18,7 +18,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from tests.helpers import ROOT
-from wsss.platform.runtime import free_port
+from wsss.platform.runtime import free_port, free_ports
 from wsss.tuning.tune import HEAD_DRIVER_RESOURCE
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -226,7 +226,7 @@ def local_head(tmp_path_factory):
     import urllib.error
     import urllib.request
 
-    port, dashboard, agent, client = (free_port() for _ in range(4))  # defaults may be taken
+    port, dashboard, agent, client = free_ports(4)  # defaults may be taken
     # token authentication on, as on a real cluster; a token of the test's own, so neither a
     # fresh machine's missing ~/.ray/auth_token nor a user's token is involved
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}",
