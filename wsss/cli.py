@@ -388,19 +388,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _run_guarded(args, argv: list[str]) -> int:
-    """Runs the command; an input error is one line and exit code 2."""
+    """Runs the command; an input error is one line and exit code 2, storage that stopped
+    answering one line and exit code 1."""
     try:
         if callable(args.run):
             return args.run(args)
         module, function = args.run.split(":")
         return getattr(importlib.import_module(module), function)(args)
     except Exception as error:
-        if not _input_error(error, argv):
-            raise
-        from wsss.io import public_uri
+        from wsss.io import StorageUnavailableError, public_uri
 
+        unavailable = isinstance(error, StorageUnavailableError)
+        if not (unavailable or _input_error(error, argv)):
+            raise
         print(f"wsss {args.command}: error: {public_uri(str(error))}", file=sys.stderr)
-        return 2
+        return 1 if unavailable else 2
 
 
 if __name__ == "__main__":

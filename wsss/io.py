@@ -48,6 +48,19 @@ class DataError(ValueError):
         return type(self), (self.path, self.problem)
 
 
+class StorageUnavailableError(OSError):
+    """Storage that does not answer (an object store stopped or out of reach). The message
+    names the location, without credentials, and what failed."""
+
+    def __init__(self, location: object, problem: str):
+        self.location = public_uri(str(location))
+        self.problem = public_uri(problem)
+        super().__init__(f"{self.location}: {self.problem}")
+
+    def __reduce__(self):
+        return type(self), (self.location, self.problem)
+
+
 def is_uri(location: str) -> bool:
     return "://" in location
 
@@ -81,6 +94,21 @@ def check_bucket(location: str | os.PathLike) -> None:
     if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
         raise DataError(canonical(location), f"bucket {bucket!r} does not exist (or these credentials "
                                              "cannot see it)")
+
+
+def check_reachable(location: str | os.PathLike, then: str = "", cause: BaseException | None = None) -> None:
+    """StorageUnavailableError naming `location` when it is in an object store that does
+    not answer now (asked once, with pyarrow's own retries); `then` ends the message and
+    `cause` is the error it explains. A local path always answers."""
+    fs, path = resolve(location)
+    if fs.type_name == "local":
+        return
+    try:
+        fs.get_file_info(path)
+    except OSError as error:
+        problem = f"the storage does not answer ({' '.join(str(error).split())})"
+        raise StorageUnavailableError(canonical(location), f"{problem}; {then}" if then else problem) \
+            from cause or error
 
 
 def join(location: str | os.PathLike, *parts: str) -> str:

@@ -12,13 +12,18 @@ import sys
 BUCKET = "wsss-test"
 
 
-def wsss(args: list[str], s3_env: dict, cwd) -> dict | None:
+def run_wsss(args: list[str], s3_env: dict, cwd) -> subprocess.CompletedProcess:
     """Run `wsss ARGS` in a fresh process, which starts a local Ray of its own (never joins
-    one); returns the JSON object it printed last, if any."""
+    one), in the environment `s3_env`."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env |= s3_env | {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    done = subprocess.run([sys.executable, "-m", "wsss", *args], env=env, cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "wsss", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=400)
+
+
+def wsss(args: list[str], s3_env: dict, cwd) -> dict | None:
+    """`run_wsss`, which must succeed; returns the JSON object it printed last, if any."""
+    done = run_wsss(args, s3_env, cwd)
     assert done.returncode == 0, f"wsss {args[0]} failed ({done.returncode}):\n{done.stderr[-6000:]}"
     printed = re.search(r"^{", done.stdout, re.MULTILINE)
     return json.loads(done.stdout[printed.start():]) if printed else None

@@ -111,13 +111,31 @@ def test_a_resume_checkpoint_that_does_not_load_falls_back_to_the_newest_that_do
     older, middle, newest = write_run(run, epochs=3)
     (newest / STATE_FILE).write_bytes((newest / STATE_FILE).read_bytes()[:1000])
     with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
-        assert resume_state(str(newest), str(run))["epoch"] == 2
-    assert "the checkpoint to resume from does not load" in caplog.text
-    assert resume_state(str(middle), str(run))["epoch"] == 2
+        assert resume_state(str(run), str(newest))["epoch"] == 2
+    assert f"skipping checkpoint {newest}: {STATE_FILE} is incomplete" in caplog.text
+    assert f"resuming from {middle.name} (epoch 2), the newest complete checkpoint of {run} that loads; " \
+           f"Ray Train handed {newest}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+        assert resume_state(str(run), str(middle))["epoch"] == 2
+    assert "resuming from" not in caplog.text  # Ray's own choice: nothing to say
     for folder in (older, middle):
         (folder / STATE_FILE).write_bytes(b"broken")
     with pytest.raises(FileNotFoundError, match="with complete checkpoints"):
-        resume_state(str(newest), str(run))
+        resume_state(str(run), str(newest))
+
+
+def test_a_run_resumes_from_its_newest_complete_checkpoint_that_ray_never_registered(tmp_path, caplog):
+    """Ray Train records a checkpoint after its upload; storage that stopped in between
+    leaves Ray with an older one, or none (it would start the run afresh)."""
+    run = tmp_path / "run"
+    older, newest = write_run(run, epochs=2)
+    (run / "checkpoint_2026-01-01_00-00-09").mkdir()  # the upload that was cut: nothing of it arrived
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+        assert resume_state(str(run), str(older))["epoch"] == 2
+        assert resume_state(str(run), None)["epoch"] == 2
+    assert "Ray Train handed none" in caplog.text
+    assert resume_state(str(tmp_path / "new-run"), None) is None  # a fresh start
 
 
 def test_a_full_disk_while_saving_leaves_no_checkpoint_to_pick(tmp_path, monkeypatch):

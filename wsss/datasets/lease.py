@@ -54,11 +54,14 @@ class Lease:
         """Stop the heartbeat and delete the lease file if it is still ours."""
         self._stop.set()
         self._thread.join()
-        if _is_ours(_read(self.fs, self.path), self.record):
-            try:
+        try:
+            if _is_ours(_read(self.fs, self.path), self.record):
                 self.fs.delete_file(self.path)
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # storage gone: the error that ended the run matters more
+            logger.warning("%s: the lease could not be released (%s); the next start takes it over once "
+                           "it is stale", public_uri(self.folder), public_uri(" ".join(str(error).split())))
 
     def __enter__(self) -> Lease:
         return self
@@ -68,15 +71,15 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            current = _read(self.fs, self.path)
-            if current is not None and "unreadable_for_s" in current:
-                continue  # another process is writing it this instant: look again at the next beat
-            if not _is_ours(current, self.record):
-                logger.warning("%s: the lease was taken over by %s; this process no longer holds it",
-                               public_uri(self.folder), _describe(current))
-                return
-            self.record["heartbeat"] = time.time()
             try:
+                current = _read(self.fs, self.path)
+                if current is not None and "unreadable_for_s" in current:
+                    continue  # another process is writing it this instant: look again at the next beat
+                if not _is_ours(current, self.record):
+                    logger.warning("%s: the lease was taken over by %s; this process no longer holds it",
+                                   public_uri(self.folder), _describe(current))
+                    return
+                self.record["heartbeat"] = time.time()
                 _write(self.fs, self.path, self.record)
             except OSError as error:  # a storage hiccup: the next beat tries again
                 logger.warning("%s: lease heartbeat failed: %s", public_uri(self.folder), error)

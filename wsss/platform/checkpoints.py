@@ -9,7 +9,8 @@ checkpoint directory, a run directory (its latest checkpoint) or a cloud URI.
 loading a checkpoint never runs code from it. A checkpoint counts once complete:
 `checkpoint.json` is written after `state.pt`, and a run directory's checkpoints are tried
 newest first, skipping (with a warning naming it) one without `checkpoint.json` or whose
-`state.pt` does not load, as an upload or a write cut short leaves them.
+`state.pt` does not load, as an upload or a write cut short leaves them. `upload_checkpoint`
+keeps that order on object stores too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import io
 import json
 import logging
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -34,7 +36,7 @@ STATE_FILE = "state.pt"
 # What makes a checkpoint's model: a run resumes only with the same values (checkpoint.json).
 MODEL_KEYS = ("method", "backbone", "output_stride")
 INFO_FILE = "checkpoint.json"
-logger = logging.getLogger(__name__)
+UPLOAD_CHUNK = 8 << 20
 
 
 class UnsafeCheckpointError(DataError):
@@ -61,6 +63,26 @@ def save_checkpoint(directory: str | Path, method, optimizer, *, epoch: int, ste
     except BaseException:  # a full disk, an interrupt: leave no half of a checkpoint
         (directory / STATE_FILE).unlink(missing_ok=True)
         raise
+
+
+def upload_checkpoint(directory: str | Path, filesystem, path: str) -> None:
+    """Copy the checkpoint in the local `directory` to `path` on `filesystem` (a pyarrow
+    filesystem), `checkpoint.json` last, each file closed before the next: a write that
+    fails raises, and the checkpoint is complete only once its `checkpoint.json` is there.
+
+    Ray Train's own upload (pyarrow's `copy_files`) writes `checkpoint.json` first, and
+    into S3 logs and drops a part upload that failed (pyarrow 26): it returns as if the
+    checkpoint were there when its `state.pt` never arrived."""
+    directory = Path(directory)
+    files = sorted((file for file in directory.rglob("*") if file.is_file()),
+                   key=lambda file: (file == directory / INFO_FILE, str(file)))
+    filesystem.create_dir(path, recursive=True)
+    for file in files:
+        name = file.relative_to(directory).as_posix()
+        if "/" in name:
+            filesystem.create_dir(f"{path}/{name.rsplit('/', 1)[0]}", recursive=True)
+        with file.open("rb") as source, filesystem.open_output_stream(f"{path}/{name}") as target:
+            shutil.copyfileobj(source, target, UPLOAD_CHUNK)
 
 
 def load_state(checkpoint: str | Path, *, mmap: bool = False) -> dict:
@@ -128,18 +150,27 @@ def load_latest(location: str) -> tuple[str, dict]:
             logger.warning("skipping checkpoint %s: %s", public_uri(checkpoint), error.problem)
 
 
-def resume_state(chosen: str, run: str) -> dict:
-    """The state a run resumes from: that of `chosen`, the checkpoint Ray Train hands back,
-    or, when it does not load (a file damaged after it was registered), that of the run's
-    newest checkpoint that does, saying so. Ray's bookkeeping cannot know a file went bad."""
+def resume_state(run: str, registered: str | None = None) -> dict | None:
+    """The state the run at `run` continues from: that of its newest complete checkpoint
+    that loads (warning about each one skipped), or None when it has none (a fresh start).
+
+    `registered`, the checkpoint Ray Train hands back, is only compared with it: Ray's
+    bookkeeping cannot know a file damaged after it was registered, and lags behind the
+    storage. It adds a checkpoint to its snapshot in the run folder after the upload, so
+    storage that stops in between leaves the newest complete checkpoint out of it, and a
+    run without a snapshot Ray starts afresh."""
     try:
-        return load_state(chosen)
-    except UnsafeCheckpointError:
-        raise
-    except DataError as error:
-        logger.warning("the checkpoint to resume from does not load (%s); resuming from the newest of %s "
-                       "that does", error, public_uri(run))
-    return load_latest(run)[1]
+        checkpoint, state = load_latest(run)
+    except FileNotFoundError:
+        if registered:
+            raise
+        return None
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    if registered is None or registered.rstrip("/").rsplit("/", 1)[-1] != name:
+        logger.warning("resuming from %s (epoch %d), the newest complete checkpoint of %s that loads; Ray Train "
+                       "handed %s", name, state["epoch"], public_uri(run),
+                       public_uri(registered) if registered else "none")
+    return state
 
 
 def _complete_checkpoints(location: str):

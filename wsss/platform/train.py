@@ -1,10 +1,11 @@
 """Training on Ray Train: one function per worker, a driver that builds the TorchTrainer.
 
 The worker function is three steps, as in Ray's examples: (1) data shards, (2) the
-method, DDP-wrapped and restored from the latest checkpoint, (3) epochs of the plain
-loop in `loop.py`, each ending in `ray.train.report` with a checkpoint. A run resumes
-when started again with the same name and storage_path (Train V2 keeps a snapshot of
-reported checkpoints there). Tune trials call `make_trainer` with their own callbacks.
+method, DDP-wrapped and restored from the run's newest complete checkpoint, (3) epochs of
+the plain loop in `loop.py`, each ending in `ray.train.report` with a checkpoint. A run
+resumes when started again with the same name and storage_path, from the newest complete
+checkpoint in its folder (Train V2's snapshot of reported checkpoints there can lag behind
+it). Tune trials call `make_trainer` with their own callbacks.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import torch
 from wsss.datasets.lease import acquire
 from wsss.datasets.shards import image_labels, read_manifest
 from wsss.datasets.verification import remember_verified
-from wsss.io import canonical, delete_file, join, read_text, write_text
-from wsss.platform.checkpoints import check_resumable, restore, resume_state, save_checkpoint
+from wsss.io import canonical, check_reachable, delete_file, join, read_text, write_text
+from wsss.platform.checkpoints import check_resumable, restore, resume_state, save_checkpoint, upload_checkpoint
 from wsss.platform.config import ConfigError, TrainConfig
 from wsss.platform.config_text import to_toml
 from wsss.platform.console import epoch_line, seconds_left
@@ -69,14 +70,12 @@ def train_worker(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
 
     # 2. Method: dataset statistics, DDP around the trainable network only, last checkpoint.
-    checkpoint = ray.train.get_checkpoint()
+    registered = ray.train.get_checkpoint()
+    state = resume_state(loop_config["run_dir"], registered.path if registered else None)
     method, optimizer = set_up(config, num_classes=len(dataset["classes"]) - 1,
-                               image_labels=loop_config["image_labels"], device=device, fresh=not checkpoint,
+                               image_labels=loop_config["image_labels"], device=device, fresh=state is None,
                                distribute=ddp if context.get_world_size() > 1 else None)
-    start_epoch, step = 0, 0
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            start_epoch, step = restore(resume_state(directory, loop_config["run_dir"]), method, optimizer)
+    start_epoch, step = restore(state, method, optimizer) if state else (0, 0)
     resumed_from = start_epoch
 
     tracker = Tracker(project=config.wandb_project, name=loop_config["run_name"],
@@ -150,10 +149,12 @@ def quiet_report_log() -> None:
 
 def report_checkpoint(metrics: dict, config: TrainConfig, rank: int, save) -> None:
     """`ray.train.report` of the epoch's metrics with rank 0's checkpoint, written by `save`
-    into a local directory. Async: Ray uploads it in a thread of its own while the next epoch
-    trains, then deletes the directory. The score Ray keeps checkpoints by is `miou`, and
-    -1 (below any mIoU) in an epoch without one, so an unevaluated checkpoint is never kept
-    as a best (-inf would reach result JSON as the non-standard `-Infinity`)."""
+    into a local directory. Async: Ray uploads it (`upload`) in a thread of its own while the
+    next epoch trains, then deletes the directory; an upload that fails (storage gone) Ray
+    tries 3 times, then fails the worker as an error in training would. The score Ray keeps
+    checkpoints by is `miou`, and -1 (below any mIoU) in an epoch without one, so an
+    unevaluated checkpoint is never kept as a best (-inf would reach result JSON as the
+    non-standard `-Infinity`)."""
     metrics = metrics | {CHECKPOINT_SCORE: metrics.get("miou", -1.0)}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
@@ -164,10 +165,20 @@ def report_checkpoint(metrics: dict, config: TrainConfig, rank: int, save) -> No
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    upload = ray.train.CheckpointUploadMode.ASYNC if config.checkpoint_upload == "async" \
+    mode = ray.train.CheckpointUploadMode.ASYNC if config.checkpoint_upload == "async" \
         else ray.train.CheckpointUploadMode.SYNC
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                     checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
+                     checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True,
+                     checkpoint_upload_fn=upload)
+
+
+def upload(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+    """Ray Train's `checkpoint_upload_fn`: the local checkpoint into the run's folder as
+    `name`, through `upload_checkpoint` (a failed write raises; checkpoint.json last)."""
+    storage = ray.train.get_context().get_storage()
+    path = storage.build_checkpoint_path_from_name(name)
+    upload_checkpoint(checkpoint.path, storage.storage_filesystem, path)
+    return ray.train.Checkpoint(filesystem=storage.storage_filesystem, path=path)
 
 
 def make_trainer(config: TrainConfig, *, callbacks=()) -> ray.train.torch.TorchTrainer:
@@ -247,14 +258,21 @@ def run_name(config: TrainConfig) -> str:
 
 
 def fit(config: TrainConfig) -> ray.train.Result:
-    """Train to the end (or resume); raises NonFiniteLossError if the loss diverged, and
-    FolderInUseError if a live run of the same name and storage_path is writing there."""
+    """Train to the end (or resume); raises NonFiniteLossError if the loss diverged,
+    FolderInUseError if a live run of the same name and storage_path is writing there, and
+    StorageUnavailableError if the run failed while its storage does not answer."""
     config = dataclasses.replace(config, name=run_name(config))
     with acquire(join(canonical(config.storage_path), config.name), "wsss train"):
         trainer = make_trainer(config)
-        diverged = join(trainer.train_loop_config["run_dir"], DIVERGED_FILE)
+        run_dir = trainer.train_loop_config["run_dir"]
+        diverged = join(run_dir, DIVERGED_FILE)
         delete_file(diverged)  # a note left by an earlier attempt of this run
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as error:
+            check_reachable(run_dir, "the run stopped; once it answers, `wsss train` with the same name and "
+                                     "storage_path resumes from the last complete checkpoint", cause=error)
+            raise
     note = read_text(diverged)
     if note is not None:
         where = result.checkpoint.path if result.checkpoint else "none (diverged in the first epoch)"
