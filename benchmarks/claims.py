@@ -59,7 +59,10 @@ METHODS = ("cam", "lnl", "cam+fsae", "lnl+fsae", "csrm", "csrm+ocr")
 ABLATIONS = {"lnl-no-contrast": ("lnl", {"lnl.contrast_weight": 0.0}),
              "csrm-decoder-warmup": ("csrm", {"csrm.warmup_decoder_only": True}),
              "csrm-decoder-warmup-no-contrast": ("csrm", {"csrm.warmup_decoder_only": True,
-                                                          "csrm.contrast_weight": 0.0})}
+                                                          "csrm.contrast_weight": 0.0}),
+             "csrm-decoder-warmup-no-s2c": ("csrm", {"csrm.warmup_decoder_only": True, "csrm.s2c_weight": 0.0}),
+             "csrm-decoder-warmup-no-unsup": ("csrm", {"csrm.warmup_decoder_only": True,
+                                                       "csrm.unsup_weight": 0.0})}
 METHOD_SETTINGS = {"lnl": {"lnl.warmup_epochs": 1}, "csrm": {"csrm.decoder_lr_mult": 1.0}}
 EVAL_SCALES = (1.0, 0.5, 1.5)
 STAGE2_METHODS = ("deeplab", "deeplab+ocr")
@@ -324,6 +327,14 @@ CLAIMS = [
      "miou", ("csrm-decoder-warmup-no-contrast", "miou"), +1),
     ("CSRM's contrast L_m improves its segmentation branch (decoder-only warm-up)", 1, "csrm-decoder-warmup",
      "seg_miou", ("csrm-decoder-warmup-no-contrast", "seg_miou"), +1),
+    ("CSRM's cross supervision L_s2c improves its CAMs (decoder-only warm-up, λ_s2c 1 against 0)", 1,
+     "csrm-decoder-warmup", "miou", ("csrm-decoder-warmup-no-s2c", "miou"), +1),
+    ("CSRM's cross supervision L_s2c improves its segmentation branch (decoder-only warm-up)", 1,
+     "csrm-decoder-warmup", "seg_miou", ("csrm-decoder-warmup-no-s2c", "seg_miou"), +1),
+    ("CSRM's weak-to-strong L_u improves its CAMs (decoder-only warm-up, λ_u 1 against 0)", 1,
+     "csrm-decoder-warmup", "miou", ("csrm-decoder-warmup-no-unsup", "miou"), +1),
+    ("CSRM's weak-to-strong L_u improves its segmentation branch (decoder-only warm-up)", 1,
+     "csrm-decoder-warmup", "seg_miou", ("csrm-decoder-warmup-no-unsup", "seg_miou"), +1),
     ("OCR lowers co-occurrence confusion (CSRM's CAMs)", 1, "csrm+ocr", "cooccurrence_confusion",
      ("csrm", "cooccurrence_confusion"), -1),
     ("OCR lowers co-occurrence confusion at stage 2", 2, "deeplab+ocr", "cooccurrence_confusion",
