@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 
 def measure_step(spec: str, args: dict, queue) -> None:
@@ -75,9 +76,10 @@ def measure_step(spec: str, args: dict, queue) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def train_step(step: int) -> None:
+    def train_step(step: int, forward_counter=None) -> None:
         progress = Progress(epoch=5, step=100 + step, steps_per_epoch=100, epochs=10)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_amp(config, device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_amp(config, device)), \
+                forward_counter or nullcontext():
             loss = sum(method.training_step(data, progress).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,21 +98,23 @@ def measure_step(spec: str, args: dict, queue) -> None:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    with FlopCounterMode(display=False, depth=3) as counter:  # one more step, counted: a machine-independent cost
-        train_step(args["warmup"] + args["steps"])
+    # One more step, counted: a machine-independent cost. The forward is also counted on its
+    # own: the counter files backward matmuls under the modules of their forward.
+    forward = FlopCounterMode(display=False, depth=3)
+    with FlopCounterMode(display=False, depth=3) as counter:
+        train_step(args["warmup"] + args["steps"], forward)
     step_s = statistics.median(times)
     queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "amp": uses_amp(config, device),
                "step_s": step_s, "images_per_s": batch / step_s, "peak_mb": peak_mb,
                "gflop": counter.get_total_flops() / 1e9,
-               "forward_gflop": forward_flops_by_module(counter.get_flop_counts())})
+               "forward_gflop": forward_flops_by_module(forward.get_flop_counts(), counter.get_total_flops())})
 
 
-def forward_flops_by_module(counts: dict) -> dict[str, float]:
-    """GFLOP of forward operations by module: each module called from outside another (the
-    network, and a teacher's parts called one by one), the network's children, and all
-    backward operations as one entry (the counter attributes those to modules unreliably)."""
-    forward = {module: sum(v for op, v in ops.items() if "backward" not in str(op)) / 1e9
-               for module, ops in counts.items()}
+def forward_flops_by_module(forward_counts: dict, total_flops: int) -> dict[str, float]:
+    """GFLOP of the forward by module: each module called from outside another (the network,
+    and a teacher's parts called one by one), the network's children, and the backward (the
+    step's total less the forward) as one entry."""
+    forward = {module: sum(ops.values()) / 1e9 for module, ops in forward_counts.items()}
     roots = [m for m in forward if "." not in m and m != "Global" and forward[m] >= 0.05]
     network = max(roots, key=forward.get)
 
@@ -120,7 +124,7 @@ def forward_flops_by_module(counts: dict) -> dict[str, float]:
     # the network's children, or grandchildren where a child is not called as a module
     children = [m for m in forward if forward[m] >= 0.05 and m.startswith(network + ".") and
                 (parent(m) == network or (parent(m) not in forward and parent(parent(m)) == network))]
-    backward = sum(v for op, v in counts["Global"].items() if "backward" in str(op)) / 1e9
+    backward = (total_flops - sum(forward_counts["Global"].values())) / 1e9
     return {m: forward[m] for m in roots + children} | {"backward": backward}
 
 

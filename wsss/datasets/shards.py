@@ -357,25 +357,22 @@ def _stage_split(fs: pafs.FileSystem, staging: str, split: str, rows: Iterator[d
                  rows_per_file: int, rows_per_group: int) -> dict:
     fs.create_dir(f"{staging}/{split}", recursive=True)
     rows = iter(rows)
-    names, counts = [], []
+    names, written = [], []
     schema = None  # the first sample decides whether the split has a region column
     while (first := next(rows, None)) is not None:
         schema = schema or (SCHEMA if "region" not in first else REGION_SCHEMA)
         names.append(f"{split}/part-{len(names):05d}.parquet")
         part = (_same_columns(row, schema)
                 for row in itertools.chain([first], itertools.islice(rows, rows_per_file - 1)))
-        counts.append(_write_parquet(fs, f"{staging}/{names[-1]}", part, rows_per_group, schema))
-    if len(names) == 1 and counts[0] >= 2:
+        written.append(_write_parquet(fs, f"{staging}/{names[-1]}", part, rows_per_group, schema))
+    if len(names) == 1 and written[0]["rows"] >= 2:
         table = pq.read_table(f"{staging}/{names[0]}", filesystem=fs, schema=schema)
         half = (len(table) + 1) // 2
         names.append(f"{split}/part-00001.parquet")
-        counts = [_write_parquet(fs, f"{staging}/{name}", part.to_pylist(), rows_per_group, schema)
-                  for name, part in zip(names, (table.slice(0, half), table.slice(half)), strict=True)]
-    files = []
-    for name, count in zip(names, counts, strict=True):
-        digest, size = _sha256(fs, f"{staging}/{name}")
-        files.append({"path": name, "rows": count, "sha256": digest, "bytes": size})
-    return {"rows": sum(counts), "files": files}
+        written = [_write_parquet(fs, f"{staging}/{name}", part.to_pylist(), rows_per_group, schema)
+                   for name, part in zip(names, (table.slice(0, half), table.slice(half)), strict=True)]
+    files = [{"path": name} | file for name, file in zip(names, written, strict=True)]
+    return {"rows": sum(file["rows"] for file in files), "files": files}
 
 
 def _row(sample: Sample, num_classes: int) -> dict:
@@ -420,16 +417,44 @@ def has_regions(manifest: Manifest, split: str) -> bool:
 
 
 def _write_parquet(fs: pafs.FileSystem, path: str, rows: Iterable[dict], rows_per_group: int,
-                   schema: pa.Schema = SCHEMA) -> int:
-    """Stream rows into one file, one row group at a time; returns the row count."""
+                   schema: pa.Schema = SCHEMA) -> dict:
+    """Stream rows into one file, one row group at a time, hashing the bytes as they are
+    written (no second read; in parallel prepares, while the workers read on); returns the
+    file's rows, sha256 and bytes."""
     rows, count = iter(rows), 0
     # Images and PNG masks are compressed already; dictionaries of unique blobs only cost.
-    with fs.open_output_stream(path) as stream, \
-            pq.ParquetWriter(stream, schema, compression="none", use_dictionary=False) as writer:
-        while group := list(itertools.islice(rows, rows_per_group)):
-            writer.write_table(pa.Table.from_pylist(group, schema=schema))
-            count += len(group)
-    return count
+    with fs.open_output_stream(path) as stream:
+        hashing = _HashingStream(stream)
+        with pq.ParquetWriter(hashing, schema, compression="none", use_dictionary=False) as writer:
+            while group := list(itertools.islice(rows, rows_per_group)):
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                count += len(group)
+    return {"rows": count, "sha256": hashing.digest.hexdigest(), "bytes": hashing.size}
+
+
+class _HashingStream:
+    """A writable file that forwards to `stream`, keeping the sha256 and size of what passed."""
+
+    def __init__(self, stream):
+        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.stream.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:  # the caller closes `stream`
+        pass
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
 
 
 def _sha256(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
