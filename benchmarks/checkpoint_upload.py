@@ -3,6 +3,7 @@ Train's synchronous upload (`checkpoint_upload=sync`) and its asynchronous one (
 the default), side by side in one local Ray of 2 CPUs.
 
     python benchmarks/checkpoint_upload.py --epochs 4 --backbone resnet50
+    python benchmarks/checkpoint_upload.py --cpu-threads 1   # torch on one core, the upload on the other
 
 Each setting trains `cam` from scratch on the `test` preset's 40 images at 64 px (5 steps
 an epoch, no evaluation), checkpointing every epoch (ResNet-50: ~190 MB with the SGD
@@ -26,6 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--cpu-threads", type=int, default=0,
+                        help="torch threads of the training worker (0: every core, as `wsss train` does)")
     args = parser.parse_args()
 
     from moto.server import ThreadedMotoServer
@@ -60,7 +63,7 @@ def main() -> None:
                     method="cam", data=f"{root}/shards", name=f"{mode}-{index}", storage_path="s3://bench/runs",
                     epochs=args.epochs, batch_size=8, crop_size=64, backbone=args.backbone,
                     backbone_weights="none", eval_every=0, wandb="disabled", keep_checkpoints=0,
-                    checkpoint_upload=mode, verify_data=False))
+                    checkpoint_upload=mode, verify_data=False, cpu_threads=args.cpu_threads))
                 wall = time.perf_counter() - started
                 per_epoch = [m["epoch_time_s"] for _, m in sorted(result.best_checkpoints,
                                                                   key=lambda item: item[1]["epoch"])]

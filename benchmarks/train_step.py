@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --ray-vs-plain     # also one epoch on shards, Ray Train vs plain
     python benchmarks/train_step.py --keep-denormals   # steps without flushing subnormal floats (flush_denormal=false)
     python benchmarks/train_step.py --cpu-amp          # also every method in bfloat16 autocast on CPU
+    python benchmarks/train_step.py --profile 12       # also each method's top operators (2 untimed steps)
     python benchmarks/train_step.py --methods cam,lnl,csrm --size 512 --batch 16 --peak-tflops 989 \
         --json steps.json                              # on a GPU: bf16 autocast, share of the chip's peak
 
@@ -37,6 +38,8 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+
+PROFILED_STEPS = 2
 
 
 def measure_step(spec: str, args: dict, queue) -> None:
@@ -103,9 +106,15 @@ def measure_step(spec: str, args: dict, queue) -> None:
     forward = FlopCounterMode(display=False, depth=3)
     with FlopCounterMode(display=False, depth=3) as counter:
         train_step(args["warmup"] + args["steps"], forward)
+    operators = ""
+    if args["profile"]:  # after the timed steps, so that the profiler's overhead is not timed
+        with torch.profiler.profile() as profiler:
+            for step in range(PROFILED_STEPS):
+                train_step(args["warmup"] + args["steps"] + 1 + step)
+        operators = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args["profile"])
     step_s = statistics.median(times)
     queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "amp": uses_amp(config, device),
-               "step_s": step_s, "images_per_s": batch / step_s, "peak_mb": peak_mb,
+               "step_s": step_s, "images_per_s": batch / step_s, "peak_mb": peak_mb, "operators": operators,
                "gflop": counter.get_total_flops() / 1e9,
                "forward_gflop": forward_flops_by_module(forward.get_flop_counts(), counter.get_total_flops())})
 
@@ -201,6 +210,8 @@ def main() -> None:
     parser.add_argument("--os8", action=argparse.BooleanOptionalAction, default=True,
                         help="with lnl at OS 16, also cam and lnl at OS 8")
     parser.add_argument("--cpu-amp", action="store_true", help="also measure every method with `cpu_amp` (CPU only)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print each method's N top operators (torch profiler, self time) over 2 more steps")
     parser.add_argument("--images", type=int, default=256, help="images in the Ray vs plain epoch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is one")
     parser.add_argument("--loader-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -213,7 +224,7 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = dict(backbone=args.backbone, size=args.size, batch=args.batch, classes=args.classes,
                     os=args.os, steps=args.steps, warmup=args.warmup, cpu_amp=False,
-                    flush_denormal=not args.keep_denormals, device=args.device)
+                    flush_denormal=not args.keep_denormals, device=args.device, profile=args.profile)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
           f"load {os.getloadavg()[0]:.1f}; {json.dumps(settings)}")
     runs = [(spec, settings) for spec in dict.fromkeys(["cam", *args.methods.split(",")])]
@@ -256,6 +267,10 @@ def main() -> None:
     for row in rows:
         parts = ", ".join(f"{module} {gflop:.1f}" for module, gflop in row["forward_gflop"].items())
         print(f"{row['method']} OS {row['os']}{' bf16' if row['cpu_amp'] else ''} GFLOP by module: {parts}")
+    for row in rows:
+        if row["operators"]:
+            print(f"\n{row['method']} OS {row['os']}{' bf16' if row['cpu_amp'] else ''}, round {row['round']}, "
+                  f"top operators over {PROFILED_STEPS} more steps:\n{row['operators']}")
     for row in rows:
         if row["cpu_amp"]:
             fp32 = next(r for r in rows if r["method"] == row["method"] and setting(r) == (row["os"], False))
