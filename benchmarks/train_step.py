@@ -13,14 +13,14 @@ GPU, else the process's peak RSS above its level after building the model), on t
 random batch, so the printed ratios come from one run on one machine. The timed steps come
 after `--warmup` training steps at the run's default lr: weights then reach the ranges
 where, without flushing, some methods compute on subnormal floats. GFLOP counts the torch
-operations of one more step (forward and backward, not work in CRF processes): the time
-ratio a compute-bound machine cannot beat; "time/FLOP" is the step's time ratio over its
+operations of as many more steps, the mean per step (forward and backward, not work in CRF
+processes): the time ratio a compute-bound machine cannot beat; "time/FLOP" is the step's time ratio over its
 FLOP ratio (1 = as fast per FLOP as `cam`); divided by the step time it is the achieved
 TFLOP/s, and by --peak-tflops the share of the chip's peak. The FLOPs of each forward are
 also broken down by module (a method's teacher modules appear by class name: they run
 outside the network's forward). Rounds are interleaved and each method's time is divided by
-`cam`'s of the same round, the median round shown: load that comes and goes hits both alike. Goals: lnl ≤ 1.5× cam's time at OS 16 and ≤ 2× at OS 8,
-time/FLOP ≤ 1.15; fsae ≤ 2.2× time; csrm ≤ 3.5× FLOPs and ≤ 4× time; Ray Train ≤ 1.1× plain
+`cam`'s of the same round, the median round shown: load that comes and goes hits both
+alike. Goals: lnl ≤ 1.5× cam's time at OS 16 and ≤ 2× at OS 8, time/FLOP ≤ 1.15; fsae ≤ 2.2× time; csrm ≤ 3.5× FLOPs and ≤ 4× time; Ray Train ≤ 1.1× plain
 after start-up.
 """
 
@@ -101,22 +101,27 @@ def measure_step(spec: str, args: dict, queue) -> None:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    # One more step, counted: a machine-independent cost. The forward is also counted on its
-    # own: the counter files backward matmuls under the modules of their forward.
-    forward = FlopCounterMode(display=False, depth=3)
-    with FlopCounterMode(display=False, depth=3) as counter:
-        train_step(args["warmup"] + args["steps"], forward)
+    # As many more steps, counted: a machine-independent cost, the mean per step (csrm's varies
+    # with the images ClassMix pastes into). Each forward is also counted on its own: the
+    # counter files backward matmuls under the modules of their forward.
+    counted = []
+    for step in range(args["warmup"] + args["steps"], args["warmup"] + 2 * args["steps"]):
+        forward = FlopCounterMode(display=False, depth=3)
+        with FlopCounterMode(display=False, depth=3) as counter:
+            train_step(step, forward)
+        counted.append(forward_flops_by_module(forward.get_flop_counts(), counter.get_total_flops())
+                       | {"step": counter.get_total_flops() / 1e9})
+    flops = {key: statistics.mean(c.get(key, 0.0) for c in counted) for key in dict.fromkeys(k for c in counted for k in c)}
     operators = ""
     if args["profile"]:  # after the timed steps, so that the profiler's overhead is not timed
         with torch.profiler.profile() as profiler:
             for step in range(PROFILED_STEPS):
-                train_step(args["warmup"] + args["steps"] + 1 + step)
+                train_step(args["warmup"] + 2 * args["steps"] + step)
         operators = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args["profile"])
     step_s = statistics.median(times)
     queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "amp": uses_amp(config, device),
                "step_s": step_s, "images_per_s": batch / step_s, "peak_mb": peak_mb, "operators": operators,
-               "gflop": counter.get_total_flops() / 1e9,
-               "forward_gflop": forward_flops_by_module(forward.get_flop_counts(), counter.get_total_flops())})
+               "gflop": flops.pop("step"), "forward_gflop": flops})
 
 
 def forward_flops_by_module(forward_counts: dict, total_flops: int) -> dict[str, float]:
