@@ -2,7 +2,7 @@
 # The GPU checks in one call, for a machine with one NVIDIA GPU and no network (the
 # workplace's `device` tool). Its image has torch, torchvision, pyarrow, pillow and pytest,
 # but not Ray, W&B, Optuna or pydensecrf, and Ray's wheel (79 MB) is over what may travel
-# with the tree (64 MiB). So this checks everything below Ray; Ray Train on a GPU (issue 3)
+# with the tree (64 MiB). So this checks everything below Ray; Ray Train on a GPU
 # needs a machine with Ray installed.
 #
 # Once, on the machine that sends the tree (pydensecrf is built from its source there):
@@ -35,7 +35,7 @@ for stage in $stages; do
   case $stage in
     tests)  # every method on the GPU: bfloat16 training, exact resume, CPU serving, validation
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | keep pytest.log "passed|failed|skipped|error|Error" ;;
-    steps)  # step time, memory and FLOPs vs cam (issue 6: csrm <= 3x): the results protocol's size, then a ResNet-50 at 320 px
+    steps)  # step time, memory and FLOPs vs cam: the results protocol's size, then a ResNet-50 at 320 px
       timeout 150 python3 benchmarks/train_step.py --methods cam,lnl,cam+fsae,lnl+fsae,csrm,csrm+ocr --backbone resnet18 \
           --size 96 --batch 16 --os 8 --steps 30 --warmup 5 --rounds 1 2>&1 | keep step_small.log "^\||machine|Error"
       timeout 100 python3 benchmarks/train_step.py --methods cam,lnl,cam+fsae,csrm --backbone resnet50 --size 320 \

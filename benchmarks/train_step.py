@@ -13,7 +13,7 @@ GPU, else the process's peak RSS above its level after building the model), on t
 random batch, so the printed ratios come from one run on one machine. The timed steps come
 after `--warmup` training steps at the run's default lr: weights then reach the ranges
 where, without flushing, some methods compute on subnormal floats. GFLOP counts the torch
-operations of as many more steps, the mean per step (forward and backward, not work in CRF
+operations of as many more steps (at most 5), the mean per step (forward and backward, not work in CRF
 processes): the time ratio a compute-bound machine cannot beat; "time/FLOP" is the step's time ratio over its
 FLOP ratio (1 = as fast per FLOP as `cam`); divided by the step time it is the achieved
 TFLOP/s, and by --peak-tflops the share of the chip's peak. The FLOPs of each forward are
@@ -40,6 +40,7 @@ import time
 from contextlib import nullcontext
 
 PROFILED_STEPS = 2
+COUNTED_STEPS = 5  # at most; the mean FLOPs per step
 
 
 def measure_step(spec: str, args: dict, queue) -> None:
@@ -101,11 +102,11 @@ def measure_step(spec: str, args: dict, queue) -> None:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    # As many more steps, counted: a machine-independent cost, the mean per step (csrm's varies
-    # with the images ClassMix pastes into). Each forward is also counted on its own: the
-    # counter files backward matmuls under the modules of their forward.
-    counted = []
-    for step in range(args["warmup"] + args["steps"], args["warmup"] + 2 * args["steps"]):
+    # More steps, counted: a machine-independent cost, the mean per step (csrm's varies with
+    # the images ClassMix pastes into). Each forward is also counted on its own: the counter
+    # files backward matmuls under the modules of their forward.
+    counted, first = [], args["warmup"] + args["steps"]
+    for step in range(first, first + min(args["steps"], COUNTED_STEPS)):
         forward = FlopCounterMode(display=False, depth=3)
         with FlopCounterMode(display=False, depth=3) as counter:
             train_step(step, forward)
@@ -116,7 +117,7 @@ def measure_step(spec: str, args: dict, queue) -> None:
     if args["profile"]:  # after the timed steps, so that the profiler's overhead is not timed
         with torch.profiler.profile() as profiler:
             for step in range(PROFILED_STEPS):
-                train_step(args["warmup"] + 2 * args["steps"] + step)
+                train_step(first + len(counted) + step)
         operators = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args["profile"])
     step_s = statistics.median(times)
     queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "amp": uses_amp(config, device),

@@ -1,7 +1,7 @@
 """`lnl`: every equation against a slow loop written from the paper, the bank under DDP, training.
 
 References use Python floats and explicit loops over pixels, classes and prototypes; the
-library code must agree with them on random inputs and on the edge cases named in issue 4.
+library code must agree with them on random inputs and on the edge cases of each equation.
 """
 
 from __future__ import annotations
