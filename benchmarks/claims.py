@@ -62,7 +62,9 @@ ABLATIONS = {"lnl-no-contrast": ("lnl", {"lnl.contrast_weight": 0.0}),
                                                           "csrm.contrast_weight": 0.0}),
              "csrm-decoder-warmup-no-s2c": ("csrm", {"csrm.warmup_decoder_only": True, "csrm.s2c_weight": 0.0}),
              "csrm-decoder-warmup-no-unsup": ("csrm", {"csrm.warmup_decoder_only": True,
-                                                       "csrm.unsup_weight": 0.0})}
+                                                       "csrm.unsup_weight": 0.0}),
+             "csrm-decoder-warmup-ls-only": ("csrm", {"csrm.warmup_decoder_only": True, "csrm.s2c_weight": 0.0,
+                                                      "csrm.unsup_weight": 0.0, "csrm.contrast_weight": 0.0})}
 METHOD_SETTINGS = {"lnl": {"lnl.warmup_epochs": 1}, "csrm": {"csrm.decoder_lr_mult": 1.0}}
 EVAL_SCALES = (1.0, 0.5, 1.5)
 STAGE2_METHODS = ("deeplab", "deeplab+ocr")
@@ -335,6 +337,10 @@ CLAIMS = [
      "csrm-decoder-warmup", "miou", ("csrm-decoder-warmup-no-unsup", "miou"), +1),
     ("CSRM's weak-to-strong L_u improves its segmentation branch (decoder-only warm-up)", 1,
      "csrm-decoder-warmup", "seg_miou", ("csrm-decoder-warmup-no-unsup", "seg_miou"), +1),
+    ("CSRM's CAMs kept with L_s alone after the warm-up (decoder-only warm-up)", 1,
+     "csrm-decoder-warmup-ls-only", "miou", ("cam", "miou"), 0),
+    ("CSRM's L_u and L_m improve its CAMs without L_s2c (decoder-only warm-up)", 1,
+     "csrm-decoder-warmup-no-s2c", "miou", ("csrm-decoder-warmup-ls-only", "miou"), +1),
     ("OCR lowers co-occurrence confusion (CSRM's CAMs)", 1, "csrm+ocr", "cooccurrence_confusion",
      ("csrm", "cooccurrence_confusion"), -1),
     ("OCR lowers co-occurrence confusion at stage 2", 2, "deeplab+ocr", "cooccurrence_confusion",
