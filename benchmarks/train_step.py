@@ -13,15 +13,16 @@ GPU, else the process's peak RSS above its level after building the model), on t
 random batch, so the printed ratios come from one run on one machine. The timed steps come
 after `--warmup` training steps at the run's default lr: weights then reach the ranges
 where, without flushing, some methods compute on subnormal floats. GFLOP counts the torch
-operations of as many more steps (at most 5), the mean per step (forward and backward, not work in CRF
-processes): the time ratio a compute-bound machine cannot beat; "time/FLOP" is the step's time ratio over its
-FLOP ratio (1 = as fast per FLOP as `cam`); divided by the step time it is the achieved
-TFLOP/s, and by --peak-tflops the share of the chip's peak. The FLOPs of each forward are
-also broken down by module (a method's teacher modules appear by class name: they run
-outside the network's forward). Rounds are interleaved and each method's time is divided by
-`cam`'s of the same round, the median round shown: load that comes and goes hits both
-alike. Goals: lnl ≤ 1.5× cam's time at OS 16 and ≤ 2× at OS 8, time/FLOP ≤ 1.15; fsae ≤ 2.2× time; csrm ≤ 3.5× FLOPs and ≤ 4× time; Ray Train ≤ 1.1× plain
-after start-up.
+operations of as many more steps (at most 5), the mean per step (forward and backward, not
+work in CRF processes): the time ratio a compute-bound machine cannot beat; "time/FLOP" is
+the step's time ratio over its FLOP ratio (1 = as fast per FLOP as `cam`); divided by the
+step time it is the achieved TFLOP/s, and by --peak-tflops the share of the chip's peak.
+The FLOPs of each forward are also broken down by module (a method's teacher modules appear
+by class name: they run outside the network's forward). Rounds are interleaved and each
+method's time is divided by `cam`'s of the same round, the median round shown: load that
+comes and goes hits both alike. Goals: lnl ≤ 1.5× cam's time at OS 16 and ≤ 2× at OS 8,
+time/FLOP ≤ 1.15; fsae ≤ 2.2× time; csrm ≤ 3.5× FLOPs and ≤ 4× time; Ray Train ≤ 1.1×
+plain after start-up.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def measure_step(spec: str, args: dict, queue) -> None:
             train_step(step, forward)
         counted.append(forward_flops_by_module(forward.get_flop_counts(), counter.get_total_flops())
                        | {"step": counter.get_total_flops() / 1e9})
-    flops = {key: statistics.mean(c.get(key, 0.0) for c in counted) for key in dict.fromkeys(k for c in counted for k in c)}
+    keys = dict.fromkeys(key for step_flops in counted for key in step_flops)  # a module may run in some steps only
+    flops = {key: statistics.mean(step_flops.get(key, 0.0) for step_flops in counted) for key in keys}
     operators = ""
     if args["profile"]:  # after the timed steps, so that the profiler's overhead is not timed
         with torch.profiler.profile() as profiler:
@@ -275,7 +277,7 @@ def main() -> None:
         print(f"{row['method']} OS {row['os']}{' bf16' if row['cpu_amp'] else ''} GFLOP by module: {parts}")
     for row in rows:
         if row["operators"]:
-            print(f"\n{row['method']} OS {row['os']}{' bf16' if row['cpu_amp'] else ''}, round {row['round']}, "
+            print(f"\n{row['method']} OS {row['os']}{' bf16' if row['cpu_amp'] else ''}, first round, "
                   f"top operators over {PROFILED_STEPS} more steps:\n{row['operators']}")
     for row in rows:
         if row["cpu_amp"]:
