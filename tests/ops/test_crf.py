@@ -81,6 +81,17 @@ def test_irn_preset_is_irn_parameters_on_label_unary():
     assert PRESETS["irn"].bilateral_sxy == 50 and PRESETS["psa"].bilateral_sxy == 80
 
 
+def test_stacked_label_maps_refine_as_separate_crfs():
+    image, truth = two_region_image()
+    rng = np.random.default_rng(3)
+    maps = np.stack([np.where(rng.random(truth.shape) < share, 1 - truth, truth) for share in (0.1, 0.3, 0.45)])
+    refined = dense_crf_labels(image, maps, num_labels=2)
+    assert refined.dtype == np.float32 and refined.shape == (3, 2, SIZE, SIZE)
+    for label_map, result in zip(maps, refined, strict=True):
+        np.testing.assert_array_equal(result, dense_crf_labels(image, label_map, num_labels=2))
+    assert not np.array_equal(refined[0], refined[2])
+
+
 def test_non_contiguous_image_is_accepted():
     image, truth = two_region_image()
     probs = noisy_probs(truth)
@@ -110,3 +121,5 @@ def test_dense_crf_rejects_unknown_preset_and_bad_labels():
         dense_crf_labels(image, truth + 1, num_labels=2)
     with pytest.raises(ValueError, match="integer"):
         dense_crf_labels(image, truth.astype(np.float32), num_labels=2)
+    with pytest.raises(ValueError, match="matching the image"):
+        dense_crf_labels(image, truth[None, None], num_labels=2)

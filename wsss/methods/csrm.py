@@ -15,10 +15,10 @@ During warm-up the last three terms are 0 and the teacher is a plain copy of the
 with `warmup_decoder_only` the decoders then train on detached backbone features, so only L_c
 moves the backbone until the warm-up ends (ours, docs/deviations.md).
 One student forward per step; the teacher runs in `before_forward`, its CAMs going to the
-CRF workers (`csrm_pseudo`) first, so the CRF works while its decoders run. Randomness is
-seeded by (initial seed, step, rank) (`seeded_steps`), so a resumed run repeats the original
-exactly. Where this departs from the paper (the representation branch, the entropy groups,
-the losses' resolutions): docs/deviations.md.
+CRF workers (`csrm_pseudo`) first, so beside an accelerator the CRF works while its decoders
+run. Randomness is seeded by (initial seed, step, rank) (`seeded_steps`), so a resumed run
+repeats the original exactly. Where this departs from the paper (the representation branch,
+the entropy groups, the losses' resolutions): docs/deviations.md.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class CSRMConfig:
     fg_threshold: float = 0.35  # δ_fg: CAM above it (after CRF) is foreground (Eq. 6)
     bg_threshold: float = 0.05  # δ_bg: CAM at most it (after CRF) is background; between: 255 (Eq. 6)
     crf_preset: str = "irn"  # dense CRF preset of the double threshold (wsss.ops.crf); the paper gives no CRF settings
-    crf_workers: int = -1  # CRF processes; -1: this replica's CPU cores − 1; 0: in the training process
+    crf_workers: int = -1  # CRF processes; -1: this replica's CPU cores, less one beside an accelerator; 0: in the training process
     s2c_weight: float = 1.0  # λ_s2c (Eq. 14); the paper gives λ_u = λ_m = 1 and no λ_s2c
     # What ramps over training (docs/deviations.md). "threshold", the paper's text (Sec. 4): σ_s2c
     # (Eq. 8) rises linearly from s2c_start_threshold to s2c_end_threshold over training, so L_s2c

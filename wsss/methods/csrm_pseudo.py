@@ -1,10 +1,13 @@
 """CSRM's segmentation pseudo-labels (Eqs. 2 and 6): the teacher's CAMs, CRF-refined, with
-IRN's double threshold, computed on CPU worker processes while the GPU trains.
+IRN's double threshold, computed on CPU worker processes.
 
-The CRF is the slow part (two dense CRFs per image). `CRFPseudoLabeler.submit` hands each
-image of a batch to a process pool right after the teacher's backbone has produced the
-CAMs and returns at once; the method collects the labels (`PendingPseudoLabels.result`)
-only after the rest of its forward pass and its other losses, so the CRF runs meanwhile.
+The CRF is the slow part (two refinements per image). `CRFPseudoLabeler.submit` is called
+right after the teacher's backbone has produced the CAMs and returns at once; the method
+collects the labels (`PendingPseudoLabels.result`) only after the rest of its forward pass
+and its other losses. When an accelerator computes the network, the images go to the pool
+at submit, so the CRF runs on the spare cores meanwhile. When the CPU computes it, they go
+at `result`, onto every core: a CRF beside the step would take a core from torch's threads,
+which then wait on the slowest (22% slower steps on 2 cores, docs/benchmarks.md).
 The pool is shared by every labeler with the same worker count in a process and started on
 first use (spawned processes: safe beside CUDA and Ray threads).
 """
@@ -47,28 +50,30 @@ def cam_pseudo_label(image: np.ndarray, cam_logits: np.ndarray, class_ids: np.nd
         cams = cams.relu() * torch.from_numpy(valid)
         cams = (cams / cams.flatten(1).amax(dim=1).clamp(min=1e-5)[:, None, None]).numpy()
         lookup = np.concatenate([[0], class_ids]).astype(np.uint8)
-        foreground = _refined_argmax(image, cams, fg_threshold, preset)
-        background = _refined_argmax(image, cams, bg_threshold, preset)
+        foreground, background = _refined_argmax(image, cams, (fg_threshold, bg_threshold), preset)
         labels = np.where(foreground > 0, lookup[foreground], np.where(background == 0, 0, IGNORE_INDEX))
     labels[~valid] = IGNORE_INDEX
     return labels.astype(np.uint8)
 
 
-def _refined_argmax(image: np.ndarray, cams: np.ndarray, threshold: float, preset: str) -> np.ndarray:
-    seeds = np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams]).argmax(axis=0)
-    return dense_crf_labels(image, seeds, cams.shape[0] + 1, preset=preset).argmax(axis=0)
+def _refined_argmax(image: np.ndarray, cams: np.ndarray, thresholds: tuple[float, ...],
+                    preset: str) -> np.ndarray:
+    """The CRF-refined argmax of [δ | ψ] for each δ in `thresholds`: int [len(thresholds),H,W]."""
+    seeds = np.stack([np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams]).argmax(axis=0)
+                      for threshold in thresholds])
+    return dense_crf_labels(image, seeds, cams.shape[0] + 1, preset=preset).argmax(axis=1)
 
 
 def _single_threaded_worker() -> None:
     torch.set_num_threads(1)  # one CRF per process; torch threads would only oversubscribe
 
 
-def default_workers() -> int:
+def default_workers(overlap: bool) -> int:
     """CPU cores of this process's share of the node (cores / local replicas), minus one for
-    the training process itself; at least 1."""
+    the training process itself when the CRF overlaps its step; at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     replicas = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, cores // replicas - 1)
+    return max(1, cores // replicas - int(overlap))
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -85,30 +90,45 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
 
 class PendingPseudoLabels:
-    """A batch's pseudo-labels being computed; `result` waits for them."""
+    """A batch's pseudo-labels: being computed (`parts`), or still to compute (`jobs`, the
+    arguments of `cam_pseudo_label` per image). `result` waits for them or computes them."""
 
-    def __init__(self, labeler: CRFPseudoLabeler, parts: list[Future | np.ndarray]):
+    def __init__(self, labeler: CRFPseudoLabeler, parts: list[Future] | None = None,
+                 jobs: list[tuple] | None = None):
         self._labeler = labeler
         self._parts = parts
+        self._jobs = jobs
 
     def result(self, device: torch.device | str) -> torch.Tensor:
-        """long [B,H,W] on `device`; the time spent blocked here counts as CRF waiting."""
+        """long [B,H,W] on `device`; the time spent here counts as CRF waiting."""
         start = time.perf_counter()
-        labels = np.stack([p.result() if isinstance(p, Future) else p for p in self._parts])
+        if self._parts is not None:
+            labels = [part.result() for part in self._parts]
+        elif self._labeler.workers:
+            labels = [part.result() for part in self._labeler.start(self._jobs)]
+        else:
+            labels = [cam_pseudo_label(*job) for job in self._jobs]
         self._labeler.wait_seconds += time.perf_counter() - start
-        return torch.from_numpy(labels).to(device).long()
+        return torch.from_numpy(np.stack(labels)).to(device).long()
 
 
 class CRFPseudoLabeler:
-    """Computes `cam_pseudo_label` for batches, on `workers` processes (0: in this process,
-    synchronously). `wait_seconds` sums the time training waited for labels."""
+    """Computes `cam_pseudo_label` for batches on `workers` processes (-1: `default_workers`;
+    0: in this process). `overlap`: send a batch to the pool at `submit` (true) or at
+    `result` (false); None: when the CAMs come from an accelerator. `wait_seconds` sums the
+    time training waited for labels."""
 
-    def __init__(self, workers: int, fg_threshold: float, bg_threshold: float, preset: str = "irn"):
-        self.workers = default_workers() if workers < 0 else workers
+    def __init__(self, workers: int, fg_threshold: float, bg_threshold: float, preset: str = "irn",
+                 overlap: bool | None = None):
+        self.workers: int | None = None if workers < 0 else workers  # resolved at the first submit
         self.fg_threshold = fg_threshold
         self.bg_threshold = bg_threshold
         self.preset = preset
+        self.overlap = overlap
         self.wait_seconds = 0.0
+
+    def start(self, jobs: list[tuple]) -> list[Future]:
+        return [_pool(self.workers).submit(cam_pseudo_label, *job) for job in jobs]
 
     def submit(self, raw: torch.Tensor, cam_logits: torch.Tensor, image_labels: torch.Tensor,
                valid: torch.Tensor) -> PendingPseudoLabels:
@@ -116,17 +136,18 @@ class CRFPseudoLabeler:
         if raw.dtype != torch.uint8 or raw.ndim != 4 or raw.shape[3] != 3 or raw.shape[:3] != valid.shape:
             raise ValueError(f"csrm pseudo-labels: batch['raw'] must be uint8 [B,H,W,3] matching valid "
                              f"{tuple(valid.shape)}, got {raw.dtype} {tuple(raw.shape)}")
+        overlap = cam_logits.device.type != "cpu" if self.overlap is None else self.overlap
+        if self.workers is None:
+            self.workers = default_workers(overlap)
         images = raw.cpu().numpy()
         cams = cam_logits.detach().float().cpu().numpy()
         present = (image_labels > 0.5).cpu().numpy()
         valid = valid.cpu().numpy()
-        start = time.perf_counter()
-        parts = []
+        jobs = []
         for i in range(images.shape[0]):
             ids = np.flatnonzero(present[i])
-            args = (images[i], cams[i, ids], ids + 1, valid[i], self.fg_threshold, self.bg_threshold, self.preset)
-            parts.append(_pool(self.workers).submit(cam_pseudo_label, *args) if self.workers
-                         else cam_pseudo_label(*args))
-        if not self.workers:  # computed right here: all of it is waiting
-            self.wait_seconds += time.perf_counter() - start
-        return PendingPseudoLabels(self, parts)
+            jobs.append((images[i], cams[i, ids], ids + 1, valid[i], self.fg_threshold, self.bg_threshold,
+                         self.preset))
+        if overlap and self.workers:
+            return PendingPseudoLabels(self, parts=self.start(jobs))
+        return PendingPseudoLabels(self, jobs=jobs)

@@ -48,18 +48,23 @@ def _preset(name: str) -> CRFPreset:
     return PRESETS[name]
 
 
-def _infer(image: np.ndarray, unary: np.ndarray, num_labels: int, preset: CRFPreset,
-           iterations: int) -> np.ndarray:
+def _infer(image: np.ndarray, unaries: list[np.ndarray], num_labels: int, preset: CRFPreset,
+           iterations: int) -> list[np.ndarray]:
+    """Each unary's refined probabilities [num_labels,H,W]. The pairwise terms, whose lattices
+    cost about as much to build as 10 iterations, are built once for all of them: inference
+    reads them and the unary only, so every result is the one a CRF of its own gives."""
     if iterations < 1:
         raise ValueError(f"dense CRF: iterations must be >= 1, got {iterations}")
     height, width = image.shape[:2]
     crf = densecrf.DenseCRF2D(width, height, num_labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=preset.gaussian_sxy, compat=preset.gaussian_compat)
     crf.addPairwiseBilateral(sxy=preset.bilateral_sxy, srgb=preset.bilateral_srgb, rgbim=image,
                              compat=preset.bilateral_compat)
-    refined = np.asarray(crf.inference(iterations), dtype=np.float32)
-    return refined.reshape(num_labels, height, width)
+    refined = []
+    for unary in unaries:
+        crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+        refined.append(np.asarray(crf.inference(iterations), dtype=np.float32).reshape(num_labels, height, width))
+    return refined
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, preset: str = "psa", iterations: int = 10) -> np.ndarray:
@@ -77,29 +82,32 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, preset: str = "psa", iterati
                          f"matching the image, got {shape}")
     if not np.isfinite(probs).all() or (probs < 0).any():
         raise ValueError("dense CRF: probs must be finite and non-negative")
-    return _infer(image, unary_from_softmax(probs), probs.shape[0], config, iterations)
+    return _infer(image, [unary_from_softmax(probs)], probs.shape[0], config, iterations)[0]
 
 
 def dense_crf_labels(image: np.ndarray, labels: np.ndarray, num_labels: int, preset: str = "irn",
                      iterations: int = 10, gt_prob: float = LABEL_GT_PROB) -> np.ndarray:
     """Refines a hard label map with a dense CRF (IRN's label unary).
 
-    labels int [H,W] in [0, num_labels): each pixel's label gets probability `gt_prob`, the
-    others share the rest (label 0 is an ordinary label, not "unsure").
-    Returns float32 [num_labels,H,W] refined probabilities.
+    labels int [H,W] in [0, num_labels), or [N,H,W]: N maps of the same image, refined
+    separately (the pairwise terms built once). Each pixel's label gets probability
+    `gt_prob`, the others share the rest (label 0 is an ordinary label, not "unsure").
+    Returns float32 [num_labels,H,W] refined probabilities, or [N,num_labels,H,W].
     """
     image = _check_image(image)
     config = _preset(preset)
-    if not isinstance(labels, np.ndarray) or labels.shape != image.shape[:2] \
+    if not isinstance(labels, np.ndarray) or labels.ndim not in (2, 3) or labels.shape[-2:] != image.shape[:2] \
             or not np.issubdtype(labels.dtype, np.integer):
         kind = f"{labels.dtype} {labels.shape}" if isinstance(labels, np.ndarray) else type(labels).__name__
-        raise ValueError(f"dense CRF: labels must be an integer array {image.shape[:2]} matching the image, "
-                         f"got {kind}")
+        raise ValueError(f"dense CRF: labels must be an integer array {image.shape[:2]} (or [N,"
+                         f"{image.shape[0]},{image.shape[1]}]) matching the image, got {kind}")
     if num_labels < 2:
         raise ValueError(f"dense CRF: num_labels must be >= 2, got {num_labels}")
     if labels.min() < 0 or labels.max() >= num_labels:
         raise ValueError(f"dense CRF: labels must lie in [0, {num_labels}), got [{labels.min()}, {labels.max()}]")
     if not 0 < gt_prob < 1:
         raise ValueError(f"dense CRF: gt_prob must be in (0, 1), got {gt_prob}")
-    unary = unary_from_labels(labels, num_labels, gt_prob=gt_prob, zero_unsure=False)
-    return _infer(image, unary, num_labels, config, iterations)
+    maps = labels if labels.ndim == 3 else labels[None]
+    unaries = [unary_from_labels(label_map, num_labels, gt_prob=gt_prob, zero_unsure=False) for label_map in maps]
+    refined = _infer(image, unaries, num_labels, config, iterations)
+    return np.stack(refined) if labels.ndim == 3 else refined[0]
