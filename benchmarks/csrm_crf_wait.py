@@ -5,14 +5,14 @@ on an accelerator: < 10%).
     python benchmarks/csrm_crf_wait.py --workers 4 --size 320 --batch 8
 
 Each setting runs in a fresh process, `--rounds` interleaved rounds: `csrm` (after warm-up:
-every loss term on) trains `--steps` measured steps on one random batch in the plain loop.
-Settings: `crf_workers` auto (on CPU: every core, the batch sent when its labels are needed;
-on GPU: cores − 1, sent at once so that the CRF overlaps the step), the same workers forced to
-overlap (`CRFPseudoLabeler.overlap`: on CPU, a CRF process beside torch's threads), and 0 (in
-the training process). Reported per setting: median step time and its ratio to the first
-setting's in the same round, and the share of measured time the training process was blocked
-on CRF results (`CRFPseudoLabeler.wait_seconds`; on GPU an upper bound on the stall, since
-queued kernels may still run meanwhile).
+every loss term on) trains `--steps` measured steps on one batch of synthetic images in the
+plain loop. Settings: `crf_workers` auto (on CPU: every core, the batch sent when its labels
+are needed; on GPU: cores − 1, sent at once so that the CRF overlaps the step), on CPU the same
+setting forced to overlap (`CRFPseudoLabeler.overlap`: cores − 1 CRF processes beside torch's
+threads), and 0 (in the training process). Reported per setting: median step time and its
+ratio to the first setting's in the same round, and the share of measured time the training
+process was blocked on CRF results (`CRFPseudoLabeler.wait_seconds`; on GPU an upper bound on
+the stall, since queued kernels may still run meanwhile).
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ import time
 
 def measure(settings: dict, workers: int, overlap: bool | None, queue) -> None:
     import torch
+    from train_step import NUM_CLASSES, synthetic_batch  # this folder
 
     from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method
     from wsss.methods.csrm import CSRMConfig
-
     torch.manual_seed(0)
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     device = torch.device(settings["device"])
     torch.set_flush_denormal(device.type == "cpu")  # as CPU training does
-    k, size, batch = settings["classes"], settings["size"], settings["batch"]
+    k, size, batch = NUM_CLASSES, settings["size"], settings["batch"]
     config = CSRMConfig(crf_workers=workers, warmup_epochs=0)
     method = build_method("csrm", k, {"csrm": config}, BackboneConfig(settings["backbone"], 16, "none"))
     labels = torch.ones(2, k + 1, dtype=torch.bool)
@@ -44,13 +44,7 @@ def measure(settings: dict, workers: int, overlap: bool | None, queue) -> None:
     method.pseudo_labeler.overlap = overlap
     method.to(device).train()
     optimizer = torch.optim.SGD(method.param_groups(1e-3), lr=1e-3, momentum=0.9)
-    generator = torch.Generator().manual_seed(0)
-    image_labels = (torch.rand(batch, k, generator=generator) < 2 / k).float()
-    image_labels[torch.arange(batch), torch.arange(batch) % k] = 1
-    data = {"image": torch.randn(batch, 3, size, size, generator=generator), "labels": image_labels,
-            "valid": torch.ones(batch, size, size, dtype=torch.bool),
-            "raw": torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)}
-    data = {key: value.to(device) for key, value in data.items()}
+    data = {key: value.to(device) for key, value in synthetic_batch(batch, size).items()}
     times, waited = [], 0.0
     for step in range(settings["warmup"] + settings["steps"]):
         if step == settings["warmup"]:
@@ -88,7 +82,6 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", default="-1,0", help="comma-separated csrm.crf_workers values")
@@ -100,7 +93,7 @@ def main() -> None:
     if args.device == "auto":
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = dict(backbone=args.backbone, size=args.size, batch=args.batch, classes=args.classes,
+    settings = dict(backbone=args.backbone, size=args.size, batch=args.batch,
                     steps=args.steps, warmup=args.warmup, threads=args.threads, device=args.device)
     print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {json.dumps(settings)}")
     runs = []

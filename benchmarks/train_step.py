@@ -1,6 +1,6 @@
 """Step time, FLOPs and peak memory of each method vs `cam`, and Ray Train epoch time vs the plain loop.
 
-    python benchmarks/train_step.py                    # methods: cam lnl cam+fsae lnl+fsae, 3 interleaved rounds
+    python benchmarks/train_step.py                    # methods: cam lnl cam+fsae lnl+fsae, 5 interleaved rounds
     python benchmarks/train_step.py --ray-vs-plain     # also one epoch on shards, Ray Train vs plain
     python benchmarks/train_step.py --keep-denormals   # steps without flushing subnormal floats (flush_denormal=false)
     python benchmarks/train_step.py --cpu-amp          # also every method in bfloat16 autocast on CPU
@@ -10,7 +10,7 @@
 
 Every method is measured in its own fresh process (peak memory: CUDA max allocated on
 GPU, else the process's peak RSS above its level after building the model), on the same
-random batch, so the printed ratios come from one run on one machine. The timed steps come
+batch of synthetic images (`synthetic_batch`), so the printed ratios come from one run on one machine. The timed steps come
 after `--warmup` training steps at the run's default lr: weights then reach the ranges
 where, without flushing, some methods compute on subnormal floats. GFLOP counts the torch
 operations of as many more steps (at most 5), the mean per step (forward and backward, not
@@ -41,6 +41,7 @@ import time
 from contextlib import nullcontext
 
 PROFILED_STEPS = 2
+NUM_CLASSES = 5  # the synthetic dataset's foreground classes
 COUNTED_STEPS = 5  # at most; the mean FLOPs per step
 
 
@@ -54,7 +55,7 @@ def measure_step(spec: str, args: dict, queue) -> None:
 
     torch.manual_seed(0)
     device = torch.device(args["device"])
-    k, size, batch = args["classes"], args["size"], args["batch"]
+    k, size, batch = NUM_CLASSES, args["size"], args["batch"]
     overrides = {"lnl.warmup_epochs": 0} if "lnl" in spec else {}  # measure the full method
     config = TrainConfig(method=spec, data="-", backbone=args["backbone"], output_stride=args["os"],
                          backbone_weights="none", cpu_amp=args["cpu_amp"],
@@ -67,15 +68,9 @@ def measure_step(spec: str, args: dict, queue) -> None:
     method.on_dataset(DatasetStats(4, labels))
     method.to(device)
     optimizer = make_optimizer(method, config)
-    generator = torch.Generator().manual_seed(0)
-    data = {"image": torch.randn(batch, 3, size, size, generator=generator),
-            "labels": (torch.rand(batch, k, generator=generator) < 0.4).float(),
-            "valid": torch.ones(batch, size, size, dtype=torch.bool)}
-    data["labels"][:, 0] = 1
-    inputs = required_inputs(spec)
-    if "strong" in inputs:
+    data = synthetic_batch(batch, size)
+    if "strong" in required_inputs(spec):
         data["strong"] = data["image"].flip(1)
-    data["raw"] = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
     data = {key: value.to(device) for key, value in data.items()}
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
@@ -125,6 +120,25 @@ def measure_step(spec: str, args: dict, queue) -> None:
     queue.put({"method": spec, "os": args["os"], "cpu_amp": args["cpu_amp"], "amp": uses_amp(config, device),
                "step_s": step_s, "images_per_s": batch / step_s, "peak_mb": peak_mb, "operators": operators,
                "gflop": flops.pop("step"), "forward_gflop": flops})
+
+
+def synthetic_batch(batch: int, size: int) -> dict:
+    """The first `batch` images of the synthetic dataset's train split, drawn at `size`: what
+    `wsss demo` trains on. Content matters to the cost: a CRF on random pixels takes twice as long.
+    {"image" normalised [B,3,S,S], "raw" uint8 [B,S,S,3], "labels" multi-hot [B,K], "valid"}."""
+    import numpy as np
+    import torch
+
+    from wsss.datasets.synthetic import render_image
+    from wsss.platform.cams import normalize_images
+
+    samples = [render_image(0, "train", index, size) for index in range(batch)]
+    raw = torch.from_numpy(np.stack([sample.image for sample in samples]))
+    labels = torch.zeros(batch, NUM_CLASSES)
+    for row, sample in enumerate(samples):
+        labels[row, torch.tensor(sample.labels) - 1] = 1
+    return {"image": normalize_images(raw.permute(0, 3, 1, 2)), "raw": raw, "labels": labels,
+            "valid": torch.ones(batch, size, size, dtype=torch.bool)}
 
 
 def forward_flops_by_module(forward_counts: dict, total_flops: int) -> dict[str, float]:
@@ -208,11 +222,10 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--os", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per process; the median")
     parser.add_argument("--warmup", type=int, default=20, help="training steps before the timed ones")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; ratios are each round's, the median shown")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; ratios are each round's, the median shown")
     parser.add_argument("--keep-denormals", action="store_true", help="train with flush_denormal=false (CPU)")
     parser.add_argument("--ray-vs-plain", action="store_true")
     parser.add_argument("--os8", action=argparse.BooleanOptionalAction, default=True,
@@ -230,7 +243,7 @@ def main() -> None:
     if args.device == "auto":
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = dict(backbone=args.backbone, size=args.size, batch=args.batch, classes=args.classes,
+    settings = dict(backbone=args.backbone, size=args.size, batch=args.batch,
                     os=args.os, steps=args.steps, warmup=args.warmup, cpu_amp=False,
                     flush_denormal=not args.keep_denormals, device=args.device, profile=args.profile)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "

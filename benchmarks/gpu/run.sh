@@ -59,12 +59,12 @@ for stage in $stages; do
   case $stage in
     steps)
       limited 270 "$python" benchmarks/train_step.py --device $device --methods cam,lnl,csrm --backbone resnet50 \
-          --os 16 --size $size --batch $batch --steps $steps --warmup $warmup --no-os8 --peak-tflops "${PEAK_TFLOPS:-989}" \
+          --os 16 --size $size --batch $batch --steps $steps --warmup $warmup --rounds 3 --no-os8 --peak-tflops "${PEAK_TFLOPS:-989}" \
           --ray-vs-plain --images $epoch_images --loader-workers $((cores - 1)) --json "$OUT/steps.json" 2>&1 \
           | keep steps.log "^\||epoch time|plain loop|machine|Error" ;;
     crf)
       limited 80 "$python" benchmarks/csrm_crf_wait.py --device $device --backbone resnet50 --size $size \
-          --batch $batch --steps $((steps / 2 + 1)) --warmup $warmup --workers=-1,0 --json "$OUT/crf_wait.json" 2>&1 \
+          --batch $batch --steps $((steps / 2 + 1)) --warmup $warmup --workers=-1,0 --rounds 1 --json "$OUT/crf_wait.json" 2>&1 \
           | keep crf_wait.log "^\||CPUs|Error" ;;
     ingest)
       limited 100 "$python" benchmarks/ingest.py --cpus $((cores - 1)) --images $ingest_images --crop $size \
