@@ -7,7 +7,7 @@ collects the labels (`PendingPseudoLabels.result`) only after the rest of its fo
 and its other losses. When an accelerator computes the network, the images go to the pool
 at submit, so the CRF runs on the spare cores meanwhile. When the CPU computes it, they go
 at `result`, onto every core: a CRF beside the step would take a core from torch's threads,
-which then wait on the slowest (22% slower steps on 2 cores, docs/benchmarks.md).
+which then wait on the slowest (9% slower steps on 2 cores, docs/benchmarks.md).
 The pool is shared by every labeler with the same worker count in a process and started on
 first use (spawned processes: safe beside CUDA and Ray threads).
 """
