@@ -57,6 +57,8 @@ def measure_step(spec: str, args: dict, queue) -> None:
     device = torch.device(args["device"])
     k, size, batch = NUM_CLASSES, args["size"], args["batch"]
     overrides = {"lnl.warmup_epochs": 0} if "lnl" in spec else {}  # measure the full method
+    if "csrm" in spec:  # a teacher that follows the student segments after 20 steps, so ClassMix pastes as in training
+        overrides["csrm.ema_max_decay"] = 0.0
     config = TrainConfig(method=spec, data="-", backbone=args["backbone"], output_stride=args["os"],
                          backbone_weights="none", cpu_amp=args["cpu_amp"],
                          flush_denormal=args["flush_denormal"]).with_overrides(overrides)
