@@ -31,6 +31,7 @@ def measure(settings: dict, workers: int, overlap: bool | None, queue) -> None:
 
     from wsss.methods.base import BackboneConfig, DatasetStats, Progress, build_method
     from wsss.methods.csrm import CSRMConfig
+
     torch.manual_seed(0)
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])

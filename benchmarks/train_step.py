@@ -10,9 +10,11 @@
 
 Every method is measured in its own fresh process (peak memory: CUDA max allocated on
 GPU, else the process's peak RSS above its level after building the model), on the same
-batch of synthetic images (`synthetic_batch`), so the printed ratios come from one run on one machine. The timed steps come
-after `--warmup` training steps at the run's default lr: weights then reach the ranges
-where, without flushing, some methods compute on subnormal floats. GFLOP counts the torch
+batch of synthetic images (`synthetic_batch`), so the printed ratios come from one run on one
+machine. The timed steps come after `--warmup` training steps at the run's default lr:
+weights then reach the ranges where, without flushing, some methods compute on subnormal
+floats; `csrm`'s teacher follows the student (EMA decay 0), so that it segments by then and
+ClassMix pastes as in training. GFLOP counts the torch
 operations of as many more steps (at most 5), the mean per step (forward and backward, not
 work in CRF processes): the time ratio a compute-bound machine cannot beat; "time/FLOP" is
 the step's time ratio over its FLOP ratio (1 = as fast per FLOP as `cam`); divided by the
@@ -57,7 +59,7 @@ def measure_step(spec: str, args: dict, queue) -> None:
     device = torch.device(args["device"])
     k, size, batch = NUM_CLASSES, args["size"], args["batch"]
     overrides = {"lnl.warmup_epochs": 0} if "lnl" in spec else {}  # measure the full method
-    if "csrm" in spec:  # a teacher that follows the student segments after 20 steps, so ClassMix pastes as in training
+    if "csrm" in spec:  # see the module's docstring
         overrides["csrm.ema_max_decay"] = 0.0
     config = TrainConfig(method=spec, data="-", backbone=args["backbone"], output_stride=args["os"],
                          backbone_weights="none", cpu_amp=args["cpu_amp"],
